@@ -1,0 +1,1 @@
+"""tracr-injection: distil compiled RASP programs into pre-trained causal LMs."""
