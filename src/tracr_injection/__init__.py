@@ -1,1 +1,29 @@
-"""tracr-injection: distil compiled RASP programs into pre-trained causal LMs."""
+"""tracr-injection: distil RASP programs, compiled by tracr, into pre-trained causal LMs.
+
+`compile_program` (RASP program -> validated PyTorch teacher) imports tracr and JAX, so it
+is loaded on first use; loading a saved teacher (`load_teacher`) needs neither.
+"""
+
+from typing import Any
+
+from tracr_injection.compile.teacher import TeacherConfig, TeacherModel, TeacherVariable
+
+__all__ = ["TeacherConfig", "TeacherModel", "TeacherVariable", "compile_program", "load_teacher", "get_program"]
+
+
+def load_teacher(path: Any) -> TeacherModel:
+    """Load a teacher artifact folder (safetensors + teacher.json); no JAX needed."""
+    return TeacherModel.from_pretrained(path)
+
+
+def __getattr__(name: str) -> Any:
+    """Import the tracr-dependent entry points lazily."""
+    if name == "compile_program":
+        from tracr_injection.compile.compiler import compile_program
+
+        return compile_program
+    if name == "get_program":
+        from tracr_injection.programs.registry import get_program
+
+        return get_program
+    raise AttributeError(f"module 'tracr_injection' has no attribute {name!r}")

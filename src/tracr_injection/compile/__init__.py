@@ -1,0 +1,1 @@
+"""Compile stage: RASP program -> tracr -> verified, cached PyTorch teacher."""

@@ -1,0 +1,25 @@
+"""Errors of the compile stage: each says what is wrong and how to fix it."""
+
+
+class TracrInjectionError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class UnsupportedProgramError(TracrInjectionError, ValueError):
+    """tracr cannot compile the RASP program (found statically, dynamically or while compiling)."""
+
+
+class InvalidVocabError(TracrInjectionError, ValueError):
+    """The vocabulary clashes with the compiler's reserved BOS/PAD names or is empty."""
+
+
+class InvalidInputError(TracrInjectionError, ValueError):
+    """An input sequence has a token outside the vocabulary or is longer than max_seq_len."""
+
+
+class CompiledModelMismatchError(TracrInjectionError):
+    """The compiled model disagrees with the RASP evaluator on some input."""
+
+
+class ArtifactError(TracrInjectionError, OSError):
+    """A teacher artifact on disk is missing, corrupt or from an incompatible version."""
