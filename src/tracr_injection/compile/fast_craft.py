@@ -26,9 +26,9 @@ below compute the same numbers with index arrays instead:
   ``VectorInBasis`` additions per input direction.
 
 Bit-identity holds because every replaced computation only ever added values
-to exact zeros or multiplied them by exact ones in the original; the single
-case where that is not true (a non-finite weight, where ``0 * inf`` gives NaN
-in tracr's one-hot matrix products) is delegated to the original code.
+to exact zeros or multiplied them by exact ones in the original.  The one case
+where that is not true -- non-finite weights, where tracr's ``0 * inf``
+products spread NaNs -- is detected and handed to the original code.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ __all__ = ["fast_craft"]
 
 _Linear = vectorspace_fns.Linear
 _Space = bases.VectorSpaceWithBasis
+_original_combine_in_parallel = vectorspace_fns.Linear.combine_in_parallel.__func__
+_original_get_discretising_layer = numerical_mlp._get_discretising_layer  # pylint: disable=protected-access
 
 
 def _vector_from_basis_direction(
@@ -80,8 +82,7 @@ def _combine_in_parallel(
   reproduces.
   """
   if not all(np.isfinite(fn.matrix).all() for fn in fns):
-    return _ORIGINALS[(vectorspace_fns.Linear, "combine_in_parallel")].__func__(
-        cls, fns)
+    return _original_combine_in_parallel(cls, fns)
   joint_in = bases.join_vector_spaces(*[fn.input_space for fn in fns])
   joint_out = bases.join_vector_spaces(*[fn.output_space for fn in fns])
   matrix = np.zeros((joint_in.num_dims, joint_out.num_dims))
@@ -109,6 +110,8 @@ def _get_discretising_layer(
   The hidden space, output values and the vector returned for each input
   direction are the same as tracr's; the entries are written directly (tracr
   adds each one to an exact zero) rather than by summing one-hot vectors.
+  Non-finite entries (where tracr's ``inf * 0`` would spread NaNs) are left to
+  the original.
   """
   output_values, sorted_values = [], []
   for x in sorted(input_value_set):
@@ -135,7 +138,10 @@ def _get_discretising_layer(
   # Same Python float arithmetic as tracr's per-k loop.
   one_vals0 = [1 - large_number * t for t in value_thresholds]
   one_vals1 = [0.0 - large_number * t for t in value_thresholds]
-  other_val = 0.0 + (large_number * 1.0 + large_number * 0.0)
+  other_val = large_number * 1.0  # tracr: 0 + (L * 1 + L * 0)
+  if not np.isfinite([*one_vals0, *one_vals1, other_val]).all():
+    return _original_get_discretising_layer(
+        input_value_set, f, hidden_name, one_direction, large_number)
 
   def action(direction: bases.BasisDirection) -> bases.VectorInBasis:
     magnitudes = np.zeros(hidden_space.num_dims)
@@ -164,8 +170,6 @@ _PATCHES: List[Tuple[Any, str, Any]] = [
      classmethod(_combine_in_parallel)),
     (numerical_mlp, "_get_discretising_layer", _get_discretising_layer),
 ]
-
-_ORIGINALS = {(owner, name): vars(owner)[name] for owner, name, _ in _PATCHES}
 
 
 @contextlib.contextmanager

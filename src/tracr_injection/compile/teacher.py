@@ -13,9 +13,11 @@ are `nn.Identity` modules, so `register_forward_hook` works on them.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import math
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -244,7 +246,8 @@ class TeacherModel(nn.Module):
         var = self.config.variable(name)
         part = resid_PD[..., var.dims].detach().float().cpu()
         if var.encoding == "numerical":
-            return [snap_numerical(x, var.values) for x in part[..., 0].tolist()]
+            max_denominator = self.config.max_seq_len + 1
+            return [snap_numerical(x, var.values, max_denominator) for x in part[..., 0].tolist()]
         best, index = part.max(dim=-1)
         return [
             var.values[i] if b >= CATEGORICAL_NONE_THRESHOLD else None
@@ -310,9 +313,20 @@ class TeacherModel(nn.Module):
         return model
 
 
-def snap_numerical(x: float, values: Sequence[Any]) -> Any:
-    """The known value nearest to `x` if within tolerance (exact decoding), else `x` itself."""
-    if not values:
-        return x
-    nearest = min(values, key=lambda v: abs(v - x))
-    return nearest if abs(nearest - x) <= NUMERICAL_SNAP_TOLERANCE else x
+def snap_numerical(x: float, values: Sequence[Any], max_denominator: int) -> Any:
+    """Exact value of a numerical variable read as float `x`.
+
+    The nearest known value if within tolerance; else the nearest fraction with denominator
+    at most `max_denominator` (tracr's value sets of mean aggregates miss e.g. 2/5, which
+    the RASP evaluator computes as a mean over at most max_seq_len + 1 positions); else `x`.
+    """
+    if values:
+        index = bisect.bisect_left(values, x)
+        near = [values[i] for i in (index - 1, index) if 0 <= i < len(values)]
+        nearest = min(near, key=lambda v: abs(v - x))
+        if abs(nearest - x) <= NUMERICAL_SNAP_TOLERANCE:
+            return nearest
+    fraction = Fraction(x).limit_denominator(max_denominator)
+    if abs(float(fraction) - x) <= NUMERICAL_SNAP_TOLERANCE:
+        return fraction.numerator if fraction.denominator == 1 else fraction.numerator / fraction.denominator
+    return x

@@ -1,0 +1,128 @@
+"""`tracr-inject`: compile and inspect teachers from the command line."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.compile.teacher import TeacherModel
+
+app = typer.Typer(help="Distil RASP programs, compiled by tracr, into pre-trained causal LMs.", no_args_is_help=True)
+console = Console()
+
+
+def fail(message: str) -> None:
+    """Print an error and exit with status 1."""
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(1)
+
+
+def compile_registered(name: str, max_len: Optional[int], cache_dir: Optional[Path], force: bool) -> TeacherModel:
+    """Compile (or load from cache) the registered program `name`, turning our errors into CLI errors."""
+    from tracr_injection.programs.registry import get_program
+
+    try:
+        spec = get_program(name)
+        return spec.compile(max_len, cache_dir=cache_dir, use_cache=not force)
+    except KeyError as err:
+        fail(str(err.args[0]))
+    except TracrInjectionError as err:
+        fail(str(err))
+    raise AssertionError("unreachable")
+
+
+@app.command("compile")
+def compile_command(
+    name: str = typer.Argument(..., help="Registered program name (see `tracr-inject programs`)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum input length (default: the program's)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Artifact cache folder."),
+    force: bool = typer.Option(False, help="Recompile even if a cached artifact exists."),
+) -> None:
+    """Compile a registered program with tracr, validate it against RASP and cache the artifact."""
+    logging.basicConfig(level=logging.WARNING)
+    start = time.perf_counter()
+    with console.status(f"Compiling {name} ..."):
+        teacher = compile_registered(name, max_len, cache_dir, force)
+    config = teacher.config
+    console.print(
+        f"[bold]{config.program_name}[/]: {config.num_layers} blocks, residual width {config.d_model}, "
+        f"validated on {config.validation.get('num_inputs')} inputs "
+        f"({config.validation.get('mismatches')} mismatches), {time.perf_counter() - start:.1f} s"
+    )
+    from tracr_injection.compile.compiler import artifact_dir
+
+    console.print(str(artifact_dir(config.program_name, config.program_hash, cache_dir / "teachers" if cache_dir else None)))
+
+
+@app.command("inspect")
+def inspect_command(
+    target: str = typer.Argument(..., help="A registered program name or an artifact folder."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="For a program name: maximum input length."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Artifact cache folder."),
+) -> None:
+    """Show a teacher's blocks, heads, width, parameters and every variable with its dims and values."""
+    if Path(target).is_dir():
+        try:
+            teacher = TeacherModel.from_pretrained(target)
+        except TracrInjectionError as err:
+            fail(str(err))
+    else:
+        teacher = compile_registered(target, max_len, cache_dir, force=False)
+    console.print(summary_table(teacher))
+    console.print(variables_table(teacher))
+
+
+@app.command("programs")
+def programs_command() -> None:
+    """List the registered programs."""
+    from tracr_injection.programs.registry import get_program, program_names
+
+    table = Table("name", "causal", "max_seq_len", "vocab", "description", title="Registered programs")
+    for name in program_names():
+        spec = get_program(name)
+        vocab = " ".join(sorted(map(str, spec.vocab)))
+        table.add_row(name, str(spec.causal), str(spec.max_seq_len), vocab, spec.description)
+    console.print(table)
+
+
+def summary_table(teacher: TeacherModel) -> Table:
+    """One table of the teacher's size and provenance."""
+    config = teacher.config
+    table = Table("property", "value", title=f"Teacher {config.program_name}")
+    rows = {
+        "blocks (attention + MLP)": config.num_layers,
+        "heads per block": config.num_heads,
+        "key size": config.key_size,
+        "MLP hidden size": config.mlp_hidden_size,
+        "residual width": config.d_model,
+        "parameters": f"{sum(p.numel() for p in teacher.parameters()):,}",
+        "max_seq_len": config.max_seq_len,
+        "causal": config.causal,
+        "output variable": config.output_variable,
+        "mlp_exactness": config.mlp_exactness,
+        "validation": f"{config.validation.get('num_inputs')} inputs, {config.validation.get('mismatches')} mismatches",
+        "tracr version": config.tracr_version,
+        "program hash": config.program_hash[:16],
+    }
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    return table
+
+
+def variables_table(teacher: TeacherModel, max_values: int = 12) -> Table:
+    """Every variable with its encoding, role, level, residual dims and values."""
+    table = Table("variable", "encoding", "role", "level", "dims", "values", title="Variables")
+    for var in teacher.config.variables:
+        dims = f"{var.dims[0]}-{var.dims[-1]} ({len(var.dims)})" if len(var.dims) > 1 else str(var.dims[0])
+        shown = ", ".join(map(repr, var.values[:max_values]))
+        if len(var.values) > max_values:
+            shown += f", ... ({len(var.values)} values)"
+        table.add_row(var.name, var.encoding, var.role, str(var.level), dims, shown)
+    return table
