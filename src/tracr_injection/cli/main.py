@@ -42,7 +42,7 @@ def compile_registered(name: str, max_len: Optional[int], cache_dir: Optional[Pa
 def compile_command(
     name: str = typer.Argument(..., help="Registered program name (see `tracr-inject programs`)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum input length (default: the program's)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Artifact cache folder."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Teacher cache folder (default: $TRACR_INJECTION_CACHE/teachers)."),
     force: bool = typer.Option(False, help="Recompile even if a cached artifact exists."),
 ) -> None:
     """Compile a registered program with tracr, validate it against RASP and cache the artifact."""
@@ -58,14 +58,14 @@ def compile_command(
     )
     from tracr_injection.compile.compiler import artifact_dir
 
-    console.print(str(artifact_dir(config.program_name, config.program_hash, cache_dir / "teachers" if cache_dir else None)))
+    typer.echo(str(artifact_dir(config.program_name, config.program_hash, cache_dir)))
 
 
 @app.command("inspect")
 def inspect_command(
     target: str = typer.Argument(..., help="A registered program name or an artifact folder."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="For a program name: maximum input length."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Artifact cache folder."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Teacher cache folder (default: $TRACR_INJECTION_CACHE/teachers)."),
 ) -> None:
     """Show a teacher's blocks, heads, width, parameters and every variable with its dims and values."""
     if Path(target).is_dir():

@@ -3,16 +3,18 @@
 What goes in: nothing but a ``with fast_craft():`` block around ordinary tracr
 calls (typically ``compiling.compile_rasp_to_model``).  What comes out: exactly
 the same compiled model -- every parameter array and ``residual_labels`` are
-identical to those of unpatched tracr -- only much faster and with far less
+identical to those of unpatched tracr -- only much faster and with less peak
 memory.  On exit (normal or via an exception) the original tracr functions are
-put back, so code outside the block sees stock tracr.
+put back, so code outside the block sees stock tracr.  Patching module
+globals is process-wide: do not compile in other threads meanwhile.
 
 Why: tracr builds every weight matrix in pure Python, one basis direction at a
 time, and materialises dense one-hot vectors with ``np.eye(n)[i]`` (an ``n*n``
 identity matrix per direction).  Programs with large numerical value sets,
 such as Shuffle-Dyck at max_seq_len=40 (~1.5k values per balance, hence MLPs
-with ~3k hidden units each), make this cubic: ~450 s and >1 GB.  The patches
-below compute the same numbers with index arrays instead:
+with ~3k hidden units each, ~18k after combining), make this cubic: ~270-450 s.
+After that, tracr's haiku ``init`` (random weights that are then zeroed, plus
+an op-by-op forward pass) dominates time and memory.  The patches:
 
 * ``VectorSpaceWithBasis.vector_from_basis_direction``: one-hot via
   ``zeros`` + one assignment instead of slicing ``np.eye``.
@@ -24,19 +26,28 @@ below compute the same numbers with index arrays instead:
 * ``numerical_mlp._get_discretising_layer``: the first-layer action writes its
   per-threshold entries with one vectorised assignment instead of O(#values)
   ``VectorInBasis`` additions per input direction.
+* ``assemble.hk`` (tracr's view of haiku): ``init`` only traces the model for
+  parameter shapes and returns zeros plus the embedding matrices, which is all
+  ``assemble_craft_model`` keeps of it.
 
 Bit-identity holds because every replaced computation only ever added values
-to exact zeros or multiplied them by exact ones in the original.  The one case
-where that is not true -- non-finite weights, where tracr's ``0 * inf``
-products spread NaNs -- is detected and handed to the original code.
+to exact zeros or multiplied them by exact ones in the original, and the
+discarded random init never reaches the output.  The one case where that is
+not true -- non-finite weights, where tracr's ``0 * inf`` products spread
+NaNs -- is detected and handed to the original code.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Iterator, List, Sequence, Tuple
+import types
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
 
+import haiku as hk
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tracr.compiler import assemble
 from tracr.craft import bases, transformers, vectorspace_fns
 from tracr.craft.chamber import numerical_mlp
 from tracr.utils import errors
@@ -159,6 +170,56 @@ def _get_discretising_layer(
   )
 
 
+# Embedding matrices handed to hk.Embed during the current shape-only init,
+# keyed by module name.
+_embedding_matrices: Dict[str, Any] = {}
+
+
+def _recording_embed(*args: Any, **kwargs: Any) -> hk.Embed:
+  """``hk.Embed`` that remembers its (concrete, numpy) ``embedding_matrix``."""
+  _embedding_matrices[kwargs["name"]] = kwargs["embedding_matrix"]
+  return hk.Embed(*args, **kwargs)
+
+
+def _shape_only_transform(f: Callable[..., Any]) -> hk.Transformed:
+  """``hk.transform`` whose ``init`` skips random init and the forward pass.
+
+  ``assemble_craft_model`` calls ``init`` once, overwrites every parameter of
+  a "transformer" module with ``np.zeros_like`` and keeps the rest, which are
+  the token/position embeddings (``jnp.asarray`` of the matrices given to
+  ``hk.Embed``).  Tracr's eager init instead draws ~all weights from a
+  truncated normal and runs the whole model op by op (dozens of XLA compiles,
+  hundreds of MB for large MLPs).  Here the forward pass is only traced
+  (``jax.eval_shape``) for the parameter shapes and dtypes.
+  """
+  transformed = hk.transform(f)
+
+  def init(rng: jax.Array, *args: Any) -> Dict[str, Dict[str, Any]]:
+    _embedding_matrices.clear()
+    shapes = jax.eval_shape(transformed.init, rng, *args)
+    params = {
+        module: {
+            name: (np.zeros(s.shape, s.dtype) if "transformer" in module
+                   else jnp.asarray(_embedding_matrices[module]))
+            for name, s in entries.items()
+        } for module, entries in shapes.items()
+    }
+    _embedding_matrices.clear()
+    assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params) == (
+        jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), shapes))
+    return params
+
+  init._original_fn = f  # haiku's without_apply_rng expects this attribute
+  return hk.Transformed(init, transformed.apply)
+
+
+# haiku as seen by tracr.compiler.assemble (its only haiku reference).
+_assemble_haiku = types.SimpleNamespace(
+    **{name: getattr(hk, name) for name in dir(hk) if not name.startswith("_")})
+_assemble_haiku.transform = _shape_only_transform
+_assemble_haiku.Embed = _recording_embed
+
+
 # (owner, attribute, replacement). Attributes are read from / written to the
 # owner's __dict__, so classmethods stay classmethods when restored.
 _PATCHES: List[Tuple[Any, str, Any]] = [
@@ -169,6 +230,7 @@ _PATCHES: List[Tuple[Any, str, Any]] = [
     (vectorspace_fns.Linear, "combine_in_parallel",
      classmethod(_combine_in_parallel)),
     (numerical_mlp, "_get_discretising_layer", _get_discretising_layer),
+    (assemble, "hk", _assemble_haiku),
 ]
 
 

@@ -58,7 +58,11 @@ def describe_expr(expr: rasp.RASPExpr, position: dict[int, int]) -> str:
         for key, value in sorted(vars(expr).items())
         if key not in ("_annotations", "unique_id") and id(value) not in child_ids
     }
-    annotations = {k: stable_repr(v) for k, v in sorted(expr.annotations.items())}
+    # Read name and encoding explicitly: tracr fills default annotations in lazily, so
+    # iterating `expr.annotations` would give a different answer after a compile.
+    annotations = {"name": expr.name}
+    if isinstance(expr, rasp.SOp):
+        annotations["encoding"] = rasp.get_encoding(expr).value
     return stable_repr((type(expr).__name__, annotations, children, attributes))
 
 

@@ -85,7 +85,13 @@ def check_supported_on_inputs(program: rasp.SOp, inputs: Iterable[list[Any]]) ->
     """Raise if tracr's dynamic validator rejects the program on any of `inputs`."""
     for tokens in inputs:
         evaluator = validating.DynamicValidationEvaluator()
-        evaluator.evaluate(program, tokens)
+        try:
+            evaluator.evaluate(program, tokens)
+        except Exception as err:  # the RASP evaluator runs user functions: any error is possible
+            raise UnsupportedProgramError(
+                f"The RASP evaluator fails on the input {tokens!r}: {type(err).__name__}: {err}\n"
+                "Make every Map/SequenceMap/Aggregate defined on all values it can receive."
+            ) from err
         if evaluator.unsupported_exprs:
             raise UnsupportedProgramError(
                 describe_unsupported(evaluator.unsupported_exprs)

@@ -244,7 +244,7 @@ def dyck_reference(tokens: Sequence[str], pairs: Sequence[str] = DYCK_PAIRS) -> 
 # ---------------------------------------------------------------------------
 
 
-def make_count_trigger(max_count: int) -> rasp.SOp:
+def make_count_trigger(max_count: int, compact: bool = False) -> rasp.SOp:
   """Decimal count of ``"x"`` tokens, emitted digit by digit after the trigger.
 
   Input: ``x``/``y``/fillers, then ``TRIGGER``, then the answer digits the LM
@@ -271,7 +271,11 @@ def make_count_trigger(max_count: int) -> rasp.SOp:
   Depth: 2 layers (two counters in one attention layer + their MLPs, then
   one lookup MLP) -- the minimum, as an answer depends on a count (attention +
   MLP to make it categorical) and on the output step (a second count), which
-  must be combined by another MLP.
+  must be combined by another MLP.  The lookup has (N+1)**2 hidden units.
+
+  ``compact=True`` first clips the step to 0..len(str(max_count))+1
+  (``count_step_clipped``, one more MLP layer, 3 layers in all) so the lookup
+  has only (N+1)*(digits+2) hidden units -- far fewer parameters for long N.
   """
   if max_count < 0:
     raise ValueError("max_count must be >= 0")
@@ -299,6 +303,9 @@ def make_count_trigger(max_count: int) -> rasp.SOp:
     text = str(min(count, max_count))
     return text[stp - 1] if stp - 1 < len(text) else END
 
+  if compact:
+    last = len(str(max_count)) + 1
+    step = rasp.Map(lambda v: min(v, last), step).named("count_step_clipped")
   return rasp.SequenceMap(answer, n, step).named("count_out")
 
 
@@ -355,7 +362,8 @@ def make_sum_trigger(max_digits: int = 3) -> rasp.SOp:
     which then hold 0 -- so exactly one value is moved at every position
     and nothing is ever undefined.
   * ``sum_b_digit`` (0..9): ``sum_digit`` at digits after ``"+"`` (b and the
-    answer), 0 elsewhere.
+    answer), 0 elsewhere (computed from ``sum_P``, which is >= 1 exactly at
+    and after ``"+"``).
   * ``sum_a_query`` / ``sum_b_query``: P (Q) where known, else the
     position's own compact position (tagged ``("self", pos)``), used as the
     query of the digit fetches so they always select exactly one key (or
@@ -415,9 +423,13 @@ def make_sum_trigger(max_digits: int = 3) -> rasp.SOp:
   P = copy_marker(plus_pos, "+", "sum_P")
   Q = copy_marker(trig_pos, TRIGGER, "sum_Q")
 
+  # Reads P (not sum_plus_pos) on purpose: same information (P >= 1 iff a
+  # "+" is at or before here), but it puts this MLP at the same graph depth
+  # as the other fetch-preparation MLPs, which lets tracr's layer allocator
+  # merge that depth into the P/Q attention layer (saves one layer).
   b_digit = rasp.SequenceMap(
       lambda t, pp: int(t) if (t in digit_set and pp >= 1) else 0,
-      rasp.tokens, plus_pos).named("sum_b_digit")
+      rasp.tokens, P).named("sum_b_digit")
 
   def fetch_query(marker, own):
     return marker if marker >= 1 else ("self", own)
