@@ -76,9 +76,17 @@ def test_too_small_exactness_is_caught_by_validation():
     spec = get_program("shuffle_dyck1")
     program = spec.build(16)
     with pytest.raises(CompiledModelMismatchError, match=r"input \[.*variable .* at position"):
-        compile_program(program, spec.vocab, 16, mlp_exactness=1, validation_inputs=spec.validation_inputs(16))
-    accepted = compile_program(program, spec.vocab, 16, mlp_exactness=1, accept_mismatch=True,
-                               validation_inputs=spec.validation_inputs(16))
+        compile_program(
+            program, spec.vocab, 16, mlp_exactness=1, validation_inputs=spec.validation_inputs(16)
+        )
+    accepted = compile_program(
+        program,
+        spec.vocab,
+        16,
+        mlp_exactness=1,
+        accept_mismatch=True,
+        validation_inputs=spec.validation_inputs(16),
+    )
     assert accepted.config.validation["mismatches"] > 0
 
 
@@ -118,7 +126,9 @@ def test_program_hash_is_stable_across_processes():
         "print(program_hash(get_program('shuffle_dyck1').build(8)))"
     )
     here = program_hash_of_dyck()
-    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    there = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert here == there
 
 
@@ -174,7 +184,9 @@ def test_padded_batch_equals_single_runs():
     for row, tokens in enumerate(inputs):
         single, _ = teacher.run([tokens])
         for level in range(teacher.config.num_levels):
-            assert torch.allclose(output.residuals[level][row, : len(tokens) + 1], single.residuals[level][0], atol=1e-6)
+            assert torch.allclose(
+                output.residuals[level][row, : len(tokens) + 1], single.residuals[level][0], atol=1e-6
+            )
         assert mask[row].sum() == len(tokens) + 1
 
 

@@ -17,80 +17,28 @@ from tracr.compiler import compiling
 from tracr.rasp import causal_eval
 
 from tracr_injection.programs import paper as P
+from tracr_injection.programs.paper_registry import (
+    count_input,
+    dyck_input,
+    sum_input,
+)
 
 try:  # identical weights, much faster compilation
-  from tracr_injection.compile.fast_craft import fast_craft
+    from tracr_injection.compile.fast_craft import fast_craft
 except ImportError:  # pragma: no cover
-  fast_craft = contextlib.nullcontext
+    fast_craft = contextlib.nullcontext
 
 BOS = "BOS"
 F, T = P.FILLER, P.TRIGGER
 
 
 def run(program, tokens):
-  return causal_eval.evaluate(program, list(tokens))
+    return causal_eval.evaluate(program, list(tokens))
 
 
 # ---------------------------------------------------------------------------
 # Input generators
 # ---------------------------------------------------------------------------
-
-
-def fillers(rng, most=2):
-  return [F] * rng.randint(0, most)
-
-
-def with_fillers(rng, symbols, most=2):
-  out = fillers(rng, most)
-  for s in symbols:
-    out += [s] + fillers(rng, most)
-  return out
-
-
-def dyck_string(rng, pairs, length, balanced):
-  if not balanced:
-    return [rng.choice("".join(pairs)) for _ in range(length)]
-  out, open_by_type = [], {p: 0 for p in pairs}
-  for _ in range(length):
-    closable = [p for p in pairs if open_by_type[p]]
-    if closable and rng.random() < 0.5:
-      p = rng.choice(closable)
-      out.append(p[1])
-      open_by_type[p] -= 1
-    else:
-      p = rng.choice(pairs)
-      out.append(p[0])
-      open_by_type[p] += 1
-  for p, n in open_by_type.items():
-    out += [p[1]] * n
-  return out
-
-
-def dyck_input(rng, pairs, max_len):
-  while True:
-    body = with_fillers(rng, dyck_string(rng, pairs, rng.randint(0, 6), rng.random() < 0.5), 1)
-    toks = body + [T]
-    if len(toks) <= max_len:
-      return toks
-
-
-def count_input(rng, max_count, max_len):
-  while True:
-    body = [rng.choice(["x", "y", F, F]) for _ in range(rng.randint(0, max_len))]
-    n = min(body.count("x"), max_count)
-    toks = body + [T] + list(str(n))
-    if len(toks) <= max_len:
-      return toks[: rng.randint(1, len(toks))] if rng.random() < 0.3 else toks
-
-
-def sum_input(rng, max_digits, max_len):
-  while True:
-    a = rng.randrange(10 ** rng.randint(1, max_digits))
-    b = rng.randrange(10 ** rng.randint(1, max_digits))
-    toks = (with_fillers(rng, list(str(a)), 1) + ["+"] + with_fillers(rng, list(str(b)), 1)
-            + [T] + list(str(a + b)))
-    if len(toks) <= max_len:
-      return toks[: rng.randint(1, len(toks))] if rng.random() < 0.3 else toks
 
 
 # ---------------------------------------------------------------------------
@@ -100,66 +48,68 @@ def sum_input(rng, max_digits, max_len):
 
 @pytest.mark.parametrize("pairs", [("()",), ("()", "[]"), P.DYCK_PAIRS])
 def test_dyck_rasp_matches_reference(pairs):
-  prog = P.make_dyck_trigger(pairs)
-  hand = ["(", ")", T], [")", "(", T], ["(", "(", ")", T], [T], [F, F, T]
-  rng = random.Random(0)
-  cases = [list(h) for h in hand if all(c in P.dyck_vocab(pairs) for c in h)]
-  cases += [dyck_input(rng, pairs, 30) for _ in range(400)]
-  for toks in cases:
-    out = run(prog, toks)
-    assert out[-1] == P.dyck_reference(toks[:-1], pairs), toks
-    # the running verdict elsewhere: "yes" iff no prefix went negative
-    for i in range(len(toks) - 1):
-      negative = any(
-          sum((u == pr[0]) - (u == pr[1]) for u in toks[:j + 1]) < 0
-          for j in range(i + 1) for pr in pairs)
-      assert out[i] == ("no" if negative else "yes"), (toks, i)
+    prog = P.make_dyck_trigger(pairs)
+    hand = ["(", ")", T], [")", "(", T], ["(", "(", ")", T], [T], [F, F, T]
+    rng = random.Random(0)
+    cases = [list(h) for h in hand if all(c in P.dyck_vocab(pairs) for c in h)]
+    cases += [dyck_input(rng, 30, pairs) for _ in range(400)]
+    for toks in cases:
+        out = run(prog, toks)
+        assert out[-1] == P.dyck_reference(toks[:-1], pairs), toks
+        # the running verdict elsewhere: "yes" iff no prefix went negative
+        for i in range(len(toks) - 1):
+            negative = any(
+                sum((u == pr[0]) - (u == pr[1]) for u in toks[: j + 1]) < 0
+                for j in range(i + 1)
+                for pr in pairs
+            )
+            assert out[i] == ("no" if negative else "yes"), (toks, i)
 
 
 def test_dyck_hand_written():
-  prog = P.make_dyck_trigger()
-  assert run(prog, list("([)]") + [T])[-1] == "yes"  # shuffle-Dyck allows crossing
-  assert run(prog, list(")(") + [T])[-1] == "no"
-  assert run(prog, list("((") + [T])[-1] == "no"
-  assert run(prog, [F, "{", F, "[", "]", F, "}", F, T])[-1] == "yes"
-  assert run(prog, [T]) == ["yes"]
-  masked = P.make_dyck_trigger(mask_non_trigger=True)
-  assert run(masked, ["(", F, ")", T]) == [F, F, F, "yes"]
-  assert run(masked, [")", "(", T]) == [F, F, "no"]
+    prog = P.make_dyck_trigger()
+    assert run(prog, list("([)]") + [T])[-1] == "yes"  # shuffle-Dyck allows crossing
+    assert run(prog, list(")(") + [T])[-1] == "no"
+    assert run(prog, list("((") + [T])[-1] == "no"
+    assert run(prog, [F, "{", F, "[", "]", F, "}", F, T])[-1] == "yes"
+    assert run(prog, [T]) == ["yes"]
+    masked = P.make_dyck_trigger(mask_non_trigger=True)
+    assert run(masked, ["(", F, ")", T]) == [F, F, F, "yes"]
+    assert run(masked, [")", "(", T]) == [F, F, "no"]
 
 
 @pytest.mark.parametrize("max_count", [9, 99])
 def test_count_rasp_matches_reference(max_count):
-  prog = P.make_count_trigger(max_count)
-  compact = P.make_count_trigger(max_count, compact=True)
-  rng = random.Random(1)
-  cases = [[T], ["x", T, "1"], ["x", "x", F, "y", T, "2"], ["y", F, T, "0"]]
-  cases += [count_input(rng, max_count, 40) for _ in range(400)]
-  for toks in cases:
-    ref = P.count_reference(toks, max_count)
-    assert run(prog, toks) == ref, toks
-    assert run(compact, toks) == ref, toks
-  # full answer emission, end marker
-  toks = ["x"] * 12 + [F, "y", T, "1", "2"]
-  expected = [F, "1", "2", P.END] if max_count >= 12 else [F, "9", P.END, P.END]
-  assert run(prog, toks)[-4:] == expected
+    prog = P.make_count_trigger(max_count)
+    compact = P.make_count_trigger(max_count, compact=True)
+    rng = random.Random(1)
+    cases = [[T], ["x", T, "1"], ["x", "x", F, "y", T, "2"], ["y", F, T, "0"]]
+    cases += [count_input(rng, 40, max_count) for _ in range(400)]
+    for toks in cases:
+        ref = P.count_reference(toks, max_count)
+        assert run(prog, toks) == ref, toks
+        assert run(compact, toks) == ref, toks
+    # full answer emission, end marker
+    toks = ["x"] * 12 + [F, "y", T, "1", "2"]
+    expected = [F, "1", "2", P.END] if max_count >= 12 else [F, "9", P.END, P.END]
+    assert run(prog, toks)[-4:] == expected
 
 
 @pytest.mark.parametrize("max_digits", [1, 2, 3])
 def test_sum_rasp_matches_reference(max_digits):
-  prog = P.make_sum_trigger(max_digits)
-  rng = random.Random(2)
-  top = 10 ** max_digits - 1
-  hand = [(0, 0), (top, top), (top, 1), (1, top), (5, 5), (top // 2, top - top // 2)]
-  for a, b in hand:
-    toks = [F, F] + list(str(a)) + [F, "+", F] + list(str(b)) + [F, T] + list(str(a + b))
-    out = run(prog, toks)
-    assert out == P.sum_reference(toks), toks
-    emitted = out[toks.index(T):]
-    assert "".join(emitted[:-1]) == str(a + b) and emitted[-1] == P.END
-  for _ in range(500):
-    toks = sum_input(rng, max_digits, 40)
-    assert run(prog, toks) == P.sum_reference(toks), toks
+    prog = P.make_sum_trigger(max_digits)
+    rng = random.Random(2)
+    top = 10**max_digits - 1
+    hand = [(0, 0), (top, top), (top, 1), (1, top), (5, 5), (top // 2, top - top // 2)]
+    for a, b in hand:
+        toks = [F, F] + list(str(a)) + [F, "+", F] + list(str(b)) + [F, T] + list(str(a + b))
+        out = run(prog, toks)
+        assert out == P.sum_reference(toks), toks
+        emitted = out[toks.index(T) :]
+        assert "".join(emitted[:-1]) == str(a + b) and emitted[-1] == P.END
+    for _ in range(500):
+        toks = sum_input(rng, 40, max_digits)
+        assert run(prog, toks) == P.sum_reference(toks), toks
 
 
 # ---------------------------------------------------------------------------
@@ -168,69 +118,66 @@ def test_sum_rasp_matches_reference(max_digits):
 
 
 def compile_causal(program, vocab, max_seq_len):
-  with fast_craft():
-    return compiling.compile_rasp_to_model(
-        program, vocab, max_seq_len, causal=True, compiler_bos=BOS,
-        mlp_exactness=10_000)
+    with fast_craft():
+        return compiling.compile_rasp_to_model(
+            program, vocab, max_seq_len, causal=True, compiler_bos=BOS, mlp_exactness=10_000
+        )
 
 
 def decode_batch(model, batch):
-  """Runs ``model`` on many inputs at once; pads at the end (causal, harmless)."""
-  width = max(len(x) for x in batch) + 1
-  pad = model.input_encoder.pad_token
-  ids = np.array([model.input_encoder.encode([BOS] + x + [pad] * (width - 1 - len(x)))
-                  for x in batch])
-  out = model.forward(model.params, ids)
-  decoded = np.asarray(out.unembedded_output)
-  return [model.output_encoder.decode(list(row))[1:1 + len(x)]
-          for row, x in zip(decoded, batch)]
+    """Runs ``model`` on many inputs at once; pads at the end (causal, harmless)."""
+    width = max(len(x) for x in batch) + 1
+    pad = model.input_encoder.pad_token
+    ids = np.array([model.input_encoder.encode([BOS] + x + [pad] * (width - 1 - len(x))) for x in batch])
+    out = model.forward(model.params, ids)
+    decoded = np.asarray(out.unembedded_output)
+    return [model.output_encoder.decode(list(row))[1 : 1 + len(x)] for row, x in zip(decoded, batch)]
 
 
 def check_compiled(program, vocab, max_seq_len, inputs):
-  model = compile_causal(program, vocab, max_seq_len)
-  inputs = list(inputs)
-  assert any(len(x) == max_seq_len for x in inputs)
-  got = decode_batch(model, inputs)
-  for toks, out in zip(inputs, got):
-    assert out == run(program, toks), toks
-  return model
+    model = compile_causal(program, vocab, max_seq_len)
+    inputs = list(inputs)
+    assert any(len(x) == max_seq_len for x in inputs)
+    got = decode_batch(model, inputs)
+    for toks, out in zip(inputs, got):
+        assert out == run(program, toks), toks
+    return model
 
 
 def random_symbols(rng, vocab, max_seq_len, count):
-  vocab = sorted(vocab)
-  out = [[rng.choice(vocab) for _ in range(max_seq_len)] for _ in range(count // 4)]
-  out += [[rng.choice(vocab) for _ in range(rng.randint(1, max_seq_len))]
-          for _ in range(count - len(out))]
-  return out
+    vocab = sorted(vocab)
+    out = [[rng.choice(vocab) for _ in range(max_seq_len)] for _ in range(count // 4)]
+    out += [[rng.choice(vocab) for _ in range(rng.randint(1, max_seq_len))] for _ in range(count - len(out))]
+    return out
 
 
 @pytest.mark.parametrize("mask", [False, True])
 def test_dyck_compiled(mask):
-  n = 10
-  prog = P.make_dyck_trigger(mask_non_trigger=mask)
-  rng = random.Random(3)
-  inputs = random_symbols(rng, P.dyck_vocab(), n, 200)  # any symbol sequence
-  inputs += [dyck_input(rng, P.DYCK_PAIRS, n) for _ in range(100)]
-  model = check_compiled(prog, P.dyck_vocab(), n, inputs)
-  assert model.model_config.num_layers == (4 if mask else 3)
+    n = 10
+    prog = P.make_dyck_trigger(mask_non_trigger=mask)
+    rng = random.Random(3)
+    inputs = random_symbols(rng, P.dyck_vocab(), n, 200)  # any symbol sequence
+    inputs += [dyck_input(rng, n) for _ in range(100)]
+    model = check_compiled(prog, P.dyck_vocab(), n, inputs)
+    assert model.model_config.num_layers == (4 if mask else 3)
 
 
 @pytest.mark.parametrize("compact", [False, True])
 def test_count_compiled(compact):
-  n = 12
-  prog = P.make_count_trigger(99, compact=compact)
-  rng = random.Random(4)
-  inputs = random_symbols(rng, P.count_vocab(), n, 150)  # any symbol sequence
-  inputs += [count_input(rng, 99, n) for _ in range(150)]
-  model = check_compiled(prog, P.count_vocab(), n, inputs)
-  assert model.model_config.num_layers == (3 if compact else 2)
+    n = 12
+    prog = P.make_count_trigger(99, compact=compact)
+    rng = random.Random(4)
+    inputs = random_symbols(rng, P.count_vocab(), n, 150)  # any symbol sequence
+    inputs += [count_input(rng, n, 99) for _ in range(150)]
+    model = check_compiled(prog, P.count_vocab(), n, inputs)
+    assert model.model_config.num_layers == (3 if compact else 2)
 
 
 @pytest.mark.parametrize("max_digits,n", [(2, 10), (3, 12)])
 def test_sum_compiled(max_digits, n):
-  prog = P.make_sum_trigger(max_digits)
-  rng = random.Random(5)
-  inputs = [sum_input(rng, max_digits, n) for _ in range(300)]
-  inputs.append([F] * (n - 4) + ["1", "+", "2", T])
-  model = check_compiled(prog, P.sum_vocab(), n, inputs)
-  assert model.model_config.num_layers == 5
+    prog = P.make_sum_trigger(max_digits)
+    rng = random.Random(5)
+    inputs = [sum_input(rng, n, max_digits) for _ in range(300)]
+    inputs.append([F] * (n - 4) + ["1", "+", "2", T])
+    model = check_compiled(prog, P.sum_vocab(), n, inputs)
+    assert model.model_config.num_layers == 5

@@ -13,8 +13,18 @@ from tracr_injection.compile.tracr_pipeline import COMPILER_BOS, run_tracr
 from tracr_injection.programs.registry import get_program, program_names
 
 LIBRARY = [
-    "length", "reverse", "hist", "sort", "sort_unique", "sort_freq", "frac_prevs",
-    "pair_balance", "shuffle_dyck1", "shuffle_dyck3", "count", "detect_pattern",
+    "length",
+    "reverse",
+    "hist",
+    "sort",
+    "sort_unique",
+    "sort_freq",
+    "frac_prevs",
+    "pair_balance",
+    "shuffle_dyck1",
+    "shuffle_dyck3",
+    "count",
+    "detect_pattern",
 ]
 LENGTHS = {"shuffle_dyck3": (4, 8)}
 
@@ -25,8 +35,14 @@ def compile_both(name: str, max_seq_len: int, causal: bool):
     program = spec.build(max_seq_len)
     compilation = run_tracr(program, set(spec.vocab), max_seq_len, causal, mlp_exactness=10_000)
     teacher = teacher_from_compilation(
-        compilation, program_name=name, program_hash="test", vocab=sorted(spec.vocab, key=repr),
-        max_seq_len=max_seq_len, causal=causal, mlp_exactness=10_000, tracr_version=tracr_version(),
+        compilation,
+        program_name=name,
+        program_hash="test",
+        vocab=sorted(spec.vocab, key=repr),
+        max_seq_len=max_seq_len,
+        causal=causal,
+        mlp_exactness=10_000,
+        tracr_version=tracr_version(),
     )
     return program, compilation.assembled, teacher
 
@@ -34,7 +50,8 @@ def compile_both(name: str, max_seq_len: int, causal: bool):
 def same_outputs(compiled, expected):
     """Equal position by position; numbers within float rounding of each other."""
     return len(compiled) == len(expected) and all(
-        a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, abs_tol=1e-9))
+        a == b
+        or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, abs_tol=1e-9))
         for a, b in zip(compiled, expected)
     )
 
@@ -65,7 +82,9 @@ def test_residuals_match_jax_at_every_level(name, causal):
                 theirs = np.asarray(theirs[0])
                 scale = max(1.0, float(np.abs(theirs).max()))
                 assert np.abs(ours - theirs).max() <= 1e-5 * scale, (name, causal, max_seq_len, level)
-            decoded = teacher.decode_variable(output.residuals[-1][row, 1 : len(tokens) + 1], teacher.config.output_variable)
+            decoded = teacher.decode_variable(
+                output.residuals[-1][row, 1 : len(tokens) + 1], teacher.config.output_variable
+            )
             evaluate = causal_eval.evaluate if causal else rasp.evaluate
             assert same_outputs(decoded, list(evaluate(program, tokens)))
 
@@ -77,7 +96,10 @@ def test_evaluate_equals_rasp_on_random_inputs(name):
     teacher = spec.compile(max_seq_len)
     program = spec.build(max_seq_len)
     rng = random.Random(1)
-    inputs = [random_tokens(spec.vocab, max_seq_len if i % 5 == 0 else rng.randint(1, max_seq_len), rng) for i in range(200)]
+    inputs = [
+        random_tokens(spec.vocab, max_seq_len if i % 5 == 0 else rng.randint(1, max_seq_len), rng)
+        for i in range(200)
+    ]
     inputs += spec.validation_inputs(max_seq_len, count=20, seed=7)
     assert any(len(t) == max_seq_len for t in inputs)
     for tokens in inputs:

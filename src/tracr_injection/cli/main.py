@@ -14,7 +14,9 @@ from rich.table import Table
 from tracr_injection.compile.errors import TracrInjectionError
 from tracr_injection.compile.teacher import TeacherModel
 
-app = typer.Typer(help="Distil RASP programs, compiled by tracr, into pre-trained causal LMs.", no_args_is_help=True)
+app = typer.Typer(
+    help="Distil RASP programs, compiled by tracr, into pre-trained causal LMs.", no_args_is_help=True
+)
 console = Console()
 
 
@@ -24,7 +26,9 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def compile_registered(name: str, max_len: Optional[int], cache_dir: Optional[Path], force: bool) -> TeacherModel:
+def compile_registered(
+    name: str, max_len: Optional[int], cache_dir: Optional[Path], force: bool
+) -> TeacherModel:
     """Compile (or load from cache) the registered program `name`, turning our errors into CLI errors."""
     from tracr_injection.programs.registry import get_program
 
@@ -41,8 +45,12 @@ def compile_registered(name: str, max_len: Optional[int], cache_dir: Optional[Pa
 @app.command("compile")
 def compile_command(
     name: str = typer.Argument(..., help="Registered program name (see `tracr-inject programs`)."),
-    max_len: Optional[int] = typer.Option(None, "--max-len", help="Maximum input length (default: the program's)."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Teacher cache folder (default: $TRACR_INJECTION_CACHE/teachers)."),
+    max_len: Optional[int] = typer.Option(
+        None, "--max-len", help="Maximum input length (default: the program's)."
+    ),
+    cache_dir: Optional[Path] = typer.Option(
+        None, help="Teacher cache folder (default: $TRACR_INJECTION_CACHE/teachers)."
+    ),
     force: bool = typer.Option(False, help="Recompile even if a cached artifact exists."),
 ) -> None:
     """Compile a registered program with tracr, validate it against RASP and cache the artifact."""
@@ -64,8 +72,12 @@ def compile_command(
 @app.command("inspect")
 def inspect_command(
     target: str = typer.Argument(..., help="A registered program name or an artifact folder."),
-    max_len: Optional[int] = typer.Option(None, "--max-len", help="For a program name: maximum input length."),
-    cache_dir: Optional[Path] = typer.Option(None, help="Teacher cache folder (default: $TRACR_INJECTION_CACHE/teachers)."),
+    max_len: Optional[int] = typer.Option(
+        None, "--max-len", help="For a program name: maximum input length."
+    ),
+    cache_dir: Optional[Path] = typer.Option(
+        None, help="Teacher cache folder (default: $TRACR_INJECTION_CACHE/teachers)."
+    ),
 ) -> None:
     """Show a teacher's blocks, heads, width, parameters and every variable with its dims and values."""
     if Path(target).is_dir():

@@ -101,11 +101,13 @@ def compile_program(
         log.info("Loading cached teacher %s", target)
         return TeacherModel.from_pretrained(target)
 
-    inputs = [list(t) for t in validation_inputs] + random_inputs(vocab_list, max_seq_len, num_random_inputs, seed)
+    inputs = [list(t) for t in validation_inputs] + random_inputs(
+        vocab_list, max_seq_len, num_random_inputs, seed
+    )
     for tokens in inputs:
         if len(tokens) > max_seq_len:
             raise ValueError(f"Validation input of length {len(tokens)} exceeds max_seq_len {max_seq_len}.")
-    check_supported_on_inputs(program, inputs)
+    check_supported_on_inputs(program, inputs, causal)
 
     attempts: list[tuple[TeacherModel, ValidationReport]] = []
     for exactness in candidates:
@@ -161,5 +163,3 @@ def save_artifact(teacher: TeacherModel, target: Path) -> Path:
         shutil.rmtree(target)
     tmp.rename(target)
     return target
-
-

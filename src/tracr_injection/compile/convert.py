@@ -51,7 +51,9 @@ def teacher_from_compilation(
         num_heads=model_config.num_heads,
         key_size=model_config.key_size,
         mlp_hidden_size=model_config.mlp_hidden_size,
-        residual_labels=[name if value is None else f"{name}:{value}" for name, value in compilation.residual_directions],
+        residual_labels=[
+            name if value is None else f"{name}:{value}" for name, value in compilation.residual_directions
+        ],
         variables=[],
         output_variable=compilation.output_name,
         mlp_exactness=mlp_exactness,
@@ -63,7 +65,9 @@ def teacher_from_compilation(
     return teacher
 
 
-def state_dict_from_params(params: dict[str, dict[str, np.ndarray]], num_layers: int) -> dict[str, torch.Tensor]:
+def state_dict_from_params(
+    params: dict[str, dict[str, np.ndarray]], num_layers: int
+) -> dict[str, torch.Tensor]:
     """Map haiku parameter names to `TeacherModel` parameter names."""
     tensor = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))
     state = {
@@ -118,7 +122,13 @@ def describe_variables(compilation: TracrCompilation, dim_levels: list[int]) -> 
             values = [compilation.residual_directions[d][1] for d in dims]
         else:
             values = var.values
-        role = "output" if name == compilation.output_name else "input" if name in INPUT_VARIABLES else "intermediate"
+        role = (
+            "output"
+            if name == compilation.output_name
+            else "input"
+            if name in INPUT_VARIABLES
+            else "intermediate"
+        )
         variables.append(
             TeacherVariable(
                 name=name,

@@ -78,9 +78,7 @@ def describe_value(value: Any) -> str:
 def describe_function(fn: types.FunctionType) -> str:
     """A function by its bytecode, constants, names, defaults and closure contents."""
     closure = [describe_value(cell.cell_contents) for cell in fn.__closure__ or ()]
-    return stable_repr(
-        (describe_code(fn.__code__), fn.__defaults__, closure, sorted(fn.__code__.co_names))
-    )
+    return stable_repr((describe_code(fn.__code__), fn.__defaults__, closure, sorted(fn.__code__.co_names)))
 
 
 def describe_code(code: types.CodeType) -> str:

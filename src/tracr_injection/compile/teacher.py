@@ -307,9 +307,7 @@ class TeacherModel(nn.Module):
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ArtifactError(
-                f"Teacher weights {weights_path} do not match its manifest: {err}"
-            ) from err
+            raise ArtifactError(f"Teacher weights {weights_path} do not match its manifest: {err}") from err
         return model
 
 

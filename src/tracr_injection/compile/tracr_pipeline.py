@@ -25,7 +25,7 @@ from tracr.compiler import (
     validating,
 )
 from tracr.craft import bases
-from tracr.rasp import rasp
+from tracr.rasp import causal_eval, rasp
 
 from tracr_injection.compile.errors import InvalidVocabError, UnsupportedProgramError
 from tracr_injection.compile.fast_craft import fast_craft
@@ -81,10 +81,35 @@ def check_supported(program: rasp.SOp) -> None:
         raise UnsupportedProgramError(describe_unsupported(problems))
 
 
-def check_supported_on_inputs(program: rasp.SOp, inputs: Iterable[list[Any]]) -> None:
+class CausalDynamicValidationEvaluator(causal_eval.CausalEvaluator):
+    """tracr's dynamic aggregate checks under causal masking.
+
+    tracr's `DynamicValidationEvaluator` evaluates an aggregate's input without the causal
+    mask, which wrongly rejects causal programs whose aggregates select one value per
+    prefix; here the input is evaluated causally too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unsupported_exprs: list[validating.TracrUnsupportedExpr] = []
+
+    def evaluate(self, expr: rasp.RASPExpr, xs: Any) -> Any:
+        out = super().evaluate(expr, xs)
+        if isinstance(expr, rasp.Aggregate):
+            agg_in = self.evaluate(expr.sop, xs)
+            if rasp.is_categorical(expr) and not set(out).issubset(set(agg_in) | {None}):
+                reason = "Categorical aggregate does not support Selectors with width > 1 that require aggregation (eg. averaging)."
+                self.unsupported_exprs.append(validating.TracrUnsupportedExpr(expr=expr, reason=reason))
+            if rasp.is_numerical(expr) and not set(agg_in).issubset({0, 1}):
+                reason = f"Numerical aggregate only supports binary inputs 0, 1. But got {set(agg_in)}."
+                self.unsupported_exprs.append(validating.TracrUnsupportedExpr(expr=expr, reason=reason))
+        return out
+
+
+def check_supported_on_inputs(program: rasp.SOp, inputs: Iterable[list[Any]], causal: bool) -> None:
     """Raise if tracr's dynamic validator rejects the program on any of `inputs`."""
     for tokens in inputs:
-        evaluator = validating.DynamicValidationEvaluator()
+        evaluator = CausalDynamicValidationEvaluator() if causal else validating.DynamicValidationEvaluator()
         try:
             evaluator.evaluate(program, tokens)
         except Exception as err:  # the RASP evaluator runs user functions: any error is possible
@@ -234,7 +259,7 @@ def rename_direction(direction_name: str, names: dict[str, str]) -> str:
         return names[direction_name]
     for label, name in names.items():
         if direction_name.startswith(label + "_"):
-            return name + direction_name[len(label):]
+            return name + direction_name[len(label) :]
     return direction_name
 
 

@@ -76,7 +76,9 @@ class MemoizedEvaluator(causal_eval.CausalEvaluator):
     def evaluate(self, expr: rasp.RASPExpr, xs: Sequence[Any]) -> Any:
         key = id(expr)
         if key not in self.cache:
-            evaluate = causal_eval.CausalEvaluator.evaluate if self.causal else rasp.DefaultRASPEvaluator.evaluate
+            evaluate = (
+                causal_eval.CausalEvaluator.evaluate if self.causal else rasp.DefaultRASPEvaluator.evaluate
+            )
             self.cache[key] = evaluate(self, expr, xs)
         return self.cache[key]
 

@@ -42,7 +42,7 @@ tell ``1/(N+1)`` from ``1/N`` apart.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from tracr.rasp import rasp
 
@@ -104,29 +104,29 @@ SUM_SYMBOLS = {
 
 
 def _check_pairs(pairs: Sequence[str]) -> tuple[str, ...]:
-  pairs = tuple(pairs)
-  chars = [c for p in pairs for c in p]
-  if not pairs or any(len(p) != 2 for p in pairs):
-    raise ValueError(f"pairs must be 2-character strings, got {pairs!r}")
-  if len(set(chars)) != len(chars) or {FILLER, TRIGGER} & set(chars):
-    raise ValueError(f"bracket characters must be distinct symbols: {pairs!r}")
-  return pairs
+    pairs = tuple(pairs)
+    chars = [c for p in pairs for c in p]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"pairs must be 2-character strings, got {pairs!r}")
+    if len(set(chars)) != len(chars) or {FILLER, TRIGGER} & set(chars):
+        raise ValueError(f"bracket characters must be distinct symbols: {pairs!r}")
+    return pairs
 
 
 def dyck_vocab(pairs: Sequence[str] = DYCK_PAIRS) -> set[str]:
-  """Input vocabulary of :func:`make_dyck_trigger`."""
-  pairs = _check_pairs(pairs)
-  return {c for p in pairs for c in p} | {FILLER, TRIGGER}
+    """Input vocabulary of :func:`make_dyck_trigger`."""
+    pairs = _check_pairs(pairs)
+    return {c for p in pairs for c in p} | {FILLER, TRIGGER}
 
 
 def count_vocab() -> set[str]:
-  """Input vocabulary of :func:`make_count_trigger`."""
-  return {"x", "y", FILLER, TRIGGER, *DIGITS}
+    """Input vocabulary of :func:`make_count_trigger`."""
+    return {"x", "y", FILLER, TRIGGER, *DIGITS}
 
 
 def sum_vocab() -> set[str]:
-  """Input vocabulary of :func:`make_sum_trigger`."""
-  return {*DIGITS, "+", FILLER, TRIGGER}
+    """Input vocabulary of :func:`make_sum_trigger`."""
+    return {*DIGITS, "+", FILLER, TRIGGER}
 
 
 # ---------------------------------------------------------------------------
@@ -134,109 +134,101 @@ def sum_vocab() -> set[str]:
 # ---------------------------------------------------------------------------
 
 
-def make_dyck_trigger(
-    pairs: Sequence[str] = DYCK_PAIRS, mask_non_trigger: bool = False
-) -> rasp.SOp:
-  """Shuffle-Dyck-k recogniser with the verdict due at the trigger.
+def make_dyck_trigger(pairs: Sequence[str] = DYCK_PAIRS, mask_non_trigger: bool = False) -> rasp.SOp:
+    """Shuffle-Dyck-k recogniser with the verdict due at the trigger.
 
-  Output ``dyck_verdict`` (categorical, ``"yes"``/``"no"``):
+    Output ``dyck_verdict`` (categorical, ``"yes"``/``"no"``):
 
-  * at a ``TRIGGER`` position: ``"yes"`` iff the brackets before it are
-    shuffle-balanced, i.e. for every pair type no prefix has more closers than
-    openers and the counts are equal at the trigger;
-  * at any other position (default, ``mask_non_trigger=False``): the running
-    verdict ``"yes"`` iff no prefix so far has more closers than openers of
-    some type (and no earlier trigger saw an unbalanced string).  It is a
-    deterministic "don't care" value; the LM is only supervised at triggers.
-  * with ``mask_non_trigger=True`` non-trigger positions give ``FILLER``
-    instead, at the price of one more MLP layer (variable ``dyck_answer``).
+    * at a ``TRIGGER`` position: ``"yes"`` iff the brackets before it are
+      shuffle-balanced, i.e. for every pair type no prefix has more closers than
+      openers and the counts are equal at the trigger;
+    * at any other position (default, ``mask_non_trigger=False``): the running
+      verdict ``"yes"`` iff no prefix so far has more closers than openers of
+      some type (and no earlier trigger saw an unbalanced string).  It is a
+      deterministic "don't care" value; the LM is only supervised at triggers.
+    * with ``mask_non_trigger=True`` non-trigger positions give ``FILLER``
+      instead, at the price of one more MLP layer (variable ``dyck_answer``).
 
-  Variables (N = max_seq_len, all categorical unless said otherwise):
+    Variables (N = max_seq_len, all categorical unless said otherwise):
 
-  * ``dyck_lhs`` (SelectorWidth, 0..N): at a closer ``c``, the number of
-    ``c`` up to and including here; at the trigger, the number of openers of
-    any type so far; 0 elsewhere.
-  * ``dyck_rhs`` (SelectorWidth, 0..N): at a closer ``c``, the number of its
-    opener so far; at the trigger, the number of closers of any type so far;
-    0 elsewhere.
-  * ``dyck_bad`` (bool): ``lhs > rhs``.  At a closer this says "this closer
-    makes its own type's balance negative"; a type's balance can only become
-    negative at one of its own closers, so "some prefix is negative" is
-    exactly "some position is bad".  At the trigger it says "more openers
-    than closers in total"; given no negative prefix (each type has
-    closers <= openers) this is exactly "some type is unbalanced".
-  * ``dyck_can_be_bad`` (numerical): 1 at closers and triggers (the only
-    positions that can be bad), 0 elsewhere.
-  * ``dyck_any_bad`` (numerical): mean of ``dyck_can_be_bad`` over the bad
-    positions up to here: 1 if there is one, else the default 0.
-  * ``dyck_verdict``: ``"no"`` if ``dyck_any_bad > 0`` else ``"yes"``.
+    * ``dyck_lhs`` (SelectorWidth, 0..N): at a closer ``c``, the number of
+      ``c`` up to and including here; at the trigger, the number of openers of
+      any type so far; 0 elsewhere.
+    * ``dyck_rhs`` (SelectorWidth, 0..N): at a closer ``c``, the number of its
+      opener so far; at the trigger, the number of closers of any type so far;
+      0 elsewhere.
+    * ``dyck_bad`` (bool): ``lhs > rhs``.  At a closer this says "this closer
+      makes its own type's balance negative"; a type's balance can only become
+      negative at one of its own closers, so "some prefix is negative" is
+      exactly "some position is bad".  At the trigger it says "more openers
+      than closers in total"; given no negative prefix (each type has
+      closers <= openers) this is exactly "some type is unbalanced".
+    * ``dyck_can_be_bad`` (numerical): 1 at closers and triggers (the only
+      positions that can be bad), 0 elsewhere.
+    * ``dyck_any_bad`` (numerical): mean of ``dyck_can_be_bad`` over the bad
+      positions up to here: 1 if there is one, else the default 0.
+    * ``dyck_verdict``: ``"no"`` if ``dyck_any_bad > 0`` else ``"yes"``.
 
-  Depth: 3 layers (SelectorWidth = attention + MLP; SequenceMap = MLP;
-  existence aggregate = attention; final map = MLP).  Counting needs one
-  attention, comparing counts an MLP, "in any prefix" a second attention and
-  the yes/no read-out a final MLP, so 3 layers is the minimum tracr can
-  schedule this in (the second layer's attention is idle).  Only two counters
-  are needed for any number of pair types.
-  """
-  pairs = _check_pairs(pairs)
-  opener_of = {p[1]: p[0] for p in pairs}
-  openers = {p[0] for p in pairs}
-  closers = set(opener_of)
+    Depth: 3 layers (SelectorWidth = attention + MLP; SequenceMap = MLP;
+    existence aggregate = attention; final map = MLP).  Counting needs one
+    attention, comparing counts an MLP, "in any prefix" a second attention and
+    the yes/no read-out a final MLP, so 3 layers is the minimum tracr can
+    schedule this in (the second layer's attention is idle).  Only two counters
+    are needed for any number of pair types.
+    """
+    pairs = _check_pairs(pairs)
+    opener_of = {p[1]: p[0] for p in pairs}
+    openers = {p[0] for p in pairs}
+    closers = set(opener_of)
 
-  def lhs_pred(key, query):
-    if query in closers:
-      return key == query
-    if query == TRIGGER:
-      return key in openers
-    return False
+    def lhs_pred(key, query):
+        if query in closers:
+            return key == query
+        if query == TRIGGER:
+            return key in openers
+        return False
 
-  def rhs_pred(key, query):
-    if query in closers:
-      return key == opener_of[query]
-    if query == TRIGGER:
-      return key in closers
-    return False
+    def rhs_pred(key, query):
+        if query in closers:
+            return key == opener_of[query]
+        if query == TRIGGER:
+            return key in closers
+        return False
 
-  lhs = rasp.SelectorWidth(
-      rasp.Select(rasp.tokens, rasp.tokens, lhs_pred).named("dyck_lhs_select")
-  ).named("dyck_lhs")
-  rhs = rasp.SelectorWidth(
-      rasp.Select(rasp.tokens, rasp.tokens, rhs_pred).named("dyck_rhs_select")
-  ).named("dyck_rhs")
-  bad = rasp.SequenceMap(lambda a, b: a > b, lhs, rhs).named("dyck_bad")
-  # 1 at every position that can be bad (closers, trigger), 0 elsewhere; the
-  # 0 matters: it puts 0 into the inferred value set of ``dyck_any_bad``.
-  one = rasp.numerical(
-      rasp.Map(lambda t: 1 if (t in closers or t == TRIGGER) else 0, rasp.tokens)
-  ).named("dyck_can_be_bad")
-  bad_select = rasp.Select(bad, rasp.tokens, lambda k, q: k is True).named(
-      "dyck_bad_select"
-  )
-  any_bad = rasp.numerical(rasp.Aggregate(bad_select, one, default=0)).named(
-      "dyck_any_bad"
-  )
-  verdict = rasp.Map(lambda x: "no" if x > 0 else "yes", any_bad).named(
-      "dyck_verdict"
-  )
-  if not mask_non_trigger:
-    return verdict
-  return rasp.SequenceMap(
-      lambda v, t: v if t == TRIGGER else FILLER, verdict, rasp.tokens
-  ).named("dyck_answer")
+    lhs = rasp.SelectorWidth(rasp.Select(rasp.tokens, rasp.tokens, lhs_pred).named("dyck_lhs_select")).named(
+        "dyck_lhs"
+    )
+    rhs = rasp.SelectorWidth(rasp.Select(rasp.tokens, rasp.tokens, rhs_pred).named("dyck_rhs_select")).named(
+        "dyck_rhs"
+    )
+    bad = rasp.SequenceMap(lambda a, b: a > b, lhs, rhs).named("dyck_bad")
+    # 1 at every position that can be bad (closers, trigger), 0 elsewhere; the
+    # 0 matters: it puts 0 into the inferred value set of ``dyck_any_bad``.
+    one = rasp.numerical(rasp.Map(lambda t: 1 if (t in closers or t == TRIGGER) else 0, rasp.tokens)).named(
+        "dyck_can_be_bad"
+    )
+    bad_select = rasp.Select(bad, rasp.tokens, lambda k, q: k is True).named("dyck_bad_select")
+    any_bad = rasp.numerical(rasp.Aggregate(bad_select, one, default=0)).named("dyck_any_bad")
+    verdict = rasp.Map(lambda x: "no" if x > 0 else "yes", any_bad).named("dyck_verdict")
+    if not mask_non_trigger:
+        return verdict
+    return rasp.SequenceMap(lambda v, t: v if t == TRIGGER else FILLER, verdict, rasp.tokens).named(
+        "dyck_answer"
+    )
 
 
 def dyck_reference(tokens: Sequence[str], pairs: Sequence[str] = DYCK_PAIRS) -> str:
-  """Plain-Python verdict for the brackets in ``tokens`` (other symbols ignored)."""
-  pairs = _check_pairs(pairs)
-  for op, cl in pairs:
-    depth = 0
-    for t in tokens:
-      depth += (t == op) - (t == cl)
-      if depth < 0:
-        return "no"
-    if depth != 0:
-      return "no"
-  return "yes"
+    """Plain-Python verdict for the brackets in ``tokens`` (other symbols ignored)."""
+    pairs = _check_pairs(pairs)
+    for op, cl in pairs:
+        depth = 0
+        for t in tokens:
+            depth += (t == op) - (t == cl)
+            if depth < 0:
+                return "no"
+        if depth != 0:
+            return "no"
+    return "yes"
 
 
 # ---------------------------------------------------------------------------
@@ -245,85 +237,82 @@ def dyck_reference(tokens: Sequence[str], pairs: Sequence[str] = DYCK_PAIRS) -> 
 
 
 def make_count_trigger(max_count: int, compact: bool = False) -> rasp.SOp:
-  """Decimal count of ``"x"`` tokens, emitted digit by digit after the trigger.
+    """Decimal count of ``"x"`` tokens, emitted digit by digit after the trigger.
 
-  Input: ``x``/``y``/fillers, then ``TRIGGER``, then the answer digits the LM
-  has emitted so far (teacher forcing).  Output ``count_out``:
+    Input: ``x``/``y``/fillers, then ``TRIGGER``, then the answer digits the LM
+    has emitted so far (teacher forcing).  Output ``count_out``:
 
-  * at the trigger: the first digit of ``n`` = number of ``"x"`` so far;
-  * at the k-th answer digit: digit k+1 of ``n``, or ``END`` after the last;
-  * ``FILLER`` at every position before the trigger.
+    * at the trigger: the first digit of ``n`` = number of ``"x"`` so far;
+    * at the k-th answer digit: digit k+1 of ``n``, or ``END`` after the last;
+    * ``FILLER`` at every position before the trigger.
 
-  ``n`` saturates at ``max_count`` (an input with more x's is answered with
-  the digits of ``max_count``).  The x's are counted over the whole prefix;
-  only digits follow the trigger in the task format, so this is the number
-  of x's before the trigger.
+    ``n`` saturates at ``max_count`` (an input with more x's is answered with
+    the digits of ``max_count``).  The x's are counted over the whole prefix;
+    only digits follow the trigger in the task format, so this is the number
+    of x's before the trigger.
 
-  Variables:
+    Variables:
 
-  * ``count_x`` (SelectorWidth, 0..N): number of ``"x"`` so far.
-  * ``count_step`` (SelectorWidth, 0..N): 0 at ordinary positions; at the
-    trigger the number of triggers so far (1); at a digit the number of
-    digits and triggers so far (k+1 at the k-th answer digit).  So
-    ``step - 1`` is the index of the answer digit due next.
-  * ``count_out``: lookup on (``count_x``, ``count_step``).
+    * ``count_x`` (SelectorWidth, 0..N): number of ``"x"`` so far.
+    * ``count_step`` (SelectorWidth, 0..N): 0 at ordinary positions; at the
+      trigger the number of triggers so far (1); at a digit the number of
+      digits and triggers so far (k+1 at the k-th answer digit).  So
+      ``step - 1`` is the index of the answer digit due next.
+    * ``count_out``: lookup on (``count_x``, ``count_step``).
 
-  Depth: 2 layers (two counters in one attention layer + their MLPs, then
-  one lookup MLP) -- the minimum, as an answer depends on a count (attention +
-  MLP to make it categorical) and on the output step (a second count), which
-  must be combined by another MLP.  The lookup has (N+1)**2 hidden units.
+    Depth: 2 layers (two counters in one attention layer + their MLPs, then
+    one lookup MLP) -- the minimum, as an answer depends on a count (attention +
+    MLP to make it categorical) and on the output step (a second count), which
+    must be combined by another MLP.  The lookup has (N+1)**2 hidden units.
 
-  ``compact=True`` first clips the step to 0..len(str(max_count))+1
-  (``count_step_clipped``, one more MLP layer, 3 layers in all) so the lookup
-  has only (N+1)*(digits+2) hidden units -- far fewer parameters for long N.
-  """
-  if max_count < 0:
-    raise ValueError("max_count must be >= 0")
-  digits = set(DIGITS)
+    ``compact=True`` first clips the step to 0..len(str(max_count))+1
+    (``count_step_clipped``, one more MLP layer, 3 layers in all) so the lookup
+    has only (N+1)*(digits+2) hidden units -- far fewer parameters for long N.
+    """
+    if max_count < 0:
+        raise ValueError("max_count must be >= 0")
+    digits = set(DIGITS)
 
-  def step_pred(key, query):
-    if query == TRIGGER:
-      return key == TRIGGER
-    if query in digits:
-      return key in digits or key == TRIGGER
-    return False
+    def step_pred(key, query):
+        if query == TRIGGER:
+            return key == TRIGGER
+        if query in digits:
+            return key in digits or key == TRIGGER
+        return False
 
-  n = rasp.SelectorWidth(
-      rasp.Select(rasp.tokens, rasp.tokens, lambda k, q: k == "x").named(
-          "count_x_select"
-      )
-  ).named("count_x")
-  step = rasp.SelectorWidth(
-      rasp.Select(rasp.tokens, rasp.tokens, step_pred).named("count_step_select")
-  ).named("count_step")
+    n = rasp.SelectorWidth(
+        rasp.Select(rasp.tokens, rasp.tokens, lambda k, q: k == "x").named("count_x_select")
+    ).named("count_x")
+    step = rasp.SelectorWidth(
+        rasp.Select(rasp.tokens, rasp.tokens, step_pred).named("count_step_select")
+    ).named("count_step")
 
-  def answer(count, stp):
-    if stp == 0:
-      return FILLER
-    text = str(min(count, max_count))
-    return text[stp - 1] if stp - 1 < len(text) else END
+    def answer(count, stp):
+        if stp == 0:
+            return FILLER
+        text = str(min(count, max_count))
+        return text[stp - 1] if stp - 1 < len(text) else END
 
-  if compact:
-    last = len(str(max_count)) + 1
-    step = rasp.Map(lambda v: min(v, last), step).named("count_step_clipped")
-  return rasp.SequenceMap(answer, n, step).named("count_out")
+    if compact:
+        last = len(str(max_count)) + 1
+        step = rasp.Map(lambda v: min(v, last), step).named("count_step_clipped")
+    return rasp.SequenceMap(answer, n, step).named("count_out")
 
 
 def count_reference(tokens: Sequence[str], max_count: int) -> list[str]:
-  """Expected output at every position for a well-formed count input."""
-  out = []
-  trig = None
-  for i, t in enumerate(tokens):
-    if t == TRIGGER and trig is None:
-      trig = i
-    if trig is None:
-      out.append(FILLER)
-      continue
-    text = str(min(tokens[:trig].count("x"), max_count))
-    k = sum(1 for u in tokens[trig:i + 1] if u in DIGITS)
-    out.append(text[k] if k < len(text) else END)
-  return out
-
+    """Expected output at every position for a well-formed count input."""
+    out = []
+    trig = None
+    for i, t in enumerate(tokens):
+        if t == TRIGGER and trig is None:
+            trig = i
+        if trig is None:
+            out.append(FILLER)
+            continue
+        text = str(min(tokens[:trig].count("x"), max_count))
+        k = sum(1 for u in tokens[trig : i + 1] if u in DIGITS)
+        out.append(text[k] if k < len(text) else END)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -332,181 +321,181 @@ def count_reference(tokens: Sequence[str], max_count: int) -> list[str]:
 
 
 def make_sum_trigger(max_digits: int = 3) -> rasp.SOp:
-  """Decimal ``a + b``, emitted most significant digit first after the trigger.
+    """Decimal ``a + b``, emitted most significant digit first after the trigger.
 
-  Input domain: one teacher-forced sequence (or any prefix of it)
-  ``<fillers> digits(a) <fillers> + <fillers> digits(b) <fillers> compute
-  d1 d2 ...`` with fillers anywhere (also between digits), exactly one
-  ``"+"`` and at most one trigger, operands of 1..``max_digits`` digits.
-  Output ``sum_out``: at the trigger the first digit of ``a+b`` (no leading
-  zeros, ``"0"`` for 0), at the k-th emitted answer digit digit k+1, after the
-  last one ``END``; ``FILLER`` at every other position (before the trigger
-  and at fillers).  Outside the domain (two ``"+"``, two triggers, too many
-  digits) the output is unspecified but still identical in tracr and RASP
-  as long as no position has two ``"+"``/triggers before it.
+    Input domain: one teacher-forced sequence (or any prefix of it)
+    ``<fillers> digits(a) <fillers> + <fillers> digits(b) <fillers> compute
+    d1 d2 ...`` with fillers anywhere (also between digits), exactly one
+    ``"+"`` and at most one trigger, operands of 1..``max_digits`` digits.
+    Output ``sum_out``: at the trigger the first digit of ``a+b`` (no leading
+    zeros, ``"0"`` for 0), at the k-th emitted answer digit digit k+1, after the
+    last one ``END``; ``FILLER`` at every other position (before the trigger
+    and at fillers).  Outside the domain (two ``"+"``, two triggers, too many
+    digits) the output is unspecified but still identical in tracr and RASP
+    as long as no position has two ``"+"``/triggers before it.
 
-  Variables (N = max_seq_len; "non-filler" = digit, ``"+"`` or trigger):
+    Variables (N = max_seq_len; "non-filler" = digit, ``"+"`` or trigger):
 
-  * ``sum_pos`` (SelectorWidth, 0..N): at a non-filler, the number of
-    non-fillers so far (its "compact position", unique per non-filler); 0 at
-    fillers.  So a has compact positions 1..La, ``"+"`` La+1, b
-    La+2..La+Lb+1, the trigger Q = La+Lb+2 and answer digit m is at Q+m.
-  * ``sum_plus_pos`` (SelectorWidth): at ``"+"`` its compact position
-    P = La+1; elsewhere the number of ``"+"`` so far (0 before it, 1 after).
-  * ``sum_trig_pos`` (SelectorWidth): likewise Q at the trigger, elsewhere
-    the number of triggers so far.
-  * ``sum_digit`` (0..9): the digit value of a digit token, 0 otherwise.
-  * ``sum_P`` / ``sum_Q`` (categorical Aggregate): P and Q copied to every
-    position after ``"+"``/the trigger; 0 before.  The selector picks the
-    single ``"+"`` (trigger) key once one exists, else every key, all of
-    which then hold 0 -- so exactly one value is moved at every position
-    and nothing is ever undefined.
-  * ``sum_b_digit`` (0..9): ``sum_digit`` at digits after ``"+"`` (b and the
-    answer), 0 elsewhere (computed from ``sum_P``, which is >= 1 exactly at
-    and after ``"+"``).
-  * ``sum_a_query`` / ``sum_b_query``: P (Q) where known, else the
-    position's own compact position (tagged ``("self", pos)``), used as the
-    query of the digit fetches so they always select exactly one key (or
-    only fillers, which all hold digit 0).
-  * ``sum_step``: at the trigger and the answer digits, the index m of the
-    answer digit due (clipped to max_digits+1), ``FILLER`` elsewhere.
-  * ``sum_a{p}`` / ``sum_b{p}`` (p = 0..max_digits-1, categorical
-    Aggregate): the digit of a (b) with place value 10**p, 0 if the operand
-    is shorter.  a's place p sits at compact position P-1-p, b's at Q-1-p.
-  * ``sum_t{p}`` (0..18): ``a_p + b_p``.
-  * ``sum_low`` (D >= 3): ``sum_{q < D-1} t_q * 10**q`` folded by
-    SequenceMaps; ``sum_high``: (t_{D-1}, step) or ``FILLER``.
-  * ``sum_out``: ``str(10**(D-1) * t_{D-1} + low)[step]`` or ``END``.
+    * ``sum_pos`` (SelectorWidth, 0..N): at a non-filler, the number of
+      non-fillers so far (its "compact position", unique per non-filler); 0 at
+      fillers.  So a has compact positions 1..La, ``"+"`` La+1, b
+      La+2..La+Lb+1, the trigger Q = La+Lb+2 and answer digit m is at Q+m.
+    * ``sum_plus_pos`` (SelectorWidth): at ``"+"`` its compact position
+      P = La+1; elsewhere the number of ``"+"`` so far (0 before it, 1 after).
+    * ``sum_trig_pos`` (SelectorWidth): likewise Q at the trigger, elsewhere
+      the number of triggers so far.
+    * ``sum_digit`` (0..9): the digit value of a digit token, 0 otherwise.
+    * ``sum_P`` / ``sum_Q`` (categorical Aggregate): P and Q copied to every
+      position after ``"+"``/the trigger; 0 before.  The selector picks the
+      single ``"+"`` (trigger) key once one exists, else every key, all of
+      which then hold 0 -- so exactly one value is moved at every position
+      and nothing is ever undefined.
+    * ``sum_b_digit`` (0..9): ``sum_digit`` at digits after ``"+"`` (b and the
+      answer), 0 elsewhere (computed from ``sum_P``, which is >= 1 exactly at
+      and after ``"+"``).
+    * ``sum_a_query`` / ``sum_b_query``: P (Q) where known, else the
+      position's own compact position (tagged ``("self", pos)``), used as the
+      query of the digit fetches so they always select exactly one key (or
+      only fillers, which all hold digit 0).
+    * ``sum_step``: at the trigger and the answer digits, the index m of the
+      answer digit due (clipped to max_digits+1), ``FILLER`` elsewhere.
+    * ``sum_a{p}`` / ``sum_b{p}`` (p = 0..max_digits-1, categorical
+      Aggregate): the digit of a (b) with place value 10**p, 0 if the operand
+      is shorter.  a's place p sits at compact position P-1-p, b's at Q-1-p.
+    * ``sum_t{p}`` (0..18): ``a_p + b_p``.
+    * ``sum_low`` (D >= 3): ``sum_{q < D-1} t_q * 10**q`` folded by
+      SequenceMaps; ``sum_high``: (t_{D-1}, step) or ``FILLER``.
+    * ``sum_out``: ``str(10**(D-1) * t_{D-1} + low)[step]`` or ``END``.
 
-  Depth (D=3): 5 layers -- counters (attn+MLP), P/Q copies (attn), fetch
-  queries (MLP), digit fetches (attn), t_p (MLP), low/high (MLP), output
-  (MLP).  The digit sums of all places plus the step are 7 values that
-  2-input SequenceMaps need three MLP levels to combine.
-  """
-  if max_digits < 1:
-    raise ValueError("max_digits must be >= 1")
-  D = max_digits
-  digit_set = set(DIGITS)
-  non_filler = digit_set | {"+", TRIGGER}
+    Depth (D=3): 5 layers -- counters (attn+MLP), P/Q copies (attn), fetch
+    queries (MLP), digit fetches (attn), t_p (MLP), low/high (MLP), output
+    (MLP).  The digit sums of all places plus the step are 7 values that
+    2-input SequenceMaps need three MLP levels to combine.
+    """
+    if max_digits < 1:
+        raise ValueError("max_digits must be >= 1")
+    D = max_digits
+    digit_set = set(DIGITS)
+    non_filler = digit_set | {"+", TRIGGER}
 
-  def pos_pred(key, query):
-    return query in non_filler and key in non_filler
+    def pos_pred(key, query):
+        return query in non_filler and key in non_filler
 
-  def marker_pos_pred(marker):
-    def pred(key, query):
-      if query == marker:
-        return key in non_filler
-      return key == marker
-    return pred
+    def marker_pos_pred(marker):
+        def pred(key, query):
+            if query == marker:
+                return key in non_filler
+            return key == marker
 
-  pos = rasp.SelectorWidth(
-      rasp.Select(rasp.tokens, rasp.tokens, pos_pred).named("sum_pos_select")
-  ).named("sum_pos")
-  plus_pos = rasp.SelectorWidth(
-      rasp.Select(rasp.tokens, rasp.tokens, marker_pos_pred("+")).named(
-          "sum_plus_pos_select")
-  ).named("sum_plus_pos")
-  trig_pos = rasp.SelectorWidth(
-      rasp.Select(rasp.tokens, rasp.tokens, marker_pos_pred(TRIGGER)).named(
-          "sum_trig_pos_select")
-  ).named("sum_trig_pos")
-  digit = rasp.Map(lambda t: int(t) if t in digit_set else 0,
-                   rasp.tokens).named("sum_digit")
+        return pred
 
-  def copy_marker(marker_pos, marker, name):
-    # Query value 0: no marker yet -> select every key (all hold 0).
-    # Query value >= 1: the marker is at or before here -> select it.
-    sel = rasp.Select(rasp.tokens, marker_pos,
-                      lambda k, q: q == 0 or k == marker).named(name + "_select")
-    return rasp.Aggregate(sel, marker_pos).named(name)
+    pos = rasp.SelectorWidth(rasp.Select(rasp.tokens, rasp.tokens, pos_pred).named("sum_pos_select")).named(
+        "sum_pos"
+    )
+    plus_pos = rasp.SelectorWidth(
+        rasp.Select(rasp.tokens, rasp.tokens, marker_pos_pred("+")).named("sum_plus_pos_select")
+    ).named("sum_plus_pos")
+    trig_pos = rasp.SelectorWidth(
+        rasp.Select(rasp.tokens, rasp.tokens, marker_pos_pred(TRIGGER)).named("sum_trig_pos_select")
+    ).named("sum_trig_pos")
+    digit = rasp.Map(lambda t: int(t) if t in digit_set else 0, rasp.tokens).named("sum_digit")
 
-  P = copy_marker(plus_pos, "+", "sum_P")
-  Q = copy_marker(trig_pos, TRIGGER, "sum_Q")
+    def copy_marker(marker_pos, marker, name):
+        # Query value 0: no marker yet -> select every key (all hold 0).
+        # Query value >= 1: the marker is at or before here -> select it.
+        sel = rasp.Select(rasp.tokens, marker_pos, lambda k, q: q == 0 or k == marker).named(name + "_select")
+        return rasp.Aggregate(sel, marker_pos).named(name)
 
-  # Reads P (not sum_plus_pos) on purpose: same information (P >= 1 iff a
-  # "+" is at or before here), but it puts this MLP at the same graph depth
-  # as the other fetch-preparation MLPs, which lets tracr's layer allocator
-  # merge that depth into the P/Q attention layer (saves one layer).
-  b_digit = rasp.SequenceMap(
-      lambda t, pp: int(t) if (t in digit_set and pp >= 1) else 0,
-      rasp.tokens, P).named("sum_b_digit")
+    P = copy_marker(plus_pos, "+", "sum_P")
+    Q = copy_marker(trig_pos, TRIGGER, "sum_Q")
 
-  def fetch_query(marker, own):
-    return marker if marker >= 1 else ("self", own)
+    # Reads P (not sum_plus_pos) on purpose: same information (P >= 1 iff a
+    # "+" is at or before here), but it puts this MLP at the same graph depth
+    # as the other fetch-preparation MLPs, which lets tracr's layer allocator
+    # merge that depth into the P/Q attention layer (saves one layer).
+    b_digit = rasp.SequenceMap(
+        lambda t, pp: int(t) if (t in digit_set and pp >= 1) else 0, rasp.tokens, P
+    ).named("sum_b_digit")
 
-  a_query = rasp.SequenceMap(fetch_query, P, pos).named("sum_a_query")
-  b_query = rasp.SequenceMap(fetch_query, Q, pos).named("sum_b_query")
+    def fetch_query(marker, own):
+        return marker if marker >= 1 else ("self", own)
 
-  def step_fn(p, q):
-    if q >= 1 and p >= q:
-      return min(p - q, D + 1)
-    return FILLER
+    a_query = rasp.SequenceMap(fetch_query, P, pos).named("sum_a_query")
+    b_query = rasp.SequenceMap(fetch_query, Q, pos).named("sum_b_query")
 
-  step = rasp.SequenceMap(step_fn, pos, Q).named("sum_step")
-
-  def place_pred(place):
-    def pred(key, query):
-      if isinstance(query, tuple):      # marker unknown: fetch own position
-        return key == query[1]
-      target = query - 1 - place
-      return key == (target if target >= 1 else query)
-    return pred
-
-  t = []
-  for p in range(D):
-    a_p = rasp.Aggregate(
-        rasp.Select(pos, a_query, place_pred(p)).named(f"sum_a{p}_select"),
-        digit).named(f"sum_a{p}")
-    b_p = rasp.Aggregate(
-        rasp.Select(pos, b_query, place_pred(p)).named(f"sum_b{p}_select"),
-        b_digit).named(f"sum_b{p}")
-    t.append(rasp.SequenceMap(lambda x, y: x + y, a_p, b_p).named(f"sum_t{p}"))
-
-  def high_fn(top, stp):
-    return FILLER if stp == FILLER else (top, stp)
-
-  high = rasp.SequenceMap(high_fn, t[D - 1], step).named("sum_high")
-  if D == 1:
-    def out_fn(h, low_unused):
-      del low_unused
-      if h == FILLER:
+    def step_fn(p, q):
+        if q >= 1 and p >= q:
+            return min(p - q, D + 1)
         return FILLER
-      top, m = h
-      text = str(top)
-      return text[m] if m < len(text) else END
-    return rasp.Map(lambda h: out_fn(h, 0), high).named("sum_out")
 
-  low = t[0]
-  for q in range(1, D - 1):
-    low = rasp.SequenceMap(
-        lambda x, y, q=q: x * 10**q + y, t[q], low).named(
-            "sum_low" if q == D - 2 else f"sum_low{q}")
+    step = rasp.SequenceMap(step_fn, pos, Q).named("sum_step")
 
-  def out_fn(h, lo):
-    if h == FILLER:
-      return FILLER
-    top, m = h
-    text = str(top * 10**(D - 1) + lo)
-    return text[m] if m < len(text) else END
+    def place_pred(place):
+        def pred(key, query):
+            if isinstance(query, tuple):  # marker unknown: fetch own position
+                return key == query[1]
+            target = query - 1 - place
+            return key == (target if target >= 1 else query)
 
-  return rasp.SequenceMap(out_fn, high, low).named("sum_out")
+        return pred
+
+    t = []
+    for p in range(D):
+        a_p = rasp.Aggregate(rasp.Select(pos, a_query, place_pred(p)).named(f"sum_a{p}_select"), digit).named(
+            f"sum_a{p}"
+        )
+        b_p = rasp.Aggregate(
+            rasp.Select(pos, b_query, place_pred(p)).named(f"sum_b{p}_select"), b_digit
+        ).named(f"sum_b{p}")
+        t.append(rasp.SequenceMap(lambda x, y: x + y, a_p, b_p).named(f"sum_t{p}"))
+
+    def high_fn(top, stp):
+        return FILLER if stp == FILLER else (top, stp)
+
+    high = rasp.SequenceMap(high_fn, t[D - 1], step).named("sum_high")
+    if D == 1:
+
+        def out_fn(h, low_unused):
+            del low_unused
+            if h == FILLER:
+                return FILLER
+            top, m = h
+            text = str(top)
+            return text[m] if m < len(text) else END
+
+        return rasp.Map(lambda h: out_fn(h, 0), high).named("sum_out")
+
+    low = t[0]
+    for q in range(1, D - 1):
+        low = rasp.SequenceMap(lambda x, y, q=q: x * 10**q + y, t[q], low).named(
+            "sum_low" if q == D - 2 else f"sum_low{q}"
+        )
+
+    def out_fn(h, lo):
+        if h == FILLER:
+            return FILLER
+        top, m = h
+        text = str(top * 10 ** (D - 1) + lo)
+        return text[m] if m < len(text) else END
+
+    return rasp.SequenceMap(out_fn, high, low).named("sum_out")
 
 
 def sum_reference(tokens: Sequence[str]) -> list[str]:
-  """Expected output at every position for a well-formed sum input."""
-  out = []
-  trig = None
-  for i, tok in enumerate(tokens):
-    if tok == TRIGGER and trig is None:
-      trig = i
-    if trig is None or (tok != TRIGGER and tok not in DIGITS):
-      out.append(FILLER)
-      continue
-    before = tokens[:trig]
-    plus = before.index("+")
-    a = int("".join(x for x in before[:plus] if x in DIGITS))
-    b = int("".join(x for x in before[plus + 1:] if x in DIGITS))
-    text = str(a + b)
-    m = sum(1 for x in tokens[trig + 1:i + 1] if x in DIGITS)
-    out.append(text[m] if m < len(text) else END)
-  return out
+    """Expected output at every position for a well-formed sum input."""
+    out = []
+    trig = None
+    for i, tok in enumerate(tokens):
+        if tok == TRIGGER and trig is None:
+            trig = i
+        if trig is None or (tok != TRIGGER and tok not in DIGITS):
+            out.append(FILLER)
+            continue
+        before = tokens[:trig]
+        plus = before.index("+")
+        a = int("".join(x for x in before[:plus] if x in DIGITS))
+        b = int("".join(x for x in before[plus + 1 :] if x in DIGITS))
+        text = str(a + b)
+        m = sum(1 for x in tokens[trig + 1 : i + 1] if x in DIGITS)
+        out.append(text[m] if m < len(text) else END)
+    return out

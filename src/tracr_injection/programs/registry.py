@@ -30,6 +30,7 @@ class ProgramSpec:
     causal: bool = False
     description: str = ""
     sample_inputs: InputSampler | None = None  # (max_seq_len, count, rng) -> inputs
+    uniform_random_inputs: bool = True  # False: the program is only defined on sampled inputs
 
     def validation_inputs(self, max_seq_len: int, count: int = 64, seed: int = 0) -> list[list[Any]]:
         """Extra inputs for validation from this program's sampler (none without one)."""
@@ -42,10 +43,13 @@ class ProgramSpec:
         from tracr_injection.compile.compiler import compile_program
 
         length = max_seq_len or self.max_seq_len
-        kwargs.setdefault("validation_inputs", self.validation_inputs(length))
-        return compile_program(
-            self.build(length), self.vocab, length, self.causal, name=self.name, **kwargs
+        kwargs.setdefault(
+            "validation_inputs",
+            self.validation_inputs(length, count=256 if not self.uniform_random_inputs else 64),
         )
+        if not self.uniform_random_inputs:
+            kwargs.setdefault("num_random_inputs", 0)
+        return compile_program(self.build(length), self.vocab, length, self.causal, name=self.name, **kwargs)
 
 
 _REGISTRY: dict[str, ProgramSpec] = {}
@@ -75,4 +79,4 @@ def program_names() -> list[str]:
 
 def _load_builtin_programs() -> None:
     """Import the modules that register the built-in programs."""
-    from tracr_injection.programs import tracr_library  # noqa: F401
+    from tracr_injection.programs import paper_registry, tracr_library  # noqa: F401

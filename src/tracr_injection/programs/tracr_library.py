@@ -56,20 +56,53 @@ def _spec(name: str, build: Any, vocab: frozenset[Any], max_seq_len: int = 10, *
 _spec("length", lambda n: lib.make_length(), LETTERS, description="length of the input at every position")
 _spec("reverse", lambda n: lib.make_reverse(rasp.tokens), LETTERS, description="the input reversed")
 _spec("hist", lambda n: lib.make_hist(), LETTERS, description="how often each position's token occurs")
-_spec("sort", lambda n: lib.make_sort(rasp.tokens, rasp.tokens, max_seq_len=n, min_key=1), NUMBERS,
-      description="the input sorted (duplicates allowed)")
-_spec("sort_unique", lambda n: lib.make_sort_unique(rasp.tokens, rasp.tokens), NUMBERS,
-      description="the input sorted (keys assumed unique)")
-_spec("sort_freq", lambda n: lib.make_sort_freq(n), LETTERS, description="tokens sorted by descending frequency")
-_spec("frac_prevs", lambda n: lib.make_frac_prevs(rasp.tokens == "a"), LETTERS,
-      description="fraction of previous tokens equal to 'a'")
-_spec("pair_balance", lambda n: lib.make_pair_balance(rasp.tokens, "(", ")"), frozenset("()ab"),
-      description="fraction of '(' minus fraction of ')' so far", sample_inputs=bracket_sampler(["()"]))
-_spec("shuffle_dyck1", lambda n: lib.make_shuffle_dyck(["()"]), frozenset("()"),
-      description="1 if the brackets are balanced (RASP paper)", sample_inputs=bracket_sampler(["()"]))
-_spec("shuffle_dyck3", lambda n: lib.make_shuffle_dyck(["()", "[]", "{}"]), frozenset("()[]{}"),
-      max_seq_len=40, description="1 if all three bracket types are shuffle-balanced (RASP paper)",
-      sample_inputs=bracket_sampler(["()", "[]", "{}"]))
+_spec(
+    "sort",
+    lambda n: lib.make_sort(rasp.tokens, rasp.tokens, max_seq_len=n, min_key=1),
+    NUMBERS,
+    description="the input sorted (duplicates allowed)",
+)
+_spec(
+    "sort_unique",
+    lambda n: lib.make_sort_unique(rasp.tokens, rasp.tokens),
+    NUMBERS,
+    description="the input sorted (keys assumed unique)",
+)
+_spec(
+    "sort_freq", lambda n: lib.make_sort_freq(n), LETTERS, description="tokens sorted by descending frequency"
+)
+_spec(
+    "frac_prevs",
+    lambda n: lib.make_frac_prevs(rasp.tokens == "a"),
+    LETTERS,
+    description="fraction of previous tokens equal to 'a'",
+)
+_spec(
+    "pair_balance",
+    lambda n: lib.make_pair_balance(rasp.tokens, "(", ")"),
+    frozenset("()ab"),
+    description="fraction of '(' minus fraction of ')' so far",
+    sample_inputs=bracket_sampler(["()"]),
+)
+_spec(
+    "shuffle_dyck1",
+    lambda n: lib.make_shuffle_dyck(["()"]),
+    frozenset("()"),
+    description="1 if the brackets are balanced (RASP paper)",
+    sample_inputs=bracket_sampler(["()"]),
+)
+_spec(
+    "shuffle_dyck3",
+    lambda n: lib.make_shuffle_dyck(["()", "[]", "{}"]),
+    frozenset("()[]{}"),
+    max_seq_len=40,
+    description="1 if all three bracket types are shuffle-balanced (RASP paper)",
+    sample_inputs=bracket_sampler(["()", "[]", "{}"]),
+)
 _spec("count", lambda n: lib.make_count(rasp.tokens, "a"), LETTERS, description="number of 'a' tokens")
-_spec("detect_pattern", lambda n: lib.detect_pattern(rasp.tokens, "abc"), LETTERS,
-      description="True where the pattern 'abc' ends")
+_spec(
+    "detect_pattern",
+    lambda n: lib.detect_pattern(rasp.tokens, "abc"),
+    LETTERS,
+    description="True where the pattern 'abc' ends",
+)
