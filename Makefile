@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(VENV)/bin/tracr-inject compile dyck
-	$(VENV)/bin/tracr-inject inspect dyck
+	$(VENV)/bin/tracr-inject compile dyck_trigger
+	$(VENV)/bin/tracr-inject inspect dyck_trigger
 
 test: setup
 	$(PY) -m pytest -q

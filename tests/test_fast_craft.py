@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Set
+from typing import Any, Dict, Set, Tuple
 
 import numpy as np
 import pytest
@@ -149,42 +149,43 @@ def test_discretising_layer_matches(values: Set[float]) -> None:
         np.testing.assert_array_equal(got.magnitudes, expected.magnitudes)
 
 
-def _patched_attributes() -> Dict[str, Callable[[], Any]]:
-    """Raw attribute lookups (class __dict__, so classmethods stay wrapped)."""
-    return {
-        "VectorSpaceWithBasis.vector_from_basis_direction": lambda: vars(bases.VectorSpaceWithBasis)[
-            "vector_from_basis_direction"
-        ],
-        "vectorspace_fns.project": lambda: vectorspace_fns.project,
-        "transformers.project": lambda: transformers.project,
-        "Linear.combine_in_parallel": lambda: vars(vectorspace_fns.Linear)["combine_in_parallel"],
-        "numerical_mlp._get_discretising_layer": lambda: numerical_mlp._get_discretising_layer,  # pylint: disable=protected-access
-        "assemble.hk": lambda: assemble.hk,
-    }
+# Everything fast_craft() may replace: (owner, attribute in the owner's __dict__).
+EXPECTED_PATCHES = {
+    (bases.VectorSpaceWithBasis, "vector_from_basis_direction"),
+    (vectorspace_fns, "project"),
+    (transformers, "project"),  # bound by name at import time
+    (vectorspace_fns.Linear, "combine_in_parallel"),
+    (numerical_mlp, "_get_discretising_layer"),
+    (assemble, "hk"),
+    (assemble, "np"),
+}
+
+
+def _snapshot() -> Dict[Tuple[Any, str], Any]:
+    """Raw __dict__ entries, so a classmethod must come back as the same object."""
+    return {(owner, name): vars(owner)[name] for owner, name in EXPECTED_PATCHES}
 
 
 def test_every_patch_is_checked_here() -> None:
     patched = {(owner, name) for owner, name, _ in fast_craft_module._PATCHES}  # pylint: disable=protected-access
-    assert len(patched) == len(_patched_attributes())
+    assert patched == EXPECTED_PATCHES
 
 
 def test_originals_restored_after_exit_and_exception() -> None:
-    lookups = _patched_attributes()
-    before = {name: get() for name, get in lookups.items()}
+    before = _snapshot()
 
     with fast_craft():
-        inside = {name: get() for name, get in lookups.items()}
-    assert all(inside[name] is not before[name] for name in lookups)
-    assert {name: get() for name, get in lookups.items()} == before
+        inside = _snapshot()
+    assert all(inside[key] is not before[key] for key in before)
+    assert all(value is before[key] for key, value in _snapshot().items())
 
     with pytest.raises(RuntimeError, match="boom"):
         with fast_craft():
             raise RuntimeError("boom")
-    after = {name: get() for name, get in lookups.items()}
-    assert all(after[name] is before[name] for name in lookups)
+    assert all(value is before[key] for key, value in _snapshot().items())
 
     with fast_craft():  # nesting keeps the patches until the outermost exit
         with fast_craft():
             pass
-        assert all(get() is inside[name] for name, get in lookups.items())
-    assert all(get() is before[name] for name, get in lookups.items())
+        assert all(value is inside[key] for key, value in _snapshot().items())
+    assert all(value is before[key] for key, value in _snapshot().items())
