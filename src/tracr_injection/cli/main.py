@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -27,7 +26,7 @@ def fail(message: str) -> None:
 
 
 def compile_registered(
-    name: str, max_len: Optional[int], cache_dir: Optional[Path], force: bool
+    name: str, max_len: int | None, cache_dir: Path | None, force: bool
 ) -> TeacherModel:
     """Compile (or load from cache) the registered program `name`, turning our errors into CLI errors."""
     from tracr_injection.programs.registry import get_program
@@ -45,10 +44,10 @@ def compile_registered(
 @app.command("compile")
 def compile_command(
     name: str = typer.Argument(..., help="Registered program name (see `tracr-inject programs`)."),
-    max_len: Optional[int] = typer.Option(
+    max_len: int | None = typer.Option(
         None, "--max-len", help="Maximum input length (default: the program's)."
     ),
-    cache_dir: Optional[Path] = typer.Option(
+    cache_dir: Path | None = typer.Option(
         None, help="Teacher cache folder (default: $TRACR_INJECTION_CACHE/teachers)."
     ),
     force: bool = typer.Option(False, help="Recompile even if a cached artifact exists."),
@@ -72,10 +71,10 @@ def compile_command(
 @app.command("inspect")
 def inspect_command(
     target: str = typer.Argument(..., help="A registered program name or an artifact folder."),
-    max_len: Optional[int] = typer.Option(
+    max_len: int | None = typer.Option(
         None, "--max-len", help="For a program name: maximum input length."
     ),
-    cache_dir: Optional[Path] = typer.Option(
+    cache_dir: Path | None = typer.Option(
         None, help="Teacher cache folder (default: $TRACR_INJECTION_CACHE/teachers)."
     ),
 ) -> None:
@@ -102,6 +101,108 @@ def programs_command() -> None:
         vocab = " ".join(sorted(map(str, spec.vocab)))
         table.add_row(name, str(spec.causal), str(spec.max_seq_len), vocab, spec.description)
     console.print(table)
+
+
+@app.command("tasks")
+def tasks_command(
+    tokenizer: str = typer.Option("smollm2", help="Tokenizer whose token counts decide the teacher's reach."),
+) -> None:
+    """List the registered tasks and their splits, with whether the teacher can represent each."""
+    from tracr_injection.hub import load_tokenizer
+    from tracr_injection.tasks import TokenBridge, get_task, task_names
+    from tracr_injection.tasks.bridge import describe_split
+
+    tok = load_tokenizer(tokenizer)
+    table = Table("task", "split", "kind", "size", "max tokens", "teacher", "description", title="Tasks")
+    for name in task_names():
+        task = get_task(name)
+        bridge = TokenBridge(tok, task)
+        for split in task.split_names:
+            info = describe_split(task, split, bridge)
+            table.add_row(
+                name,
+                split,
+                info["kind"],
+                str(info["size"]),
+                str(info["max_tokens"]),
+                "yes" if info["teacher_blocker"] is None else f"no: {info['teacher_blocker']}",
+                info["description"],
+            )
+    console.print(table)
+
+
+@app.command("data")
+def data_command(
+    task_name: str = typer.Argument(..., metavar="TASK", help="Task name (see `tracr-inject tasks`)."),
+    split: str = typer.Option("train", help="Split name."),
+    show: int = typer.Option(3, help="Print this many examples token by token."),
+    tokenizer: str = typer.Option("smollm2", help="Tokenizer: 'smollm2', 'gpt2' or a local folder."),
+    export: Path | None = typer.Option(
+        None, help="Write the split (text + bridged tokens) to this JSONL file."
+    ),
+    targets: Path | None = typer.Option(
+        None, help="Precompute the teacher's residual targets for the split into this folder."
+    ),
+) -> None:
+    """Show a task split: LM tokens and teacher symbols side by side; export it or precompute its targets."""
+    from tracr_injection.hub import load_tokenizer
+    from tracr_injection.tasks import TokenBridge, get_task, teacher_inputs
+    from tracr_injection.tasks.bridge import describe_split, export_bridged
+    from tracr_injection.tasks.targets import precompute_targets
+
+    try:
+        task = get_task(task_name)
+        bridge = TokenBridge(load_tokenizer(tokenizer), task)
+        info = describe_split(task, split, bridge)
+        examples = task.examples(split)
+        console.print(split_summary(task_name, info))
+        for index in range(min(show, len(examples))):
+            console.print(alignment_table(bridge(examples[index]), f"{task_name}/{split} example {index}"))
+        if export is not None:
+            export_bridged(examples, bridge, export)
+            console.print(f"wrote {len(examples)} examples to {export}")
+        if targets is not None:
+            bridged = bridge.bridge_all(examples)
+            teacher_inputs(bridged, task, split, task.teacher_max_len)
+            manifest = precompute_targets(
+                task.teacher(), bridged, targets, task=task_name, split=split, tokenizer=tokenizer
+            )
+            console.print(
+                f"teacher targets: {manifest.num_examples} examples, {manifest.bytes_on_disk / 2**20:.1f} MiB, "
+                f"{manifest.seconds:.1f} s, teacher answers correct {100 * manifest.answer_accuracy:.2f}%"
+            )
+    except KeyError as err:
+        fail(str(err.args[0]))
+    except TracrInjectionError as err:
+        fail(str(err))
+
+
+def split_summary(task_name: str, info: dict) -> Table:
+    """One table of a split's facts."""
+    table = Table("property", "value", title=f"{task_name}/{info['split']}")
+    for key, value in info.items():
+        table.add_row(
+            key,
+            "yes (teacher can represent it)" if key == "teacher_blocker" and value is None else str(value),
+        )
+    return table
+
+
+def alignment_table(bridged, title: str) -> Table:
+    """One row per LM token: the token, the teacher's input symbol, the expected output, the loss flag."""
+    from tracr_injection.tasks import IGNORE_INDEX
+
+    table = Table("pos", "LM token", "teacher symbol", "teacher output due", "task loss", title=title)
+    for pos, (token, symbol) in enumerate(zip(bridged.tokens, bridged.teacher_symbols)):
+        expected = bridged.expected[pos]
+        table.add_row(
+            str(pos),
+            repr(token),
+            symbol,
+            "" if expected is None else expected,
+            "answer" if bridged.labels[pos] != IGNORE_INDEX else "",
+        )
+    return table
 
 
 def summary_table(teacher: TeacherModel) -> Table:

@@ -136,7 +136,13 @@ class TeacherAttention(nn.Module):
 
 
 class TeacherBlock(nn.Module):
-    """One tracr layer: residual += attention; residual += ReLU MLP."""
+    """One tracr layer: residual += attention; residual += ReLU MLP.
+
+    tracr pads every layer's MLP to the widest layer's hidden size, and each MLP reads and
+    writes only a few residual dims, so the dense product mostly multiplies zeros.  The
+    forward pass runs a compact copy (used hidden units, read dims, written dims; built on
+    first use, exact up to float summation order); the dense weights stay the parameters.
+    """
 
     def __init__(self, d_model: int, num_heads: int, key_size: int, mlp_hidden_size: int):
         super().__init__()
@@ -146,11 +152,57 @@ class TeacherBlock(nn.Module):
         )
         self.hook_resid_mid = nn.Identity()
         self.hook_resid_post = nn.Identity()
+        self._compact: CompactMLP | None = None
 
     def forward(self, resid_BPD: torch.Tensor, mask_BQK: torch.Tensor) -> torch.Tensor:
         """The residual stream after this block."""
         resid_BPD = self.hook_resid_mid(resid_BPD + self.attn(resid_BPD, mask_BQK))
-        return self.hook_resid_post(resid_BPD + self.mlp(resid_BPD))
+        return self.hook_resid_post(resid_BPD + self.compact_mlp()(resid_BPD))
+
+    def compact_mlp(self) -> "CompactMLP":
+        """The compact MLP, rebuilt when the weights moved device."""
+        if self._compact is None or self._compact.w_in_HI.device != self.mlp[0].weight.device:
+            self._compact = CompactMLP.from_dense(self.mlp)
+        return self._compact
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._compact = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+@dataclasses.dataclass
+class CompactMLP:
+    """An MLP restricted to the hidden units that write something and the dims they touch."""
+
+    read_dims: torch.Tensor
+    w_in_HI: torch.Tensor
+    b_in_H: torch.Tensor
+    write_dims: torch.Tensor
+    w_out_OH: torch.Tensor
+    b_out_O: torch.Tensor
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Sequential) -> "CompactMLP":
+        """Drop hidden units with no output weight, input dims no kept unit reads, unwritten dims."""
+        w_in, b_in, w_out, b_out = mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias
+        hidden = torch.nonzero((w_out != 0).any(0)).flatten()
+        read = torch.nonzero((w_in[hidden] != 0).any(0)).flatten()
+        write = torch.nonzero((w_out[:, hidden] != 0).any(1) | (b_out != 0)).flatten()
+        return cls(
+            read_dims=read,
+            w_in_HI=w_in[hidden][:, read].contiguous(),
+            b_in_H=b_in[hidden].contiguous(),
+            write_dims=write,
+            w_out_OH=w_out[write][:, hidden].contiguous(),
+            b_out_O=b_out[write].contiguous(),
+        )
+
+    def __call__(self, resid_BPD: torch.Tensor) -> torch.Tensor:
+        """The MLP's output [batch, pos, d_model], zero outside the written dims."""
+        hidden_BPH = torch.relu(resid_BPD[..., self.read_dims] @ self.w_in_HI.T + self.b_in_H)
+        out_BPD = resid_BPD.new_zeros(resid_BPD.shape)
+        out_BPD[..., self.write_dims] = hidden_BPH @ self.w_out_OH.T + self.b_out_O
+        return out_BPD
 
 
 class TeacherModel(nn.Module):

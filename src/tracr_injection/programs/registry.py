@@ -79,4 +79,4 @@ def program_names() -> list[str]:
 
 def _load_builtin_programs() -> None:
     """Import the modules that register the built-in programs."""
-    from tracr_injection.programs import paper_registry, tracr_library  # noqa: F401
+    from tracr_injection.programs import paper_registry, reverse, tracr_library  # noqa: F401
