@@ -257,7 +257,13 @@ def test_teacher_answers_with_gpt2_tokens(teachers, tmp_path):
         task = get_task(name)
         bridged = TokenBridge(load_tokenizer("gpt2"), task).bridge_all(task.examples("test")[:300])
         manifest = precompute_targets(
-            teachers[name], bridged, tmp_path / name, task=name, split="test", tokenizer="gpt2", progress=False
+            teachers[name],
+            bridged,
+            tmp_path / name,
+            task=name,
+            split="test",
+            tokenizer="gpt2",
+            progress=False,
         )
         assert manifest.answer_accuracy == 1.0
 
@@ -270,7 +276,14 @@ def test_stored_targets_reproduce_every_level(teachers, tmp_path):
     bridge = TokenBridge(load_tokenizer("smollm2"), task)
     bridged = bridge.bridge_all(task.examples("test")[:300])
     precompute_targets(
-        teacher, bridged, tmp_path, task="dyck", split="test", tokenizer="smollm2", shard_size=128, progress=False
+        teacher,
+        bridged,
+        tmp_path,
+        task="dyck",
+        split="test",
+        tokenizer="smollm2",
+        shard_size=128,
+        progress=False,
     )
     targets = TeacherTargets(tmp_path)
     targets.check_matches(bridged)
@@ -317,10 +330,13 @@ def test_cli_data_shows_tokens_and_symbols_side_by_side(tmp_path):
 
     out = tmp_path / "x.jsonl"
     result = CliRunner().invoke(
-        app, ["data", "count", "--split", "x_only", "--show", "2", "--tokenizer", "gpt2", "--export", str(out)]
+        app,
+        ["data", "count", "--split", "x_only", "--show", "2", "--tokenizer", "gpt2", "--export", str(out)],
     )
     assert result.exit_code == 0, result.output
-    assert "count/x_only example 1" in result.output and "' x'" in result.output and "compute" in result.output
+    assert (
+        "count/x_only example 1" in result.output and "' x'" in result.output and "compute" in result.output
+    )
     assert len(read_jsonl(out)) == 40
     result = CliRunner().invoke(app, ["data", "sum", "--split", "decimals", "--targets", str(tmp_path / "t")])
     assert result.exit_code == 1 and "evaluating the LM only" in result.output

@@ -8,7 +8,14 @@ from typing import Any
 
 from tracr_injection.compile.teacher import TeacherConfig, TeacherModel, TeacherVariable
 
-__all__ = ["TeacherConfig", "TeacherModel", "TeacherVariable", "compile_program", "load_teacher", "get_program"]
+__all__ = [
+    "TeacherConfig",
+    "TeacherModel",
+    "TeacherVariable",
+    "compile_program",
+    "load_teacher",
+    "get_program",
+]
 
 
 def load_teacher(path: Any) -> TeacherModel:

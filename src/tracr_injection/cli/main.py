@@ -25,9 +25,7 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def compile_registered(
-    name: str, max_len: int | None, cache_dir: Path | None, force: bool
-) -> TeacherModel:
+def compile_registered(name: str, max_len: int | None, cache_dir: Path | None, force: bool) -> TeacherModel:
     """Compile (or load from cache) the registered program `name`, turning our errors into CLI errors."""
     from tracr_injection.programs.registry import get_program
 
@@ -71,9 +69,7 @@ def compile_command(
 @app.command("inspect")
 def inspect_command(
     target: str = typer.Argument(..., help="A registered program name or an artifact folder."),
-    max_len: int | None = typer.Option(
-        None, "--max-len", help="For a program name: maximum input length."
-    ),
+    max_len: int | None = typer.Option(None, "--max-len", help="For a program name: maximum input length."),
     cache_dir: Path | None = typer.Option(
         None, help="Teacher cache folder (default: $TRACR_INJECTION_CACHE/teachers)."
     ),
@@ -175,6 +171,48 @@ def data_command(
         fail(str(err.args[0]))
     except TracrInjectionError as err:
         fail(str(err))
+
+
+@app.command("train")
+def train_command(
+    task: Optional[str] = typer.Option(None, help="Task name (default: dyck)."),
+    method: Optional[str] = typer.Option(None, help="inject (alignment + detach-and-roll) or baseline."),
+    model: Optional[str] = typer.Option(
+        None, help="'smollm2' (default, offline), a local folder or a cached hub id."
+    ),
+    steps: Optional[int] = typer.Option(None, help="Training steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per step (per process)."),
+    lr_lm: Optional[float] = typer.Option(None, help="Learning rate of the LM."),
+    lr_map: Optional[float] = typer.Option(None, help="Learning rate of the alignment map."),
+    alignment_weight: Optional[float] = typer.Option(None, help="m: weight of the alignment term."),
+    kl_weight: Optional[float] = typer.Option(None, help="Weight of the KL term on natural text."),
+    seed: Optional[int] = typer.Option(None, help="Seed for data order, map init and everything else."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Save a checkpoint every N steps."),
+    out: Optional[str] = typer.Option(None, help="Run folder."),
+    config: Optional[Path] = typer.Option(None, help="YAML file with TrainConfig fields; flags override it."),
+    resume: bool = typer.Option(False, help="Continue from the run folder's last checkpoint."),
+) -> None:
+    """Train an LM on a task with tracr-injection (or the plain fine-tuning baseline)."""
+    from tracr_injection.inject import TrainConfig, train
+
+    overrides = dict(
+        task=task, method=method, model=model, steps=steps, batch_size=batch_size, lr_lm=lr_lm, lr_map=lr_map,
+        alignment_weight=alignment_weight, kl_weight=kl_weight, seed=seed, checkpoint_every=checkpoint_every,
+        out=out,
+    )  # fmt: skip
+    try:
+        cfg = TrainConfig.load(config, **overrides)
+        if out is None and config is None:
+            cfg.out = f"runs/{cfg.task}-{cfg.method}-s{cfg.seed}"
+        manifest = train(cfg, resume=resume)
+    except (TracrInjectionError, ValueError) as err:
+        fail(str(err))
+    split = cfg.eval_split
+    console.print(
+        f"[bold]{cfg.method}[/] on {cfg.task}: {split} accuracy {100 * manifest[f'{split}_accuracy_before']:.1f}% "
+        f"before -> {100 * manifest[f'{split}_accuracy_after']:.1f}% after ({manifest['eval_examples']} examples)"
+    )
+    typer.echo(cfg.out)
 
 
 def split_summary(task_name: str, info: dict) -> Table:

@@ -1,0 +1,87 @@
+"""Training configuration: one dataclass, loadable from YAML, overridable by flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("inject", "baseline")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that decides a training run (same config and seed -> same weights on CPU).
+
+    `method="baseline"` is the same run with the alignment term and detach-and-roll off.
+    `roll_block` is the LM block whose output detach-and-roll edits (default: the block right
+    after the last aligned hidden state).  Learning rates are separate for the LM and the map.
+    """
+
+    task: str = "dyck"
+    method: str = "inject"
+    model: str = "smollm2"
+    out: str = "runs/dyck-inject"
+    steps: int = 300
+    batch_size: int = 8
+    lr_lm: float = 1e-5
+    lr_map: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    alignment_weight: float = 1.0
+    kl_weight: float = 1.0
+    kl_source: str = "self"
+    kl_windows: int = 256
+    kl_window_len: int = 30
+    kl_batch_size: int = 4
+    kl_top_k: int = 64
+    layer_strategy: str = "identity"
+    roll_block: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    mixed_precision: str = "no"
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_examples: int = 200
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
+            )
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+
+    @property
+    def injecting(self) -> bool:
+        """Whether the alignment term and detach-and-roll are on."""
+        return self.method == "inject"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for the manifest and checkpoints)."""
+        return dataclasses.asdict(self)
+
+    def resume_key(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the checkpoint (not the budget or bookkeeping)."""
+        free = {"steps", "out", "checkpoint_every", "keep_checkpoints", "eval_examples"}
+        return {k: v for k, v in self.to_dict().items() if k not in free}
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+        """Config from a YAML file (optional), then `overrides` (flags) that are not None."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise ValueError(f"Unknown keys in {path}: {sorted(unknown)}")
+            values.update(loaded)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,128 @@
+"""The injection losses and the detach-and-roll edit.
+
+In: LM hidden states, the shared linear map, stored teacher residuals and answer labels.
+Out: the three loss terms of one step (task cross-entropy on exactly the answer tokens, the
+cosine alignment summed over aligned levels, and the KL term from `natural_text`) and the
+hook that makes later layers read the answer from the injected output subspace.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tracr_injection.compile.errors import ArtifactError
+from tracr_injection.inject.lm import edit_block_output
+
+MAP_WEIGHTS = "map.safetensors"
+MAP_CONFIG = "map.json"
+
+
+class AlignmentMap(nn.Module):
+    """The one linear map A: d_lm -> d_teacher (with bias) shared by every aligned level."""
+
+    def __init__(self, d_lm: int, d_teacher: int):
+        super().__init__()
+        self.linear = nn.Linear(d_lm, d_teacher)
+
+    def forward(self, hidden_BPD: torch.Tensor) -> torch.Tensor:
+        """Map LM hidden states [.., d_lm] into the teacher's residual space [.., d_teacher]."""
+        return self.linear(hidden_BPD)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `map.safetensors` and `map.json`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+            str(directory / MAP_WEIGHTS),
+        )
+        shape = {"d_lm": self.linear.in_features, "d_teacher": self.linear.out_features}
+        (directory / MAP_CONFIG).write_text(json.dumps(shape))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> AlignmentMap:
+        """Load a map written by `save_pretrained`, with a clear error for missing or broken files."""
+        directory = Path(directory)
+        try:
+            shape = json.loads((directory / MAP_CONFIG).read_text())
+            state = load_file(str(directory / MAP_WEIGHTS))
+            amap = cls(shape["d_lm"], shape["d_teacher"])
+            amap.load_state_dict(state)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise ArtifactError(f"Cannot load the alignment map from {directory}: {err}") from err
+        return amap
+
+
+def task_loss(logits_NV: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens (logits already taken at the positions before them)."""
+    return F.cross_entropy(logits_NV.float(), targets_N)
+
+
+def answer_positions(
+    labels_BP: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch index, position, target token) of every answer token: the model at p-1 predicts label p."""
+    batch_idx, pos = torch.nonzero(labels_BP[:, 1:] != ignore_index, as_tuple=True)
+    return batch_idx, pos, labels_BP[batch_idx, pos + 1]
+
+
+def level_alignment(
+    mapped_BPD: torch.Tensor, target_BPD: torch.Tensor, mask_BP: torch.Tensor
+) -> torch.Tensor:
+    """Mean over real positions of 1 - cos(A h, r) at one level."""
+    cos_BP = F.cosine_similarity(mapped_BPD.float(), target_BPD.float(), dim=-1, eps=1e-8)
+    mask = mask_BP.to(cos_BP.dtype)
+    return ((1.0 - cos_BP) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def alignment_loss(
+    amap: AlignmentMap,
+    hidden_states: Sequence[torch.Tensor],
+    layer_map: Sequence[int],
+    teacher_final_BPD: torch.Tensor,
+    dim_levels_D: torch.Tensor,
+    mask_BP: torch.Tensor,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Sum over teacher levels i of the level alignment between A h_{layer_map[i]} and the teacher's residual r_i.
+
+    r_i is the teacher's final residual restricted to the dims written by level i (tracr never
+    overwrites a dim, see `tasks.targets`).
+    """
+    per_level = []
+    for level, hidden_index in enumerate(layer_map):
+        target_BPD = teacher_final_BPD * (dim_levels_D <= level)
+        per_level.append(level_alignment(amap(hidden_states[hidden_index]), target_BPD, mask_BP))
+    return torch.stack(per_level).sum(), per_level
+
+
+@torch.no_grad()
+def output_projector(amap: AlignmentMap, output_dims: Sequence[int]) -> torch.Tensor:
+    """Projector [d_lm, d_lm] onto the span of A's rows for the output variable's dims (pseudo-inverse, no grad)."""
+    rows_KD = amap.linear.weight[list(output_dims)].float()
+    return torch.linalg.pinv(rows_KD) @ rows_KD
+
+
+def detach_and_roll(hidden_BPD: torch.Tensor, projector_DD: torch.Tensor) -> torch.Tensor:
+    """h P + roll(stopgrad(h - h P), 1, batch): only the output-subspace part keeps this example and its gradient."""
+    inside_BPD = hidden_BPD @ projector_DD.to(hidden_BPD.dtype)
+    outside_BPD = (hidden_BPD - inside_BPD).detach()
+    return inside_BPD + torch.roll(outside_BPD, shifts=1, dims=0)
+
+
+@contextmanager
+def detach_and_roll_at(block: nn.Module, projector_DD: torch.Tensor) -> Iterator[None]:
+    """While active, the output of `block` goes through `detach_and_roll` with this projector."""
+    handle = edit_block_output(block, lambda hidden_BPD: detach_and_roll(hidden_BPD, projector_DD))
+    try:
+        yield
+    finally:
+        handle.remove()

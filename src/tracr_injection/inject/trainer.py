@@ -1,0 +1,377 @@
+"""The injection training loop (and the baseline: the same loop with alignment and detach-and-roll off).
+
+In: a `TrainConfig`.  Out: a run folder with the trained LM (`model/`, a standard
+`save_pretrained` folder), the alignment map (`map/`), `manifest.json` (task, teacher hash,
+layer mapping, method, config, versions, accuracy before/after), `metrics.jsonl` (one line
+per step, appended as training goes) and `checkpoints/step-N/` (model, map, optimizer,
+scheduler, RNG states via Accelerate; the data position is the step number).  Hugging Face
+Accelerate runs the loop, so `accelerate launch` spreads it over processes, GPUs or nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
+from tracr_injection.inject.config import TrainConfig
+from tracr_injection.inject.data import TaskData, batch_positions
+from tracr_injection.inject.lm import decoder_blocks, hidden_size, layer_mapping, load_causal_lm, num_blocks
+from tracr_injection.inject.losses import (
+    AlignmentMap,
+    alignment_loss,
+    answer_positions,
+    detach_and_roll_at,
+    output_projector,
+    task_loss,
+)
+from tracr_injection.inject.natural_text import KLCache, build_kl_cache, text_windows, topk_kl
+
+STATE_NAME = "trainer_state.json"
+MANIFEST_NAME = "manifest.json"
+METRICS_NAME = "metrics.jsonl"
+
+
+class CheckpointError(ArtifactError):
+    """A checkpoint that is corrupt or belongs to another configuration."""
+
+
+@dataclasses.dataclass
+class RunParts:
+    """What a run trains and reads: the LM, its tokenizer, the map (inject only), data and KL cache."""
+
+    model: Any
+    tokenizer: Any
+    amap: AlignmentMap | None
+    data: TaskData
+    kl_windows: torch.Tensor
+    kl_cache: KLCache
+    layer_map: list[int]
+    roll_block: int | None
+    output_dims: list[int]
+    dim_levels: torch.Tensor | None
+    teacher_hash: str | None
+
+
+def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool = True) -> RunParts:
+    """Load the teacher (inject), bridge the data, build the map and the natural-text KL cache."""
+    from tracr_injection.tasks import get_task
+
+    task = get_task(config.task)
+    teacher = task.teacher()
+    levels = teacher.config.num_levels
+    layer_map = layer_mapping(levels, num_blocks(model), config.layer_strategy)
+    roll_block = config.roll_block if config.roll_block is not None else layer_map[-1]
+    data = TaskData(
+        config.task,
+        config.train_split,
+        tokenizer,
+        config.model,
+        teacher=teacher if config.injecting else None,
+        max_examples=config.steps * config.batch_size,
+        seed=config.seed,
+        progress=progress,
+    )
+    amap = AlignmentMap(hidden_size(model), teacher.config.d_model) if config.injecting else None
+    windows, cache = kl_data(config, model, tokenizer)
+    output_dims = teacher.config.variable(teacher.config.output_variable).dims
+    return RunParts(
+        model=model,
+        tokenizer=tokenizer,
+        amap=amap,
+        data=data,
+        kl_windows=windows,
+        kl_cache=cache,
+        layer_map=layer_map,
+        roll_block=roll_block,
+        output_dims=list(output_dims),
+        dim_levels=data.targets.dim_levels if data.targets is not None else None,
+        teacher_hash=teacher.config.program_hash,
+    )
+
+
+def kl_data(config: TrainConfig, model: Any, tokenizer: Any) -> tuple[torch.Tensor, KLCache]:
+    """Natural-text windows and the original model's top-k distributions on them, cached on disk once."""
+    from tracr_injection.compile.compiler import default_cache_dir
+
+    key = f"{Path(str(config.model)).name}-{config.kl_source.replace('/', '_')}-{config.kl_windows}x{config.kl_window_len}-k{config.kl_top_k}-s{config.seed}"
+    folder = default_cache_dir().parent / "kl" / key
+    windows_path, cache_path = folder / "windows.pt", folder / "kl_cache.safetensors"
+    if windows_path.is_file() and cache_path.is_file():
+        return torch.load(windows_path), KLCache.load(cache_path)
+    windows = text_windows(
+        config.kl_source, tokenizer, config.kl_windows, config.kl_window_len, seed=config.seed, model=model
+    )
+    cache = build_kl_cache(model, windows, config.kl_top_k)
+    folder.mkdir(parents=True, exist_ok=True)
+    cache.save(cache_path)
+    torch.save(windows, windows_path)
+    return windows, cache
+
+
+def make_optimizer(config: TrainConfig, model: Any, amap: AlignmentMap | None) -> torch.optim.Optimizer:
+    """AdamW with one learning rate for the LM and another for the map."""
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr_lm}]
+    if amap is not None:
+        groups.append({"params": list(amap.parameters()), "lr": config.lr_map})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the configured learning rates, then constant."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+    )
+
+
+class InjectionObjective(torch.nn.Module):
+    """The LM and the map in one module whose forward is one step's loss.
+
+    One module with one forward call per step is what DistributedDataParallel needs (the LM
+    runs twice per step, on the task batch and on natural text, and the map once per level).
+    """
+
+    def __init__(self, config: TrainConfig, parts: RunParts):
+        super().__init__()
+        self.config, self.parts = config, parts
+        self.lm = parts.model
+        self.amap = parts.amap
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], kl_batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict]:
+        """Task CE on the answer tokens + m * alignment (inject) + w * KL(original || student) on natural text."""
+        config, parts = self.config, self.parts
+        roll = contextlib.nullcontext()
+        if config.injecting:
+            projector = output_projector(self.amap, parts.output_dims)
+            roll = detach_and_roll_at(decoder_blocks(self.lm)[parts.roll_block], projector)
+        with roll:
+            out = self.lm(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=config.injecting,
+            )
+        b_idx, pos, target = answer_positions(batch["labels"])
+        ce = task_loss(out.logits[b_idx, pos], target)
+        metrics = {"task_ce": ce.item()}
+        loss = ce
+        if config.injecting:
+            align, per_level = alignment_loss(
+                self.amap,
+                out.hidden_states,
+                parts.layer_map,
+                batch["teacher_final"],
+                parts.dim_levels.to(batch["teacher_final"].device),
+                batch["teacher_mask"],
+            )
+            loss = loss + config.alignment_weight * align
+            metrics["alignment"] = align.item()
+            metrics.update({f"alignment_L{i}": v.item() for i, v in enumerate(per_level)})
+        if config.kl_weight > 0:
+            kl = topk_kl(self.lm(input_ids=kl_batch["input_ids"]).logits, kl_batch)
+            loss = loss + config.kl_weight * kl
+            metrics["kl"] = kl.item()
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+
+@torch.no_grad()
+def answer_accuracy(model: Any, data: TaskData, count: int, batch_size: int = 16) -> float:
+    """Exact-match accuracy of the answers under teacher forcing (equal to greedy decoding's, EOS included).
+
+    Greedy decoding emits the answer iff the argmax at every answer position is the next answer token.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct, total = 0, min(count, len(data))
+    for start in range(0, total, batch_size):
+        positions = list(range(start, min(total, start + batch_size)))
+        batch = {
+            k: v.to(device)
+            for k, v in data.collate(positions).items()
+            if k in ("input_ids", "attention_mask", "labels")
+        }
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b_idx, pos, target = answer_positions(batch["labels"])
+        hit = logits[b_idx, pos].argmax(-1) == target
+        wrong = torch.zeros(len(positions), dtype=torch.bool, device=device).index_put_(
+            (b_idx,), ~hit, accumulate=True
+        )
+        correct += int((~wrong).sum())
+    model.train(was_training)
+    return correct / max(1, total)
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Finished checkpoints (their state file is written last), oldest first."""
+    root = out / "checkpoints"
+    done = [d for d in root.glob("step-*") if (d / STATE_NAME).is_file()] if root.is_dir() else []
+    return sorted(done, key=lambda d: int(d.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -> None:
+    """Accelerate state (model, map, optimizer, scheduler, RNG) + our step, written atomically."""
+    out = Path(config.out)
+    final = out / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_NAME).write_text(json.dumps({"step": step, "config": config.resume_key()}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoint_dirs(out)[: -config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: Path) -> int:
+    """Restore a checkpoint and return its step; clear errors for a mismatched or corrupt one."""
+    try:
+        state = json.loads((folder / STATE_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"Checkpoint {folder} is unreadable ({err}); delete it to resume from an earlier one."
+        ) from err
+    if state.get("config") != config.resume_key():
+        diff = {k for k in config.resume_key() if state.get("config", {}).get(k) != config.resume_key()[k]}
+        raise CheckpointError(
+            f"Checkpoint {folder} was written by a run with a different configuration ({sorted(diff)}); "
+            "use another --out or the same settings."
+        )
+    try:
+        accelerator.load_state(str(folder))
+    except Exception as err:  # safetensors/torch raise many types for a damaged file
+        raise CheckpointError(f"Checkpoint {folder} is corrupt ({type(err).__name__}: {err}).") from err
+    return int(state["step"])
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the manifest."""
+    out = Path(config.out)
+    if not resume and checkpoint_dirs(out):
+        raise TracrInjectionError(
+            f"{out} already holds checkpoints; pass --resume to continue or choose another --out."
+        )
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    set_seed(config.seed)
+    from tracr_injection.hub import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    model = load_causal_lm(config.model)
+    model.train()
+    parts = build_parts(config, tokenizer, model, progress=progress and accelerator.is_main_process)
+    eval_data = TaskData(
+        config.task, config.eval_split, tokenizer, config.model, max_examples=config.eval_examples, seed=1
+    )
+    accuracy_before = answer_accuracy(model.to(accelerator.device), eval_data, config.eval_examples)
+    objective = InjectionObjective(config, parts)
+    optimizer = make_optimizer(config, model, parts.amap)
+    scheduler = warmup_schedule(optimizer, config.warmup_steps)
+    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+    start = 0
+    if resume and checkpoint_dirs(out):
+        start = load_checkpoint(accelerator, config, checkpoint_dirs(out)[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = out / METRICS_NAME
+    if accelerator.is_main_process:
+        truncate_metrics(metrics_file, start)
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        desc=f"{config.method} {config.task}",
+        disable=not (progress and accelerator.is_main_process),
+    )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    for step in range(start, config.steps):
+        began = time.perf_counter()
+        batch = parts.data.collate(batch_positions(step, config.batch_size, len(parts.data), rank, world))
+        kl_rows = batch_positions(step, config.kl_batch_size, len(parts.kl_windows), rank, world)
+        kl_batch = {"input_ids": parts.kl_windows[kl_rows], **parts.kl_cache.batch(kl_rows)}
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        kl_batch = {k: v.to(accelerator.device) for k, v in kl_batch.items()}
+        with accelerator.autocast():
+            loss, metrics = objective(batch, kl_batch)
+        accelerator.backward(loss)
+        metrics["grad_norm"] = float(
+            accelerator.clip_grad_norm_(objective.parameters(), config.max_grad_norm)
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        metrics.update(step=step + 1, lr_lm=scheduler.get_last_lr()[0], seconds=time.perf_counter() - began)
+        if accelerator.is_main_process:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("task_ce", "alignment", "kl") if k in metrics})
+            bar.update(1)
+        if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+            raise TracrInjectionError(
+                f"Non-finite loss at step {step + 1}: {metrics}; lower the learning rates."
+            )
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            save_checkpoint(accelerator, config, step + 1)
+    bar.close()
+    accelerator.wait_for_everyone()
+    trained = accelerator.unwrap_model(objective).lm
+    accuracy_after = answer_accuracy(trained, eval_data, config.eval_examples)
+    manifest = {
+        "task": config.task,
+        "method": config.method,
+        "model": config.model,
+        "teacher_program_hash": parts.teacher_hash,
+        "layer_mapping": parts.layer_map,
+        "roll_block": parts.roll_block if config.injecting else None,
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "versions": versions(),
+        f"{config.eval_split}_accuracy_before": accuracy_before,
+        f"{config.eval_split}_accuracy_after": accuracy_after,
+        "eval_examples": min(config.eval_examples, len(eval_data)),
+    }
+    if accelerator.is_main_process:
+        trained.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        if parts.amap is not None:
+            accelerator.unwrap_model(objective).amap.save_pretrained(out / "map")
+        (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    accelerator.wait_for_everyone()
+    return manifest
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines after `step` (a resumed run rewrites the steps it repeats)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide a run's numbers."""
+    import accelerate
+    import transformers
+
+    import tracr_injection
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "tracr_injection": getattr(tracr_injection, "__version__", "0.1.0"),
+    }
