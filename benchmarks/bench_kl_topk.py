@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 from tracr_injection.hub import load_tokenizer, resolve_model
 from tracr_injection.inject.natural_text import KLCache, build_kl_cache, exact_kl, text_windows, topk_kl
 
-KS = (1, 4, 16, 64, 256, 1024)
+KS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 ACCURACY_TARGET = 0.02
 RESULTS = Path(__file__).parent / "results" / "kl_topk.json"
 
@@ -94,13 +94,19 @@ def build_caches(original, windows_NT: torch.Tensor, ks, folder: Path) -> tuple[
     return caches, costs
 
 
-def gradient_stats(approx: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
-    """Relative error of the gradient norm, relative error of the gradient vector, and cosine."""
-    exact_norm = exact.norm().item()
+def gradient_stats(approx: torch.Tensor, exact: torch.Tensor, chunk: int = 1 << 22) -> dict[str, float]:
+    """Relative error of the gradient norm, relative error of the gradient vector, and cosine, summed in
+    float64 chunk by chunk (float32 sums over 135M entries gave cosines above 1)."""
+    dot = approx_sq = exact_sq = 0.0
+    for a, e in zip(approx.split(chunk), exact.split(chunk)):
+        a, e = a.double(), e.double()
+        dot, approx_sq, exact_sq = dot + (a @ e).item(), approx_sq + (a @ a).item(), exact_sq + (e @ e).item()
+    exact_norm, approx_norm = exact_sq**0.5, approx_sq**0.5
+    diff_sq = max(approx_sq + exact_sq - 2 * dot, 0.0)
     return {
-        "norm_rel_err": abs(approx.norm().item() - exact_norm) / exact_norm,
-        "vector_rel_err": (approx - exact).norm().item() / exact_norm,
-        "cosine": torch.nn.functional.cosine_similarity(approx, exact, dim=0).item(),
+        "norm_rel_err": abs(approx_norm - exact_norm) / exact_norm,
+        "vector_rel_err": diff_sq**0.5 / exact_norm,
+        "cosine": dot / (approx_norm * exact_norm),
     }
 
 
@@ -166,7 +172,7 @@ def main() -> None:
     parser.add_argument("--window-len", type=int, default=30)
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS))
     parser.add_argument("--adamw-steps", type=int, nargs="+", default=[2, 10])
-    parser.add_argument("--noise", type=float, nargs="*", default=[0.02])
+    parser.add_argument("--noise", type=float, nargs="*", default=[0.03])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -70,9 +70,10 @@ def main() -> None:
         "--out-dir", type=Path, default=None, help="Where to store targets (default: a temp folder)."
     )
     parser.add_argument("--keep", action="store_true", help="Keep the stored targets.")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "targets.json")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     out = args.out_dir or Path(tempfile.mkdtemp(prefix="targets-bench-"))
     rows = []
     try:
@@ -87,6 +88,9 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    if args.results.is_file():  # keep rows of tasks not re-run
+        previous = json.loads(args.results.read_text()).get("rows", [])
+        rows = [r for r in previous if r["task"] not in args.tasks] + rows
     args.results.write_text(
         json.dumps(
             {

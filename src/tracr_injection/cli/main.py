@@ -175,21 +175,21 @@ def data_command(
 
 @app.command("train")
 def train_command(
-    task: Optional[str] = typer.Option(None, help="Task name (default: dyck)."),
-    method: Optional[str] = typer.Option(None, help="inject (alignment + detach-and-roll) or baseline."),
-    model: Optional[str] = typer.Option(
+    task: str | None = typer.Option(None, help="Task name (default: dyck)."),
+    method: str | None = typer.Option(None, help="inject (alignment + detach-and-roll) or baseline."),
+    model: str | None = typer.Option(
         None, help="'smollm2' (default, offline), a local folder or a cached hub id."
     ),
-    steps: Optional[int] = typer.Option(None, help="Training steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Examples per step (per process)."),
-    lr_lm: Optional[float] = typer.Option(None, help="Learning rate of the LM."),
-    lr_map: Optional[float] = typer.Option(None, help="Learning rate of the alignment map."),
-    alignment_weight: Optional[float] = typer.Option(None, help="m: weight of the alignment term."),
-    kl_weight: Optional[float] = typer.Option(None, help="Weight of the KL term on natural text."),
-    seed: Optional[int] = typer.Option(None, help="Seed for data order, map init and everything else."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Save a checkpoint every N steps."),
-    out: Optional[str] = typer.Option(None, help="Run folder."),
-    config: Optional[Path] = typer.Option(None, help="YAML file with TrainConfig fields; flags override it."),
+    steps: int | None = typer.Option(None, help="Training steps."),
+    batch_size: int | None = typer.Option(None, help="Examples per step (per process)."),
+    lr_lm: float | None = typer.Option(None, help="Learning rate of the LM."),
+    lr_map: float | None = typer.Option(None, help="Learning rate of the alignment map."),
+    alignment_weight: float | None = typer.Option(None, help="m: weight of the alignment term."),
+    kl_weight: float | None = typer.Option(None, help="Weight of the KL term on natural text."),
+    seed: int | None = typer.Option(None, help="Seed for data order, map init and everything else."),
+    checkpoint_every: int | None = typer.Option(None, help="Save a checkpoint every N steps."),
+    out: str | None = typer.Option(None, help="Run folder."),
+    config: Path | None = typer.Option(None, help="YAML file with TrainConfig fields; flags override it."),
     resume: bool = typer.Option(False, help="Continue from the run folder's last checkpoint."),
 ) -> None:
     """Train an LM on a task with tracr-injection (or the plain fine-tuning baseline)."""

@@ -41,6 +41,7 @@ DEFAULT_TOP_P = 0.95
 DEFAULT_TEMPERATURE = 1.0
 SAMPLE_BATCH_SIZE = 32
 HF_MAX_DOCUMENTS = 100_000
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 CACHE_FORMAT = "tracr-injection-kl-cache"
 CACHE_VERSION = 1
 CACHE_KEYS = ("input_ids", "topk_ids", "topk_logp", "log_tail")
@@ -119,6 +120,8 @@ def sample_self_windows(
     """Windows [N, T] sampled from the model itself, each starting with a document-start token and an
     opening word; needs no data, and is the model's own notion of natural text."""
     _check_counts(num_windows, window_len)
+    if not (temperature > 0 and 0 < top_p <= 1):
+        raise NaturalTextError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     generator = torch.Generator().manual_seed(seed)
     prompts = opening_prompts(tokenizer)
     prompt_of_N = torch.randint(len(prompts), (num_windows,), generator=generator)
@@ -318,9 +321,6 @@ def _import_datasets(source: str):
             f'but {why}: use source="self" or a local folder of .txt files instead'
         )
     return load_dataset
-
-
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 def _windows_from_documents(

@@ -55,7 +55,6 @@ class RunParts:
     tokenizer: Any
     amap: AlignmentMap | None
     data: TaskData
-    kl_windows: torch.Tensor
     kl_cache: KLCache
     layer_map: list[int]
     roll_block: int | None
@@ -84,14 +83,13 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
         progress=progress,
     )
     amap = AlignmentMap(hidden_size(model), teacher.config.d_model) if config.injecting else None
-    windows, cache = kl_data(config, model, tokenizer)
+    cache = kl_data(config, model, tokenizer)
     output_dims = teacher.config.variable(teacher.config.output_variable).dims
     return RunParts(
         model=model,
         tokenizer=tokenizer,
         amap=amap,
         data=data,
-        kl_windows=windows,
         kl_cache=cache,
         layer_map=layer_map,
         roll_block=roll_block,
@@ -101,23 +99,22 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
     )
 
 
-def kl_data(config: TrainConfig, model: Any, tokenizer: Any) -> tuple[torch.Tensor, KLCache]:
-    """Natural-text windows and the original model's top-k distributions on them, cached on disk once."""
+def kl_data(config: TrainConfig, model: Any, tokenizer: Any) -> KLCache:
+    """Natural-text windows with the original model's top-k distributions on them, cached on disk once."""
     from tracr_injection.compile.compiler import default_cache_dir
 
-    key = f"{Path(str(config.model)).name}-{config.kl_source.replace('/', '_')}-{config.kl_windows}x{config.kl_window_len}-k{config.kl_top_k}-s{config.seed}"
-    folder = default_cache_dir().parent / "kl" / key
-    windows_path, cache_path = folder / "windows.pt", folder / "kl_cache.safetensors"
-    if windows_path.is_file() and cache_path.is_file():
-        return torch.load(windows_path), KLCache.load(cache_path)
+    source = config.kl_source.replace("/", "_")
+    shape = f"{config.kl_windows}x{config.kl_window_len}-k{config.kl_top_k}-s{config.seed}"
+    path = default_cache_dir().parent / "kl" / f"{Path(str(config.model)).name}-{source}-{shape}.safetensors"
+    if path.is_file():
+        return KLCache.load(path)
     windows = text_windows(
         config.kl_source, tokenizer, config.kl_windows, config.kl_window_len, seed=config.seed, model=model
     )
     cache = build_kl_cache(model, windows, config.kl_top_k)
-    folder.mkdir(parents=True, exist_ok=True)
-    cache.save(cache_path)
-    torch.save(windows, windows_path)
-    return windows, cache
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache.save(path)
+    return cache
 
 
 def make_optimizer(config: TrainConfig, model: Any, amap: AlignmentMap | None) -> torch.optim.Optimizer:
@@ -301,8 +298,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     for step in range(start, config.steps):
         began = time.perf_counter()
         batch = parts.data.collate(batch_positions(step, config.batch_size, len(parts.data), rank, world))
-        kl_rows = batch_positions(step, config.kl_batch_size, len(parts.kl_windows), rank, world)
-        kl_batch = {"input_ids": parts.kl_windows[kl_rows], **parts.kl_cache.batch(kl_rows)}
+        kl_rows = batch_positions(step, config.kl_batch_size, len(parts.kl_cache), rank, world)
+        kl_batch = parts.kl_cache.batch(kl_rows)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         kl_batch = {k: v.to(accelerator.device) for k, v in kl_batch.items()}
         with accelerator.autocast():
