@@ -16,15 +16,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Main job: inject Shuffle-Dyck into the offline SmolLM2 (about 20 minutes on 2 CPU cores);
+# prints the test accuracy before and after and the run folder.
 demo: setup
-	$(VENV)/bin/tracr-inject compile dyck_trigger
-	$(VENV)/bin/tracr-inject inspect dyck_trigger
+	$(VENV)/bin/tracr-inject train --task dyck --method inject --model smollm2 --steps 250 --out runs/demo-dyck-inject
 
 test: setup
 	$(PY) -m pytest -q
 
 bench: setup
 	$(PY) benchmarks/bench_compile.py
+	$(PY) benchmarks/bench_targets.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

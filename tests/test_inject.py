@@ -235,3 +235,29 @@ def test_bad_checkpoints_are_clear_errors(tiny_llama, tmp_path):
         weights.write_bytes(b"not a tensor file")
     with pytest.raises(CheckpointError, match="corrupt"):
         train(tiny_config(tiny_llama, out, steps=4, checkpoint_every=2), resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_real_smollm2_injection_end_to_end(tmp_path):
+    """A few injection steps of the real offline SmolLM2 on Shuffle-Dyck, saved and reloaded."""
+    config = TrainConfig(
+        task="dyck",
+        model="smollm2",
+        out=str(tmp_path / "run"),
+        steps=2,
+        batch_size=2,
+        kl_windows=4,
+        kl_window_len=12,
+        kl_batch_size=2,
+        kl_top_k=256,
+        eval_examples=8,
+        checkpoint_every=1,
+    )
+    manifest = train(config, progress=False)
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) == 2 and all(m["alignment"] > 0 and m["kl"] >= 0 for m in metrics)
+    assert manifest["layer_mapping"] == [0, 1, 2, 3] and manifest["roll_block"] == 3
+    assert 0.0 <= manifest["test_accuracy_before"] <= 1.0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert reloaded.config.num_hidden_layers == 30
+    assert [d.name for d in checkpoint_dirs(tmp_path / "run")] == ["step-1"]
