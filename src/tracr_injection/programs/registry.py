@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from tracr.rasp import rasp
 
+T = TypeVar("T")
 InputSampler = Callable[[int, int, random.Random], list[list[Any]]]
 
 
@@ -52,31 +53,38 @@ class ProgramSpec:
         return compile_program(self.build(length), self.vocab, length, self.causal, name=self.name, **kwargs)
 
 
-_REGISTRY: dict[str, ProgramSpec] = {}
+class Registry(Generic[T]):
+    """Named items (programs, tasks) that register themselves; built-ins are imported on first lookup."""
 
+    def __init__(self, kind: str, load_builtins: Callable[[], None]):
+        self.kind, self._load_builtins, self._items = kind, load_builtins, {}
 
-def register(spec: ProgramSpec) -> ProgramSpec:
-    """Add `spec` to the registry (a name can be registered once)."""
-    if spec.name in _REGISTRY:
-        raise ValueError(f"A program named {spec.name!r} is already registered.")
-    _REGISTRY[spec.name] = spec
-    return spec
+    def register(self, item: T) -> T:
+        """Add `item` under its `.name` (a name can be registered once)."""
+        if item.name in self._items:
+            raise ValueError(f"A {self.kind} named {item.name!r} is already registered.")
+        self._items[item.name] = item
+        return item
 
+    def get(self, name: str) -> T:
+        """The item called `name`, or a KeyError listing the known names."""
+        self._load_builtins()
+        if name not in self._items:
+            raise KeyError(f"Unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
+        return self._items[name]
 
-def get_program(name: str) -> ProgramSpec:
-    """The registered program `name`, or a KeyError listing the known names."""
-    _load_builtin_programs()
-    if name not in _REGISTRY:
-        raise KeyError(f"Unknown program {name!r}; registered: {', '.join(program_names())}")
-    return _REGISTRY[name]
-
-
-def program_names() -> list[str]:
-    """Names of every registered program."""
-    _load_builtin_programs()
-    return sorted(_REGISTRY)
+    def names(self) -> list[str]:
+        """Every registered name, sorted."""
+        self._load_builtins()
+        return sorted(self._items)
 
 
 def _load_builtin_programs() -> None:
     """Import the modules that register the built-in programs."""
     from tracr_injection.programs import paper_registry, reverse, tracr_library  # noqa: F401
+
+
+_PROGRAMS: Registry[ProgramSpec] = Registry("program", _load_builtin_programs)
+register = _PROGRAMS.register
+get_program = _PROGRAMS.get
+program_names = _PROGRAMS.names
