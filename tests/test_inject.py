@@ -261,3 +261,23 @@ def test_real_smollm2_injection_end_to_end(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert reloaded.config.num_hidden_layers == 30
     assert [d.name for d in checkpoint_dirs(tmp_path / "run")] == ["step-1"]
+
+
+def _train_in_process(out: str, model: str) -> None:
+    train(tiny_config(model, out, steps=3), progress=False)
+
+
+def test_two_cpu_processes_with_gloo(tiny_llama, tmp_path):
+    """The same loop under two processes (Accelerate's CPU launcher, gloo): one run folder, 3 steps."""
+    from accelerate import debug_launcher
+
+    out = tmp_path / "ddp"
+    debug_launcher(_train_in_process, args=(str(out), tiny_llama), num_processes=2)
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (
+        manifest["method"] == "inject"
+        and manifest["num_processes"] == 2
+        and "MULTI_CPU" in manifest["distributed"]
+    )
+    AutoModelForCausalLM.from_pretrained(out / "model")

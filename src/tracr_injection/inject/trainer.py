@@ -272,7 +272,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     tokenizer = load_tokenizer(config.model)
     model = load_causal_lm(config.model)
     model.train()
-    parts = build_parts(config, tokenizer, model, progress=progress and accelerator.is_main_process)
+    with accelerator.main_process_first():  # caches (teacher, targets, KL) are written once
+        parts = build_parts(config, tokenizer, model, progress=progress and accelerator.is_main_process)
     eval_data = TaskData(
         config.task, config.eval_split, tokenizer, config.model, max_examples=config.eval_examples, seed=1
     )
@@ -337,6 +338,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         "config": config.to_dict(),
         "seed": config.seed,
         "versions": versions(),
+        "num_processes": accelerator.num_processes,
+        "distributed": str(accelerator.distributed_type),
         f"{config.eval_split}_accuracy_before": accuracy_before,
         f"{config.eval_split}_accuracy_after": accuracy_after,
         "eval_examples": min(config.eval_examples, len(eval_data)),
