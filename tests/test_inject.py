@@ -255,7 +255,9 @@ def test_real_smollm2_injection_end_to_end(tmp_path):
     )
     manifest = train(config, progress=False)
     metrics = read_metrics(tmp_path / "run")
-    assert len(metrics) == 2 and all(m["alignment"] > 0 and m["kl"] >= 0 for m in metrics)
+    assert len(metrics) == 2 and all(
+        m["alignment"] > 0 and m["kl"] > -1e-4 for m in metrics
+    )  # KL ~ 0 at step 1
     assert manifest["layer_mapping"] == [0, 1, 2, 3] and manifest["roll_block"] == 3
     assert 0.0 <= manifest["test_accuracy_before"] <= 1.0
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")

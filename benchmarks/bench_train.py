@@ -1,0 +1,134 @@
+"""Benchmark: median training-step time of inject vs baseline vs a naive inject step, in one process.
+
+The naive step does what an implementation without precomputation does every step: runs the
+compiled teacher on the batch for the alignment targets and a frozen copy of the original
+model on the natural text for an exact KL, besides the student.  Ours reads stored targets
+and a top-k KL cache.  Targets: inject <= 1.10 x baseline and inject <= 0.6 x naive.
+Writes benchmarks/results/train_step.json.
+
+    python benchmarks/bench_train.py [--task dyck] [--model smollm2] [--steps 6] [--batch-size 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject import TrainConfig
+from tracr_injection.inject.data import batch_positions
+from tracr_injection.inject.lm import load_causal_lm
+from tracr_injection.inject.natural_text import exact_kl
+from tracr_injection.inject.trainer import InjectionObjective, build_parts, make_optimizer
+from tracr_injection.tasks import get_task
+
+
+def teacher_targets_now(
+    teacher, parts, positions: list[int], width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the teacher on the batch (what the naive step does instead of reading stored targets)."""
+    rows = [parts.data.bridged[p].teacher_symbols for p in positions]
+    output, mask = teacher.run(rows)
+    final = torch.zeros(len(rows), width, teacher.config.d_model)
+    final[:, : output.residuals[-1].shape[1] - 1] = output.residuals[-1][:, 1:]
+    real = torch.zeros(len(rows), width, dtype=torch.bool)
+    real[:, : mask.shape[1] - 1] = mask[:, 1:]
+    return final, real
+
+
+def timed_steps(
+    kind: str, objective, optimizer, parts, config, steps: int, teacher=None, original=None
+) -> list[float]:
+    """Seconds per full step (forward, backward, AdamW) of one kind."""
+    times = []
+    for step in range(steps):
+        began = time.perf_counter()
+        positions = batch_positions(step, config.batch_size, len(parts.data))
+        batch = parts.data.collate(positions)
+        kl_batch = parts.kl_cache.batch(batch_positions(step, config.kl_batch_size, len(parts.kl_cache)))
+        if kind == "naive":
+            batch["teacher_final"], batch["teacher_mask"] = teacher_targets_now(
+                teacher, parts, positions, batch["input_ids"].shape[1]
+            )
+            loss, _ = objective(batch, kl_batch)
+            with torch.no_grad():
+                original_logits = original(input_ids=kl_batch["input_ids"]).logits
+            loss = loss + exact_kl(original_logits, objective.lm(input_ids=kl_batch["input_ids"]).logits)
+        else:
+            loss, _ = objective(batch, kl_batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="dyck")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--steps", type=int, default=6, help="Timed steps per kind (after one warm-up step).")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = TrainConfig(
+        task=args.task,
+        model=args.model,
+        out=tempfile.mkdtemp(),
+        steps=args.steps + 1,
+        batch_size=args.batch_size,
+    )
+    tokenizer, model = load_tokenizer(args.model), load_causal_lm(args.model)
+    original = copy.deepcopy(model).eval().requires_grad_(False)
+    parts = build_parts(config, tokenizer, model)
+    teacher = get_task(args.task).teacher()
+    medians = {}
+    for kind in ("baseline", "inject", "naive"):
+        kind_config = dataclasses.replace(config, method="baseline" if kind == "baseline" else "inject")
+        objective = InjectionObjective(
+            kind_config if kind != "naive" else dataclasses.replace(kind_config, kl_weight=0.0), parts
+        )
+        optimizer = make_optimizer(kind_config, model, parts.amap)
+        times = timed_steps(
+            kind, objective, optimizer, parts, kind_config, args.steps + 1, teacher, original
+        )[1:]
+        medians[kind] = statistics.median(times)
+        print(f"{kind}: median {medians[kind]:.2f} s/step over {len(times)} steps", flush=True)
+    tokens = args.batch_size * max(len(b) for b in parts.data.bridged[: args.batch_size])
+    result = {
+        "task": args.task,
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "kl_batch_size": config.kl_batch_size,
+        "kl_top_k": config.kl_top_k,
+        "threads": args.threads,
+        "median_step_s": medians,
+        "inject_over_baseline": medians["inject"] / medians["baseline"],
+        "inject_over_naive": medians["inject"] / medians["naive"],
+        "task_tokens_per_s_inject": tokens / medians["inject"],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+if __name__ == "__main__":
+    main()
