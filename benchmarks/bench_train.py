@@ -28,7 +28,6 @@ from tracr_injection.inject.data import batch_positions
 from tracr_injection.inject.lm import load_causal_lm
 from tracr_injection.inject.natural_text import exact_kl
 from tracr_injection.inject.trainer import InjectionObjective, build_parts, make_optimizer
-from tracr_injection.tasks import get_task
 
 
 def teacher_targets_now(
@@ -91,7 +90,7 @@ def main() -> None:
     tokenizer, model = load_tokenizer(args.model), load_causal_lm(args.model)
     original = copy.deepcopy(model).eval().requires_grad_(False)
     parts = build_parts(config, tokenizer, model)
-    teacher = get_task(args.task).teacher()
+    teacher = parts.teacher
     medians = {}
     for kind in ("baseline", "inject", "naive"):
         kind_config = dataclasses.replace(config, method="baseline" if kind == "baseline" else "inject")

@@ -8,30 +8,14 @@ Usage: python tests/two_process_run.py OUT MODEL_DIR
 import sys
 
 from accelerate import debug_launcher
+from test_inject import tiny_config  # this script's folder is on sys.path
 
-from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.trainer import train
 
 
 def run(out: str, model: str) -> None:
-    """Three injection steps of `model` on the reverse task."""
-    config = TrainConfig(
-        task="reverse",
-        model=model,
-        out=out,
-        steps=3,
-        batch_size=4,
-        lr_lm=1e-3,
-        lr_map=1e-2,
-        warmup_steps=2,
-        kl_windows=16,
-        kl_window_len=8,
-        kl_batch_size=2,
-        kl_top_k=16,
-        checkpoint_every=1000,
-        eval_examples=16,
-    )
-    train(config, progress=False)
+    """Three injection steps of `model` on the reverse task (the tests' tiny configuration)."""
+    train(tiny_config(model, out, steps=3), progress=False)
 
 
 if __name__ == "__main__":

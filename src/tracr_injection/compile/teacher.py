@@ -220,6 +220,7 @@ class TeacherModel(nn.Module):
         )
         self.hook_embed = nn.Identity()
         self._token_ids = {self._key(tok): i for i, tok in enumerate(config.token_values)}
+        self._vocab_keys = {self._key(v) for v in config.vocab}
         self.requires_grad_(False)
 
     @staticmethod
@@ -272,9 +273,8 @@ class TeacherModel(nn.Module):
                 f"Input of length {len(tokens)} is longer than the teacher's max_seq_len "
                 f"{self.config.max_seq_len}; compile the program with a larger max_seq_len."
             )
-        vocab = {self._key(v) for v in self.config.vocab}
         for i, token in enumerate(tokens):
-            if self._key(token) not in vocab:
+            if self._key(token) not in self._vocab_keys:
                 raise InvalidInputError(
                     f"Token {token!r} at position {i} is not in the teacher's vocabulary "
                     f"{sorted(map(repr, self.config.vocab))}."
@@ -294,17 +294,19 @@ class TeacherModel(nn.Module):
 
     # ----------------------------------------------------------------- decoding
     def decode_variable(self, resid_PD: torch.Tensor, name: str) -> list[Any]:
-        """Values of variable `name` read off residual vectors [pos, d_model]."""
+        """Values of variable `name` read off residual vectors [..., pos, d_model] (nested like the leading dims)."""
         var = self.config.variable(name)
         part = resid_PD[..., var.dims].detach().float().cpu()
         if var.encoding == "numerical":
             max_denominator = self.config.max_seq_len + 1
-            return [snap_numerical(x, var.values, max_denominator) for x in part[..., 0].tolist()]
-        best, index = part.max(dim=-1)
-        return [
-            var.values[i] if b >= CATEGORICAL_NONE_THRESHOLD else None
-            for b, i in zip(best.tolist(), index.tolist())
-        ]
+            flat = [snap_numerical(x, var.values, max_denominator) for x in part[..., 0].flatten().tolist()]
+        else:
+            best, index = part.max(dim=-1)
+            flat = [
+                var.values[i] if b >= CATEGORICAL_NONE_THRESHOLD else None
+                for b, i in zip(best.flatten().tolist(), index.flatten().tolist())
+            ]
+        return nest(flat, part.shape[:-1])
 
     def decode(self, resid_PD: torch.Tensor) -> list[dict[str, Any]]:
         """Every program variable's value at every position of residual vectors [pos, d_model]."""
@@ -361,6 +363,14 @@ class TeacherModel(nn.Module):
         except RuntimeError as err:
             raise ArtifactError(f"Teacher weights {weights_path} do not match its manifest: {err}") from err
         return model
+
+
+def nest(flat: list[Any], shape: Sequence[int]) -> list[Any]:
+    """`flat` (row-major) as nested lists of `shape`."""
+    if len(shape) <= 1:
+        return flat
+    step = len(flat) // shape[0]
+    return [nest(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
 
 
 def snap_numerical(x: float, values: Sequence[Any], max_denominator: int) -> Any:

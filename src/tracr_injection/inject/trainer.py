@@ -25,6 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
+from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData, batch_positions
 from tracr_injection.inject.lm import decoder_blocks, hidden_size, layer_mapping, load_causal_lm, num_blocks
@@ -60,7 +61,7 @@ class RunParts:
     roll_block: int | None
     output_dims: list[int]
     dim_levels: torch.Tensor | None
-    teacher_hash: str | None
+    teacher: TeacherModel
 
 
 def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool = True) -> RunParts:
@@ -95,7 +96,7 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
         roll_block=roll_block,
         output_dims=list(output_dims),
         dim_levels=data.targets.dim_levels if data.targets is not None else None,
-        teacher_hash=teacher.config.program_hash,
+        teacher=teacher,
     )
 
 
@@ -332,7 +333,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         "task": config.task,
         "method": config.method,
         "model": config.model,
-        "teacher_program_hash": parts.teacher_hash,
+        "teacher_program_hash": parts.teacher.config.program_hash,
         "layer_mapping": parts.layer_map,
         "roll_block": parts.roll_block if config.injecting else None,
         "config": config.to_dict(),

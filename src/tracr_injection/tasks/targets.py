@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from tracr_injection.compile.convert import first_write_levels
 from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
-from tracr_injection.compile.teacher import CATEGORICAL_NONE_THRESHOLD, TeacherModel
+from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.tasks.bridge import BridgedExample
 
 MANIFEST_NAME = "targets.json"
@@ -104,18 +104,13 @@ def answer_accuracy(
     teacher: TeacherModel, final_BPD: torch.Tensor, batch: Sequence[BridgedExample]
 ) -> tuple[int, int]:
     """(correct, total) of the teacher's output variable against the bridge's expected outputs."""
-    var = teacher.config.variable(teacher.config.output_variable)
-    if var.encoding == "categorical":
-        best_BP, index_BP = final_BPD[..., var.dims].max(dim=-1)
-        best, index = best_BP.tolist(), index_BP.tolist()
-        decoded = [
-            [var.values[i] if v >= CATEGORICAL_NONE_THRESHOLD else None for v, i in zip(vs, ix)]
-            for vs, ix in zip(best, index)
-        ]
-    else:
-        decoded = [teacher.decode_variable(final_BPD[row], var.name) for row in range(len(batch))]
-    pairs = [(decoded[row][pos], want) for row, b in enumerate(batch) for pos, want in enumerate(b.expected)]
-    checked = [got == want for got, want in pairs if want is not None]
+    decoded = teacher.decode_variable(final_BPD, teacher.config.output_variable)
+    checked = [
+        decoded[row][pos] == want
+        for row, b in enumerate(batch)
+        for pos, want in enumerate(b.expected)
+        if want is not None
+    ]
     return sum(checked), len(checked)
 
 
@@ -153,8 +148,6 @@ def precompute_targets(
         lengths=[len(b) for b in bridged],
         bridge_digest=bridge_digest(bridged),
     )
-    for b in bridged:
-        teacher.check_input(b.teacher_symbols)
     start = time.perf_counter()
     levels_D = torch.tensor(dim_levels)
     stats: list[dict[str, float]] = []
