@@ -191,6 +191,16 @@ def test_inject_run_lowers_alignment_and_saves_a_loadable_run(tiny_llama, tmp_pa
     assert AlignmentMap.from_pretrained(out / "map").linear.out_features > 0
     saved = json.loads((out / "manifest.json").read_text())
     assert saved["method"] == "inject" and saved["teacher_program_hash"]
+    assert tensorboard_scalars(out, "alignment") == [m["alignment"] for m in metrics]
+
+
+def tensorboard_scalars(out, tag: str) -> list[float]:
+    """The values TensorBoard logged under `tag`, read back with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    return [pytest.approx(e.value, rel=1e-6) for e in events.Scalars(tag)]
 
 
 def test_baseline_has_no_alignment_and_differs_from_inject(tiny_llama, tmp_path):

@@ -186,6 +186,17 @@ def train_command(
     lr_map: float | None = typer.Option(None, help="Learning rate of the alignment map."),
     alignment_weight: float | None = typer.Option(None, help="m: weight of the alignment term."),
     kl_weight: float | None = typer.Option(None, help="Weight of the KL term on natural text."),
+    warmup_steps: int | None = typer.Option(None, help="Linear learning-rate warm-up steps."),
+    layer_strategy: str | None = typer.Option(
+        None, help="Teacher level -> LM hidden state: identity (level i <-> hidden state i) or strided."
+    ),
+    roll_block: int | None = typer.Option(
+        None, help="Block whose output detach-and-roll edits (default: right after the aligned levels)."
+    ),
+    kl_source: str | None = typer.Option(
+        None, help="Natural text for the KL term: self (sampled from the model), a local folder, or hf:NAME:SPLIT."
+    ),
+    mixed_precision: str | None = typer.Option(None, help="no, bf16 or fp16 (where the device supports it)."),
     seed: int | None = typer.Option(None, help="Seed for data order, map init and everything else."),
     checkpoint_every: int | None = typer.Option(None, help="Save a checkpoint every N steps."),
     out: str | None = typer.Option(None, help="Run folder."),
@@ -198,7 +209,8 @@ def train_command(
     overrides = dict(
         task=task, method=method, model=model, steps=steps, batch_size=batch_size, lr_lm=lr_lm, lr_map=lr_map,
         alignment_weight=alignment_weight, kl_weight=kl_weight, seed=seed, checkpoint_every=checkpoint_every,
-        out=out,
+        out=out, warmup_steps=warmup_steps, layer_strategy=layer_strategy, roll_block=roll_block,
+        kl_source=kl_source, mixed_precision=mixed_precision,
     )  # fmt: skip
     try:
         cfg = TrainConfig.load(config, **overrides)
@@ -277,3 +289,77 @@ def variables_table(teacher: TeacherModel, max_values: int = 12) -> Table:
             shown += f", ... ({len(var.values)} values)"
         table.add_row(var.name, var.encoding, var.role, str(var.level), dims, shown)
     return table
+
+
+@app.command("eval")
+def eval_command(
+    target: str = typer.Argument(..., help="A run folder written by `train`, or a model name/folder."),
+    task: str | None = typer.Option(None, help="Task (required for a model; must match a run's task)."),
+    out: Path | None = typer.Option(None, help="Output folder (default: RUN_DIR/eval, or eval/<model>-<task>)."),
+    max_examples: int | None = typer.Option(None, help="Examples per split (default: all, up to 1000)."),
+    lm_eval: str | None = typer.Option(
+        None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (when installed and data is available)."
+    ),
+) -> None:
+    """Evaluate a run: accuracy in and out of distribution, kept language ability, decoding, causal tests."""
+    from tracr_injection.evaluate.pipeline import EvalSettings, evaluate_target
+
+    settings = EvalSettings(lm_eval_tasks=lm_eval.split(",") if lm_eval else [])
+    if max_examples is not None:
+        settings.max_examples = max_examples
+    try:
+        folder = evaluate_target(target, task=task, out=out, settings=settings)
+    except (TracrInjectionError, ValueError) as err:
+        fail(str(err))
+    console.print((folder / "report.md").read_text())
+    typer.echo(folder)
+
+
+@app.command("compare")
+def compare_command(
+    runs: list[Path] = typer.Argument(..., help="Evaluated run folders (any tasks, methods and seeds)."),
+    out: Path = typer.Option(Path("results/compare"), help="Folder for comparison.md/.csv/.png."),
+) -> None:
+    """One table over runs, grouped by task and method (mean ± std over seeds), as Markdown, CSV and a plot."""
+    from tracr_injection.evaluate.compare import compare_runs
+
+    try:
+        folder = compare_runs(runs, out)
+    except (TracrInjectionError, ValueError) as err:
+        fail(str(err))
+    console.print((folder / "comparison.md").read_text())
+    typer.echo(folder)
+
+
+@app.command("reproduce")
+def reproduce_command(
+    task: str = typer.Option("all", help="dyck, count, sum or all."),
+    seeds: int = typer.Option(3, help="Seeds per task and method."),
+    budget: str = typer.Option("cpu", help="smoke (minutes), cpu (hours on 2 cores) or full (paper scale, GPU)."),
+    runs_root: Path = typer.Option(Path("runs/reproduce"), help="Where run folders go."),
+    results: Path = typer.Option(Path("results"), help="Where tables, plots and run evaluations go."),
+    model: str = typer.Option("smollm2", help="The LM to train."),
+    status: bool = typer.Option(False, "--status", help="Only show what is done and what is left."),
+) -> None:
+    """Train and evaluate baseline and inject runs for each seed, then compare (re-run it to continue)."""
+    from tracr_injection.experiments.budgets import TASKS, get_budget
+    from tracr_injection.experiments.reproduce import plan_runs, reproduce, status_rows
+
+    tasks = list(TASKS) if task == "all" else [task]
+    try:
+        if status:
+            rows = status_rows(plan_runs(tasks, seeds, get_budget(budget), runs_root, model))
+            table = Table(*rows[0].keys(), title=f"reproduce --budget {budget}")
+            for row in rows:
+                table.add_row(*("" if v is None else str(v) for v in row.values()))
+            console.print(table)
+            return
+        command = f"tracr-inject reproduce --task {task} --seeds {seeds} --budget {budget} --model {model}"
+        folder = reproduce(
+            tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, command=command,
+            on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
+        )  # fmt: skip
+    except (TracrInjectionError, ValueError) as err:
+        fail(str(err))
+    console.print((folder / "comparison.md").read_text())
+    typer.echo(folder)

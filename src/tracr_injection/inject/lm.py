@@ -19,7 +19,8 @@ whose first element is the hidden state. `block_output_hidden` / `replace_block_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,20 @@ class LayerMappingError(TracrInjectionError, ValueError):
 
 
 # --------------------------------------------------------------------------------------------- loading
+
+
+@contextmanager
+def inference(*models: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd for the block; each model's training flag is restored after."""
+    was_training = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for model, flag in zip(models, was_training):
+            model.train(flag)
 
 
 def load_causal_lm(

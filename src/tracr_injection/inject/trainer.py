@@ -21,14 +21,21 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
 from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData, batch_positions
-from tracr_injection.inject.lm import decoder_blocks, hidden_size, layer_mapping, load_causal_lm, num_blocks
+from tracr_injection.inject.lm import (
+    decoder_blocks,
+    hidden_size,
+    inference,
+    layer_mapping,
+    load_causal_lm,
+    num_blocks,
+)
 from tracr_injection.inject.losses import (
     AlignmentMap,
     alignment_loss,
@@ -100,13 +107,18 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
     )
 
 
-def kl_data(config: TrainConfig, model: Any, tokenizer: Any) -> KLCache:
-    """Natural-text windows with the original model's top-k distributions on them, cached on disk once."""
+def kl_cache_path(config: TrainConfig) -> Path:
+    """Where the KL cache of this config's model, text source, window shape, k and seed is stored."""
     from tracr_injection.compile.compiler import default_cache_dir
 
     source = config.kl_source.replace("/", "_")
     shape = f"{config.kl_windows}x{config.kl_window_len}-k{config.kl_top_k}-s{config.seed}"
-    path = default_cache_dir().parent / "kl" / f"{Path(str(config.model)).name}-{source}-{shape}.safetensors"
+    return default_cache_dir().parent / "kl" / f"{Path(str(config.model)).name}-{source}-{shape}.safetensors"
+
+
+def kl_data(config: TrainConfig, model: Any, tokenizer: Any) -> KLCache:
+    """Natural-text windows with the original model's top-k distributions on them, cached on disk once."""
+    path = kl_cache_path(config)
     if path.is_file():
         return KLCache.load(path)
     windows = text_windows(
@@ -185,32 +197,37 @@ class InjectionObjective(torch.nn.Module):
         return loss, metrics
 
 
-@torch.no_grad()
-def answer_accuracy(model: Any, data: TaskData, count: int, batch_size: int = 16) -> float:
-    """Exact-match accuracy of the answers under teacher forcing (equal to greedy decoding's, EOS included).
+def answers_correct(model: Any, data: TaskData, count: int, batch_size: int = 16) -> torch.Tensor:
+    """Per example (the first `count` of `data`), whether the whole answer is right under teacher forcing.
 
-    Greedy decoding emits the answer iff the argmax at every answer position is the next answer token.
+    Greedy decoding emits the answer (EOS included) iff the argmax at every answer position is the
+    next answer token, so this equals greedy exact match at one forward pass per batch.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    correct, total = 0, min(count, len(data))
-    for start in range(0, total, batch_size):
-        positions = list(range(start, min(total, start + batch_size)))
-        batch = {
-            k: v.to(device)
-            for k, v in data.collate(positions).items()
-            if k in ("input_ids", "attention_mask", "labels")
-        }
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        b_idx, pos, target = answer_positions(batch["labels"])
-        hit = logits[b_idx, pos].argmax(-1) == target
-        wrong = torch.zeros(len(positions), dtype=torch.bool, device=device).index_put_(
-            (b_idx,), ~hit, accumulate=True
-        )
-        correct += int((~wrong).sum())
-    model.train(was_training)
-    return correct / max(1, total)
+    total = min(count, len(data))
+    correct_N = torch.zeros(total, dtype=torch.bool)
+    with inference(model):
+        for start in range(0, total, batch_size):
+            positions = list(range(start, min(total, start + batch_size)))
+            batch = {
+                k: v.to(device)
+                for k, v in data.collate(positions).items()
+                if k in ("input_ids", "attention_mask", "labels")
+            }
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            b_idx, pos, target = answer_positions(batch["labels"])
+            hit = logits[b_idx, pos].argmax(-1) == target
+            wrong = torch.zeros(len(positions), dtype=torch.bool, device=device).index_put_(
+                (b_idx,), ~hit, accumulate=True
+            )
+            correct_N[start : start + len(positions)] = ~wrong.cpu()
+    return correct_N
+
+
+def answer_accuracy(model: Any, data: TaskData, count: int, batch_size: int = 16) -> float:
+    """Teacher-forced exact-match accuracy (equal to greedy decoding's, EOS included) on the first `count` examples."""
+    correct_N = answers_correct(model, data, count, batch_size)
+    return float(correct_N.float().mean()) if len(correct_N) else 0.0
 
 
 def checkpoint_dirs(out: Path) -> list[Path]:
@@ -266,7 +283,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         raise TracrInjectionError(
             f"{out} already holds checkpoints; pass --resume to continue or choose another --out."
         )
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with="tensorboard" if is_tensorboard_available() else None,
+        project_dir=str(out),
+    )
     set_seed(config.seed)
     from tracr_injection.hub import load_tokenizer
 
@@ -290,6 +312,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     metrics_file = out / METRICS_NAME
     if accelerator.is_main_process:
         truncate_metrics(metrics_file, start)
+    accelerator.init_trackers("tensorboard", config=tracker_config(config))
     bar = tqdm(
         total=config.steps,
         initial=start,
@@ -317,6 +340,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         if accelerator.is_main_process:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            accelerator.log(metrics, step=step + 1)
             bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("task_ce", "alignment", "kl") if k in metrics})
             bar.update(1)
         if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
@@ -326,6 +350,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             save_checkpoint(accelerator, config, step + 1)
     bar.close()
+    accelerator.end_training()
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(objective).lm
     accuracy_after = answer_accuracy(trained, eval_data, config.eval_examples)
@@ -353,6 +378,11 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     accelerator.wait_for_everyone()
     return manifest
+
+
+def tracker_config(config: TrainConfig) -> dict[str, Any]:
+    """The config as TensorBoard hyper-parameters (which take numbers, strings and booleans only)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
 
 
 def truncate_metrics(path: Path, step: int) -> None:

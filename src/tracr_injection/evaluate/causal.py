@@ -1,0 +1,417 @@
+"""Causal tests: does the LM use the injected output subspace to produce its answer?
+
+In: an LM, a task split (`TaskData`, no teacher needed), the block L whose output is edited, and a
+subspace of the LM's hidden space given as rows `rows_KD` (an injected run's map rows for the
+output variable, or a baseline's probe rows).  Out: a `CausalResult` with, for that subspace and for
+a seeded random subspace of the same dimension, the accuracy under Gaussian noise inside the subspace
+(absolute and relative norms), the accuracy with the subspace projected out, and interchange rates
+(base prompt + the source's subspace component at the answer positions -> the source's answer?).
+
+Every edit replaces the output of block L through `inject.lm.edit_block_output`, and accuracy is
+measured with teacher forcing.  That equals greedy exact match under the same edit: an edit at a
+position depends only on that position's state (and, for noise, on a fixed draw for that position),
+and by causal attention the state at a position depends only on the tokens up to it; so by
+induction over the answer, greedy decoding emits the teacher-forced answer (EOS included) iff the
+argmax at every answer-predicting position is the next answer token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.lm import decoder_blocks, edit_block_output, hidden_size, num_blocks
+from tracr_injection.inject.losses import answer_positions
+from tracr_injection.inject.trainer import answer_accuracy
+from tracr_injection.tasks import IGNORE_INDEX
+
+NOISE_NORMS: tuple[float, ...] = (0.0, 5.0, 10.0, 30.0)
+RELATIVE_NORMS: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+SUBSPACES: tuple[str, ...] = ("output", "random")
+BATCH_KEYS: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+class CausalTestError(TracrInjectionError, ValueError):
+    """Arguments the causal tests cannot run with (bad subspace rows, block, norms or too little data)."""
+
+
+# ------------------------------------------------------------------------------------------ subspaces
+
+
+def row_space_basis(rows_KD: torch.Tensor) -> torch.Tensor:
+    """Orthonormal rows [R, D] spanning the row space of `rows_KD` (R = its rank, float32).
+
+    The projector onto the span is `basis.T @ basis`, which is what `inject.losses.output_projector`
+    computes as pinv(rows) @ rows; the rank uses pinv's default tolerance for float32 rows.
+    """
+    rows = rows_KD.detach().to(torch.float64)
+    _, singular_R, basis_RD = torch.linalg.svd(rows, full_matrices=False)
+    tolerance = max(rows.shape) * torch.finfo(torch.float32).eps * singular_R.max()
+    rank = int((singular_R > tolerance).sum())
+    if rank == 0:
+        raise CausalTestError(
+            f"The subspace rows (shape {tuple(rows_KD.shape)}) are all zero; pass the map's or probe's "
+            f"rows for the output variable."
+        )
+    return basis_RD[:rank].float()
+
+
+def random_subspace(d_lm: int, k: int, seed: int) -> torch.Tensor:
+    """Orthonormal rows [k, d_lm] of a random k-dim subspace: QR of a Gaussian drawn with `seed`."""
+    if not 1 <= k <= d_lm:
+        raise CausalTestError(f"A random subspace needs 1 <= k <= d_lm, got k={k}, d_lm={d_lm}.")
+    generator = torch.Generator().manual_seed(seed)
+    gaussian_DK = torch.randn(d_lm, k, generator=generator, dtype=torch.float64)
+    q_DK, _ = torch.linalg.qr(gaussian_DK)
+    return q_DK.T.float().contiguous()
+
+
+# ------------------------------------------------------------------------------------------- edits
+
+
+def noise_edit(
+    hidden_BPD: torch.Tensor,
+    basis_KD: torch.Tensor,
+    norm: float,
+    relative: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """h + n at every position, n uniform on the sphere of the subspace with radius `norm` (times ||h|| if relative).
+
+    The direction is drawn on the CPU from `generator`, so the result is seeded and device-independent.
+    """
+    shape = (*hidden_BPD.shape[:-1], basis_KD.shape[0])
+    gaussian_BPK = torch.randn(shape, generator=generator).to(hidden_BPD.device)
+    direction_BPK = gaussian_BPK / gaussian_BPK.norm(dim=-1, keepdim=True)
+    hidden = hidden_BPD.float()
+    radius_BP1 = (
+        hidden.norm(dim=-1, keepdim=True) * norm if relative else torch.full_like(hidden[..., :1], norm)
+    )
+    noise_BPD = radius_BP1 * (direction_BPK @ basis_KD.to(hidden.device))
+    return (hidden + noise_BPD).to(hidden_BPD.dtype)
+
+
+def ablate_edit(hidden_BPD: torch.Tensor, basis_KD: torch.Tensor) -> torch.Tensor:
+    """h - h P: the component inside the subspace removed at every position."""
+    hidden = hidden_BPD.float()
+    basis = basis_KD.to(hidden.device)
+    return (hidden - (hidden @ basis.T) @ basis).to(hidden_BPD.dtype)
+
+
+def interchange_edit(
+    hidden_BPD: torch.Tensor, basis_KD: torch.Tensor, source_BPD: torch.Tensor, mask_BP: torch.Tensor
+) -> torch.Tensor:
+    """h - h P + h_src P where `mask_BP` is set, h unchanged elsewhere."""
+    hidden = hidden_BPD.float()
+    basis = basis_KD.to(hidden.device)
+    swapped = hidden + ((source_BPD.float() - hidden) @ basis.T) @ basis
+    return torch.where(mask_BP.unsqueeze(-1), swapped, hidden).to(hidden_BPD.dtype)
+
+
+@contextmanager
+def edited_block(block: nn.Module, edit: Edit | None) -> Iterator[None]:
+    """While active, `block`'s output goes through `edit` (nothing happens for None)."""
+    handle = edit_block_output(block, edit) if edit is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+# -------------------------------------------------------------------------------- noise and ablation
+
+
+def edited_accuracy(
+    model: Any, block: nn.Module, edit: Edit | None, data: TaskData, count: int, batch_size: int
+) -> float:
+    """Teacher-forced exact-match accuracy on the first `count` examples with `edit` on `block`'s output."""
+    with edited_block(block, edit):
+        return answer_accuracy(model, data, count, batch_size)
+
+
+def noise_curve(
+    model: Any,
+    block: nn.Module,
+    basis_KD: torch.Tensor,
+    data: TaskData,
+    norms: Sequence[float],
+    *,
+    relative: bool,
+    count: int,
+    seed: int,
+    batch_size: int,
+) -> list[float]:
+    """Accuracy for each noise norm; every norm reuses the same seeded directions (common random numbers)."""
+    curve = []
+    for norm in norms:
+        generator = torch.Generator().manual_seed(seed)
+        edit = partial(noise_edit, basis_KD=basis_KD, norm=norm, relative=relative, generator=generator)
+        curve.append(edited_accuracy(model, block, edit, data, count, batch_size))
+    return curve
+
+
+# ------------------------------------------------------------------------------------- interchange
+
+
+def interchange_pairs(data: TaskData, count: int, pairs: int, seed: int) -> list[tuple[int, int]]:
+    """Seeded (base, source) index pairs among the first `count` examples whose answers differ."""
+    answers = [tuple(b.input_ids[b.prompt_len :]) for b in data.bridged[:count]]
+    if len(set(answers)) < 2:
+        raise CausalTestError(
+            f"Interchange needs examples with different answers, but the first {len(answers)} examples of "
+            f"the split all answer the same; raise `count` or use another split."
+        )
+    rng = random.Random(seed)
+    others: dict[tuple[int, ...], list[int]] = {}
+    chosen = []
+    for _ in range(pairs):
+        base = rng.randrange(len(answers))
+        if answers[base] not in others:
+            others[answers[base]] = [i for i, a in enumerate(answers) if a != answers[base]]
+        chosen.append((base, rng.choice(others[answers[base]])))
+    return chosen
+
+
+def spliced_batch(data: TaskData, pairs: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Right-padded batch of each base's prompt followed by its source's answer tokens (labelled)."""
+    rows = []
+    for base, source in pairs:
+        b, s = data.bridged[base], data.bridged[source]
+        answer = s.input_ids[s.prompt_len :]
+        rows.append((b.input_ids[: b.prompt_len] + answer, [IGNORE_INDEX] * b.prompt_len + answer))
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), data.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(ids)] = torch.tensor(row_labels)
+        attention_mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The LM inputs and labels of a batch, on `device`."""
+    return {k: batch[k].to(device) for k in BATCH_KEYS}
+
+
+@torch.no_grad()
+def edited_logits(
+    model: Any, block: nn.Module, batch: dict[str, torch.Tensor], edit: Edit | None
+) -> torch.Tensor:
+    """Logits [B, P, V] of a batch with `edit` on `block`'s output (no gradient)."""
+    with edited_block(block, edit):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def block_output(model: Any, block: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The raw output [B, P, D] of `block` on a batch (captured by a hook that leaves it unchanged)."""
+    captured = []
+
+    def keep(hidden_BPD: torch.Tensor) -> torch.Tensor:
+        captured.append(hidden_BPD)
+        return hidden_BPD
+
+    edited_logits(model, block, batch, keep)
+    return captured[0]
+
+
+def aligned_source(
+    source_BPD: torch.Tensor, source_labels_BP: torch.Tensor, target_labels_BP: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source states placed at the target's answer-predicting positions, matched by order within each row.
+
+    Row b's j-th answer-predicting position of the target gets the source's j-th one, for j below
+    the smaller of the two answer lengths; returns the placed states [B, P_target, D] and their mask.
+    """
+    source_b, source_p, _ = answer_positions(source_labels_BP)
+    target_b, target_p, _ = answer_positions(target_labels_BP)
+    placed_BPD = torch.zeros(
+        (*target_labels_BP.shape, source_BPD.shape[-1]), dtype=source_BPD.dtype, device=source_BPD.device
+    )
+    mask_BP = torch.zeros(target_labels_BP.shape, dtype=torch.bool, device=source_BPD.device)
+    for row in range(target_labels_BP.shape[0]):
+        from_p, to_p = source_p[source_b == row], target_p[target_b == row]
+        shared = min(len(from_p), len(to_p))
+        placed_BPD[row, to_p[:shared]] = source_BPD[row, from_p[:shared]]
+        mask_BP[row, to_p[:shared]] = True
+    return placed_BPD, mask_BP
+
+
+def interchanged_logits(
+    model: Any,
+    block: nn.Module,
+    basis_KD: torch.Tensor | None,
+    source_BPD: torch.Tensor,
+    source_labels_BP: torch.Tensor,
+    target: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Logits of the target batch with the source's subspace component swapped in at the answer positions.
+
+    `basis_KD` None runs the target without intervention.
+    """
+    if basis_KD is None:
+        return edited_logits(model, block, target, None)
+    placed_BPD, mask_BP = aligned_source(source_BPD, source_labels_BP, target["labels"])
+    edit = partial(interchange_edit, basis_KD=basis_KD, source_BPD=placed_BPD, mask_BP=mask_BP)
+    return edited_logits(model, block, target, edit)
+
+
+def answers_hit(logits_BPV: torch.Tensor, labels_BP: torch.Tensor) -> torch.Tensor:
+    """Per row, whether the argmax at every answer-predicting position is the labelled next token."""
+    b_idx, pos, target = answer_positions(labels_BP)
+    miss = logits_BPV[b_idx, pos].argmax(-1) != target
+    wrong_B = torch.zeros(labels_BP.shape[0], dtype=torch.bool, device=labels_BP.device)
+    return ~wrong_B.index_put_((b_idx,), miss, accumulate=True)
+
+
+def interchange_rates(
+    model: Any,
+    block: nn.Module,
+    bases: dict[str, torch.Tensor | None],
+    data: TaskData,
+    pairs: Sequence[tuple[int, int]],
+    batch_size: int,
+) -> dict[str, dict[str, float]]:
+    """Per basis name, the rate of pairs where the model answers the source's answer ("source_followed")
+    and where it still answers the base's own answer ("base_kept"), all under teacher forcing.
+
+    "source_followed" runs base prompt + source answer; "base_kept" runs base prompt + base answer with
+    the source's states at the first min(len) answer positions (what a greedy run that keeps the
+    base's answer would receive).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hits: dict[str, dict[str, list[torch.Tensor]]] = {
+        name: {"source_followed": [], "base_kept": []} for name in bases
+    }
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        source = on_device(data.collate([s for _, s in chunk]), device)
+        source_BPD = block_output(model, block, source)
+        targets = {
+            "source_followed": on_device(spliced_batch(data, chunk), device),
+            "base_kept": on_device(data.collate([b for b, _ in chunk]), device),
+        }
+        for what, target in targets.items():
+            for name, basis in bases.items():
+                logits = interchanged_logits(model, block, basis, source_BPD, source["labels"], target)
+                hits[name][what].append(answers_hit(logits, target["labels"]).cpu())
+    model.train(was_training)
+    return {
+        name: {what: float(torch.cat(rows).float().mean()) for what, rows in by_what.items()}
+        for name, by_what in hits.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------ runner
+
+
+@dataclasses.dataclass
+class CausalResult:
+    """Everything the causal tests measured; keys "output" (the given subspace) and "random" (the control)."""
+
+    block: int
+    k: int
+    d_lm: int
+    seed: int
+    count: int
+    clean_accuracy: float
+    noise_norms: list[float]
+    noise: dict[str, list[float]]
+    relative_norms: list[float]
+    relative_noise: dict[str, list[float]]
+    ablation: dict[str, float]
+    pairs: int
+    interchange: dict[str, dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return dataclasses.asdict(self)
+
+
+def check_arguments(
+    model: Any, rows_KD: torch.Tensor, block: int, norms: Sequence[float], pairs: int
+) -> None:
+    """Reject rows of the wrong width, a block outside the model, negative noise norms and no pairs."""
+    d_lm, blocks = hidden_size(model), num_blocks(model)
+    if rows_KD.ndim != 2 or rows_KD.shape[1] != d_lm:
+        raise CausalTestError(
+            f"Subspace rows must be [K, d_lm={d_lm}] (vectors in the LM's hidden space), got shape "
+            f"{tuple(rows_KD.shape)}; pass amap.linear.weight[output_dims] or a probe's weight rows."
+        )
+    if not 0 <= block < blocks:
+        raise CausalTestError(f"Block {block} is outside the model's blocks 0..{blocks - 1}.")
+    if any(norm < 0 for norm in norms):
+        raise CausalTestError(f"Noise norms must be >= 0, got {list(norms)}.")
+    if pairs < 1:
+        raise CausalTestError(f"Interchange needs at least one (base, source) pair, got pairs={pairs}.")
+
+
+def causal_tests(
+    model: Any,
+    data: TaskData,
+    rows_KD: torch.Tensor,
+    block: int,
+    *,
+    count: int,
+    noise_norms: Sequence[float] = NOISE_NORMS,
+    relative_norms: Sequence[float] = RELATIVE_NORMS,
+    pairs: int = 200,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> CausalResult:
+    """Noise, ablation and interchange at the output of `block`, for the rows' subspace and a random one.
+
+    The random control has the same dimension K (the rank of `rows_KD`) and is drawn with `seed`;
+    noise and interchange pairs use `seed` too, so the result is deterministic.
+    """
+    check_arguments(model, rows_KD, block, [*noise_norms, *relative_norms], pairs)
+    device = next(model.parameters()).device
+    basis_KD = row_space_basis(rows_KD)
+    k, d_lm = basis_KD.shape
+    bases = {"output": basis_KD.to(device), "random": random_subspace(d_lm, k, seed).to(device)}
+    edited = decoder_blocks(model)[block]
+    common = {"count": count, "seed": seed, "batch_size": batch_size}
+    noise = {
+        name: noise_curve(model, edited, basis, data, noise_norms, relative=False, **common)
+        for name, basis in bases.items()
+    }
+    relative = {
+        name: noise_curve(model, edited, basis, data, relative_norms, relative=True, **common)
+        for name, basis in bases.items()
+    }
+    ablation = {
+        name: edited_accuracy(model, edited, partial(ablate_edit, basis_KD=basis), data, count, batch_size)
+        for name, basis in bases.items()
+    }
+    chosen = interchange_pairs(data, count, pairs, seed)
+    interchange = interchange_rates(model, edited, {**bases, "none": None}, data, chosen, batch_size)
+    return CausalResult(
+        block=block,
+        k=k,
+        d_lm=d_lm,
+        seed=seed,
+        count=min(count, len(data)),
+        clean_accuracy=edited_accuracy(model, edited, None, data, count, batch_size),
+        noise_norms=[float(n) for n in noise_norms],
+        noise=noise,
+        relative_norms=[float(n) for n in relative_norms],
+        relative_noise=relative,
+        ablation=ablation,
+        pairs=len(chosen),
+        interchange=interchange,
+    )

@@ -1,0 +1,245 @@
+"""`tracr-inject eval`: every evaluation of one run (or untrained model), written as metrics, report and plots.
+
+In: a run folder or a model name (+ task) and `EvalSettings`.  Out: `<run>/eval/metrics.json`
+(accuracy per split with breakdowns, kept language ability, decoding per variable per level via
+the learned map and via a post-hoc probe, causal tests, timings), `report.md` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tracr_injection.evaluate.accuracy import task_accuracy
+from tracr_injection.evaluate.causal import causal_tests
+from tracr_injection.evaluate.decoding import LinearDecoder, evaluate_decoding, example_table, fit_task_probe
+from tracr_injection.evaluate.language import heldout_windows, language_metrics, run_lm_eval
+from tracr_injection.evaluate.report import write_report
+from tracr_injection.evaluate.subject import PRETRAINED, Subject, load_subject
+from tracr_injection.inject.config import TrainConfig
+from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.lm import load_causal_lm
+from tracr_injection.inject.natural_text import KLCache
+from tracr_injection.inject.trainer import kl_cache_path
+
+EVAL_DIR = "eval"
+METRICS_FILE = "metrics.json"
+PROBE_FILE = "probe.safetensors"
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    """How much of each evaluation to run (defaults: a full evaluation; budgets shrink them)."""
+
+    max_examples: int = 1000
+    batch_size: int = 64
+    probe_examples: int = 1000
+    decoding_examples: int = 256
+    causal_examples: int = 200
+    noise_norms: tuple[float, ...] = (0.0, 5.0, 10.0, 30.0)
+    relative_norms: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+    interchange_pairs: int = 200
+    language_windows: int = 128
+    lm_eval_tasks: list[str] = dataclasses.field(default_factory=list)
+    seed: int = 0
+
+
+def evaluate_target(
+    target: str | Path,
+    *,
+    task: str | None = None,
+    out: str | Path | None = None,
+    settings: EvalSettings | None = None,
+    progress: bool = True,
+) -> Path:
+    """Evaluate a run folder (or a model on `task`) and write metrics.json, report.md and plots; returns the folder."""
+    subject = load_subject(target, task)
+    folder = Path(out) if out is not None else default_out(subject)
+    metrics = evaluate_subject(subject, settings or EvalSettings(), folder, progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+    write_report(metrics, folder)
+    return folder
+
+
+def default_out(subject: Subject) -> Path:
+    """`<run>/eval` for a run, `eval/<model>-<task>` for an untrained model."""
+    if subject.run_dir is not None:
+        return subject.run_dir / EVAL_DIR
+    return Path(EVAL_DIR) / f"{subject.name}-{subject.task}"
+
+
+def timed(timings: dict[str, float], name: str, fn: Callable[[], Any], progress: bool) -> Any:
+    """Run one evaluation part, recording its wall time (and saying what runs when `progress`)."""
+    if progress:
+        print(f"[eval] {name} ...", flush=True)
+    began = time.perf_counter()
+    result = fn()
+    timings[name] = round(time.perf_counter() - began, 2)
+    return result
+
+
+def evaluate_subject(
+    subject: Subject, settings: EvalSettings, folder: Path, progress: bool = True
+) -> dict[str, Any]:
+    """Every evaluation of one subject, as the JSON-ready metrics dict."""
+    torch.manual_seed(settings.seed)
+    timings: dict[str, float] = {}
+    metrics: dict[str, Any] = {
+        "subject": subject.describe(),
+        "settings": dataclasses.asdict(settings),
+        "output_variable": subject.teacher.config.output_variable,
+    }
+    accuracy = timed(timings, "accuracy", lambda: split_accuracies(subject, settings), progress)
+    metrics["accuracy"] = {split: result.to_dict() for split, result in accuracy.items()}
+    metrics["language"] = timed(timings, "language", lambda: kept_language(subject, settings), progress)
+    probe = timed(timings, "probe", lambda: task_probe(subject, settings, folder), progress)
+    decoders = {"probe": probe} if subject.amap is None else {"map": map_decoder(subject), "probe": probe}
+    metrics["decoding"] = timed(
+        timings,
+        "decoding",
+        lambda: {k: decoding(subject, d, settings) for k, d in decoders.items()},
+        progress,
+    )
+    main_decoder = decoders.get("map", probe)
+    metrics["example"] = example_rows(subject, main_decoder)
+    metrics["causal"] = timed(timings, "causal", lambda: causal(subject, main_decoder, settings), progress)
+    metrics["timings"] = timings
+    return metrics
+
+
+def split_accuracies(subject: Subject, settings: EvalSettings) -> dict[str, Any]:
+    """Greedy exact match on the ID test split and every OOD split (batched generation)."""
+    return task_accuracy(
+        subject.model,
+        subject.tokenizer,
+        subject.task,
+        max_examples=settings.max_examples,
+        batch_size=settings.batch_size,
+    )
+
+
+def training_config(subject: Subject) -> TrainConfig:
+    """The run's training config (an untrained model: the defaults, on its own model name)."""
+    if subject.manifest.get("config"):
+        return TrainConfig(**subject.manifest["config"])
+    return TrainConfig(task=subject.task, model=subject.base_model)
+
+
+def kept_language(subject: Subject, settings: EvalSettings) -> dict[str, Any]:
+    """Perplexity, KL(original || trained) and top-1 agreement on held-out text from training's KL source."""
+    config = training_config(subject)
+    original = subject.model if subject.method == PRETRAINED else load_causal_lm(subject.base_model)
+    cache = kl_cache_path(config)
+    training_NT = KLCache.load(cache).input_ids_NT if cache.is_file() else None
+    windows_NT = heldout_windows(
+        config.kl_source,
+        subject.tokenizer,
+        settings.language_windows,
+        config.kl_window_len,
+        train_seed=config.seed,
+        train_windows=config.kl_windows,
+        model=original,
+        training_NT=training_NT,
+    )
+    result = language_metrics(original, subject.model, windows_NT).to_dict()
+    result["text_source"] = config.kl_source
+    if settings.lm_eval_tasks:
+        model_dir = subject.run_dir / "model" if subject.run_dir else subject.base_model
+        result["lm_eval"] = run_lm_eval(model_dir, settings.lm_eval_tasks).to_dict()
+    return result
+
+
+def task_probe(subject: Subject, settings: EvalSettings, folder: Path) -> LinearDecoder:
+    """The post-hoc ridge probe (fitted once on training-split examples, then loaded from the eval folder)."""
+    path = folder / PROBE_FILE
+    if path.is_file():
+        return LinearDecoder.load(path)
+    probe = fit_task_probe(
+        subject.model,
+        subject.tokenizer,
+        subject.tokenizer_name,
+        subject.teacher,
+        subject.task,
+        subject.layer_map,
+        num_examples=settings.probe_examples,
+        seed=settings.seed,
+    )
+    probe.save(path)
+    return probe
+
+
+def map_decoder(subject: Subject) -> LinearDecoder:
+    """An injected run's learned map, used at every aligned level."""
+    return LinearDecoder.from_map(subject.amap, subject.teacher.config.num_levels)
+
+
+def decoding(subject: Subject, decoder: LinearDecoder, settings: EvalSettings) -> dict[str, Any]:
+    """Decoding accuracy per variable per level on every split the teacher can represent."""
+    results = evaluate_decoding(
+        subject.model,
+        subject.tokenizer,
+        subject.tokenizer_name,
+        subject.teacher,
+        subject.task,
+        subject.layer_map,
+        decoder,
+        max_examples=settings.decoding_examples,
+        seed=settings.seed,
+    )
+    return {r.split: r.to_dict() for r in results}
+
+
+def in_distribution_data(subject: Subject, count: int, teacher: bool = False) -> TaskData:
+    """A seeded subset of the in-distribution test split, bridged for the subject's tokenizer."""
+    split = next(s.name for s in subject_task(subject).splits if s.kind == "test")
+    return TaskData(
+        subject.task,
+        split,
+        subject.tokenizer,
+        subject.tokenizer_name,
+        teacher=subject.teacher if teacher else None,
+        max_examples=count,
+        seed=1,
+        progress=False,
+    )
+
+
+def subject_task(subject: Subject) -> Any:
+    """The subject's `Task`."""
+    from tracr_injection.tasks import get_task
+
+    return get_task(subject.task)
+
+
+def example_rows(subject: Subject, decoder: LinearDecoder) -> dict[str, Any]:
+    """Token-by-token decoded vs true values of the first test example."""
+    data = in_distribution_data(subject, 1, teacher=True)
+    return {
+        "decoder": decoder.kind,
+        "prompt": data.bridged[0].tokens,
+        "rows": example_table(subject.model, data, subject.layer_map, decoder, subject.teacher),
+    }
+
+
+def causal(subject: Subject, decoder: LinearDecoder, settings: EvalSettings) -> dict[str, Any]:
+    """Noise, ablation and interchange in the output-variable subspace read by `decoder`, vs a random subspace."""
+    data = in_distribution_data(subject, settings.causal_examples)
+    result = causal_tests(
+        subject.model,
+        data,
+        decoder.rows(subject.output_dims),
+        subject.block,
+        count=settings.causal_examples,
+        noise_norms=settings.noise_norms,
+        relative_norms=settings.relative_norms,
+        pairs=settings.interchange_pairs,
+        seed=settings.seed,
+    )
+    return {"subspace": decoder.kind, **result.to_dict()}

@@ -1,0 +1,176 @@
+"""`tracr-inject eval`, `compare` and `reproduce` end to end on tiny runs: the files they write, that the
+numbers in metrics.json, report.md and the comparison agree, the clear errors for bad input, and that
+reproduce skips finished work and resumes partial runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tracr_injection.evaluate.compare import CompareError, compare_runs
+from tracr_injection.evaluate.pipeline import EvalSettings, evaluate_target
+from tracr_injection.evaluate.subject import RunFolderError, TaskMismatchError, load_subject
+from tracr_injection.experiments.budgets import SMOKE
+from tracr_injection.experiments.reproduce import plan_runs, reproduce, run_state, status_rows
+from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject import TrainConfig, train
+
+SETTINGS = EvalSettings(
+    max_examples=12, probe_examples=24, decoding_examples=8, causal_examples=8, interchange_pairs=8,
+    language_windows=4, noise_norms=(0.0, 30.0), relative_norms=(0.0, 1.0),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(isolated_cache, module_cache, monkeypatch):
+    monkeypatch.setenv("TRACR_INJECTION_CACHE", str(module_cache))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 4-block random Llama with SmolLM2's tokenizer, saved as a local model folder."""
+    tokenizer = load_tokenizer("smollm2")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_train_config(model: str, out: Path, method: str, seed: int = 0) -> TrainConfig:
+    return TrainConfig(
+        task="dyck", method=method, model=model, out=str(out), steps=4, batch_size=4, lr_lm=1e-3, lr_map=1e-2,
+        warmup_steps=1, kl_windows=8, kl_window_len=8, kl_batch_size=2, kl_top_k=16, checkpoint_every=1000,
+        eval_examples=8, seed=seed,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def evaluated_runs(tiny_model, tmp_path_factory, module_cache):
+    """Baseline (2 seeds) and inject (1 seed) tiny Dyck runs, each trained 4 steps and evaluated."""
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRACR_INJECTION_CACHE", str(module_cache))
+        runs = {}
+        for method, seed in (("baseline", 0), ("baseline", 1), ("inject", 0)):
+            out = root / f"dyck-{method}-s{seed}"
+            train(tiny_train_config(tiny_model, out, method, seed), progress=False)
+            evaluate_target(out, settings=SETTINGS, progress=False)
+            runs[(method, seed)] = out
+    return runs
+
+
+def metrics_of(run: Path) -> dict:
+    return json.loads((run / "eval" / "metrics.json").read_text())
+
+
+def test_eval_writes_metrics_report_and_plots(evaluated_runs):
+    run = evaluated_runs[("inject", 0)]
+    metrics = metrics_of(run)
+    assert metrics["subject"]["method"] == "inject" and metrics["subject"]["block"] == 3
+    assert set(metrics["accuracy"]) == {"test", "almost_balanced", "new_token", "length"}
+    assert all(r["n"] == 12 for r in metrics["accuracy"].values())
+    assert set(metrics["decoding"]) == {"map", "probe"}
+    assert metrics["decoding"]["map"]["new_token"]["skipped"]  # '<' '>' are not program symbols
+    assert metrics["causal"]["subspace"] == "map" and metrics["causal"]["k"] == 2  # yes / no dims
+    assert metrics["causal"]["noise"]["output"][0] == metrics["causal"]["clean_accuracy"]  # norm 0
+    report = (run / "eval" / "report.md").read_text()
+    for split, result in metrics["accuracy"].items():
+        assert f"| {split} | {result['kind']} | 12 | {100 * result['accuracy']:.1f}% |" in report
+    for image in ("accuracy.png", "decoding_map.png", "decoding_probe.png", "noise.png"):
+        assert f"({image})" in report
+        width, height = Image.open(run / "eval" / image).size
+        assert width > 300 and height > 150
+    assert (run / "eval" / "probe.safetensors").is_file()
+
+
+def test_baseline_is_probed_and_its_causal_subspace_comes_from_the_probe(evaluated_runs):
+    metrics = metrics_of(evaluated_runs[("baseline", 0)])
+    assert set(metrics["decoding"]) == {"probe"} and metrics["causal"]["subspace"] == "probe"
+    assert metrics["subject"]["block"] == 3  # where inject would roll
+
+
+def test_comparison_is_mean_and_std_over_seeds(evaluated_runs, tmp_path):
+    out = compare_runs(list(evaluated_runs.values()), tmp_path / "cmp")
+    table = (out / "comparison.md").read_text()
+    assert "| metric | baseline (n=2) | inject (n=1) |" in table
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    ratio = next(r for r in rows if r["method"] == "baseline" and r["metric"] == "perplexity ratio")
+    seeds = [metrics_of(evaluated_runs[("baseline", s)])["language"]["perplexity_ratio"] for s in (0, 1)]
+    assert float(ratio["mean"]) == pytest.approx(statistics.fmean(seeds))
+    assert float(ratio["std"]) == pytest.approx(statistics.stdev(seeds))
+    decode = next(r for r in rows if r["method"] == "baseline" and r["metric"] == "decode output (map)")
+    assert decode["n"] == "0"  # a baseline has no map
+    assert Image.open(out / "comparison.png").size[0] > 300
+
+
+def test_bad_input_gives_clear_errors(evaluated_runs, tmp_path, tiny_model):
+    with pytest.raises(TaskMismatchError, match="trained on task 'dyck', not 'count'"):
+        load_subject(evaluated_runs[("inject", 0)], task="count")
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    with pytest.raises(RunFolderError, match="did not finish.*--resume"):
+        load_subject(unfinished)
+    with pytest.raises(TaskMismatchError, match="say which task"):
+        load_subject(tiny_model)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(evaluated_runs[("inject", 0)], damaged, ignore=shutil.ignore_patterns("model"))
+    with pytest.raises(RunFolderError, match="no model/ folder"):
+        load_subject(damaged)
+    with pytest.raises(CompareError, match="tracr-inject eval"):
+        compare_runs([unfinished], tmp_path / "cmp")
+
+
+def test_reproduce_skips_finished_work_and_resumes_partial_runs(tiny_model, tmp_path, monkeypatch):
+    import tracr_injection.experiments.reproduce as reproduce_module
+
+    monkeypatch.setattr(reproduce_module, "eval_settings", lambda budget: SETTINGS)
+    runs = plan_runs(["dyck"], 1, SMOKE, tmp_path / "runs", tiny_model)
+    assert [(r.method, r.config.steps) for r in runs] == [("baseline", 4), ("inject", 4)]
+    partial = runs[1]
+    partial_config = TrainConfig(**{**partial.config.to_dict(), "steps": 3})
+    train(partial_config, progress=False)  # killed after step 3: its last checkpoint is step 2
+    (partial.out / "manifest.json").unlink()
+    shutil.rmtree(partial.out / "model")
+    assert [run_state(r) for r in runs] == ["todo", "partial"]
+    assert status_rows(runs)[1]["steps"] == "2/4"
+
+    states = []
+    results = reproduce(["dyck"], 1, "smoke", runs_root=tmp_path / "runs", results_root=tmp_path / "results",
+                        model=tiny_model, progress=False, on_run=lambda run, state: states.append(state))  # fmt: skip
+    assert states == ["todo", "partial"]
+    assert [run_state(r) for r in runs] == ["evaluated", "evaluated"]
+    metrics = [json.loads(line) for line in (partial.out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # resumed at 3, not restarted
+    assert (results / "comparison.md").is_file() and (results / "runs" / partial.name / "report.md").is_file()
+    experiment = json.loads((results / "experiment.json").read_text())
+    assert [r["state"] for r in experiment["runs"]] == ["evaluated", "evaluated"]
+    assert experiment["runs"][0]["train_command"].startswith(
+        "tracr-inject train --task dyck --method baseline"
+    )
+
+    stamp = (partial.out / "eval" / "metrics.json").stat().st_mtime_ns
+    states.clear()
+    reproduce(["dyck"], 1, "smoke", runs_root=tmp_path / "runs", results_root=tmp_path / "results",
+              model=tiny_model, progress=False, on_run=lambda run, state: states.append(state))  # fmt: skip
+    assert states == ["evaluated", "evaluated"]
+    assert (partial.out / "eval" / "metrics.json").stat().st_mtime_ns == stamp
