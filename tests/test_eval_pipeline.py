@@ -174,3 +174,24 @@ def test_reproduce_skips_finished_work_and_resumes_partial_runs(tiny_model, tmp_
               model=tiny_model, progress=False, on_run=lambda run, state: states.append(state))  # fmt: skip
     assert states == ["evaluated", "evaluated"]
     assert (partial.out / "eval" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_cli_eval_compare_and_status(evaluated_runs, tmp_path, tiny_model):
+    from typer.testing import CliRunner
+
+    from tracr_injection.cli.main import app
+
+    runner = CliRunner()
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    result = runner.invoke(app, ["eval", str(unfinished)])
+    assert result.exit_code == 1 and "did not finish" in result.output
+    result = runner.invoke(app, ["compare", *map(str, evaluated_runs.values()), "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0 and "baseline (n=2)" in result.output
+    result = runner.invoke(
+        app,
+        ["reproduce", "--task", "dyck", "--seeds", "2", "--budget", "smoke", "--status",
+         "--runs-root", str(tmp_path / "runs"), "--model", tiny_model],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.count("todo") == 4 and "dyck-inject-s1" in result.output

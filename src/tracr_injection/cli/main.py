@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -335,7 +336,7 @@ def compare_command(
 def reproduce_command(
     task: str = typer.Option("all", help="dyck, count, sum or all."),
     seeds: int = typer.Option(3, help="Seeds per task and method."),
-    budget: str = typer.Option("cpu", help="smoke (minutes), cpu (hours on 2 cores) or full (paper scale, GPU)."),
+    budget: str = typer.Option("cpu", help="smoke (minutes), demo (~30 min), cpu (hours on 2 cores) or full (paper scale, GPU)."),
     runs_root: Path = typer.Option(Path("runs/reproduce"), help="Where run folders go."),
     results: Path = typer.Option(Path("results"), help="Where tables, plots and run evaluations go."),
     model: str = typer.Option("smollm2", help="The LM to train."),
@@ -361,5 +362,12 @@ def reproduce_command(
         )  # fmt: skip
     except (TracrInjectionError, ValueError) as err:
         fail(str(err))
+    for run in plan_runs(tasks, seeds, get_budget(budget), runs_root, model):
+        manifest = json.loads((run.out / "manifest.json").read_text())
+        split = run.config.eval_split
+        console.print(
+            f"{run.name}: {split} accuracy {100 * manifest[f'{split}_accuracy_before']:.1f}% before training -> "
+            f"{100 * manifest[f'{split}_accuracy_after']:.1f}% after ({manifest['eval_examples']} examples)"
+        )
     console.print((folder / "comparison.md").read_text())
     typer.echo(folder)

@@ -1,7 +1,7 @@
 """Experiment budgets: how long each run of `tracr-inject reproduce` trains and how much it evaluates.
 
-In: a budget name (smoke, cpu, full) and a task.  Out: the `TrainConfig` fields and evaluation
-sizes of one run.  `smoke` is CI-sized (minutes for everything), `cpu` fits one run well inside
+In: a budget name (smoke, demo, cpu, full) and a task.  Out: the `TrainConfig` fields and evaluation
+sizes of one run.  `smoke` is CI-sized (minutes for everything), `demo` is the README's main job, `cpu` fits one run well inside
 an hour on a 2-core CPU (so a machine reclaimed after a few hours loses at most one run's
 progress since its last checkpoint), `full` is the paper's scale for a GPU (one epoch of the
 training split at batch 8, capped at 20k steps; LR 1e-6 for the LM and 1e-4 for the map).
@@ -51,6 +51,19 @@ SMOKE = Budget(
     checkpoint_every=2,
 )
 
+DEMO = Budget(
+    name="demo",
+    description="the README's main job: 150 steps at batch 8 and 100 examples per split (about 30 min for "
+    "baseline + inject on Dyck on 2 CPU cores)",
+    steps={"default": 150},
+    train={"batch_size": 8, "lr_lm": 1e-5, "lr_map": 1e-3, "warmup_steps": 20, "eval_examples": 100},
+    eval_examples=100,
+    probe_examples=200,
+    causal_examples=64,
+    language_windows=32,
+    checkpoint_every=50,
+)
+
 CPU = Budget(
     name="cpu",
     description="250 steps at batch 8 (about 12-20 min per run on 2 CPU cores) and 200 examples per split",
@@ -75,7 +88,7 @@ FULL = Budget(
     checkpoint_every=500,
 )
 
-BUDGETS = {b.name: b for b in (SMOKE, CPU, FULL)}
+BUDGETS = {b.name: b for b in (SMOKE, DEMO, CPU, FULL)}
 
 
 def get_budget(name: str) -> Budget:

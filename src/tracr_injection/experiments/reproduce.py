@@ -158,7 +158,9 @@ def eval_settings(budget: Budget) -> EvalSettings:
     return EvalSettings(
         max_examples=budget.eval_examples,
         probe_examples=budget.probe_examples,
+        decoding_examples=min(256, budget.eval_examples),
         causal_examples=budget.causal_examples,
+        interchange_pairs=budget.causal_examples,
         language_windows=budget.language_windows,
     )
 
