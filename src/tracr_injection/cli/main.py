@@ -312,7 +312,7 @@ def eval_command(
         folder = evaluate_target(target, task=task, out=out, settings=settings)
     except (TracrInjectionError, ValueError) as err:
         fail(str(err))
-    console.print((folder / "report.md").read_text())
+    typer.echo((folder / "report.md").read_text())
     typer.echo(folder)
 
 
@@ -328,7 +328,7 @@ def compare_command(
         folder = compare_runs(runs, out)
     except (TracrInjectionError, ValueError) as err:
         fail(str(err))
-    console.print((folder / "comparison.md").read_text())
+    typer.echo((folder / "comparison.md").read_text())
     typer.echo(folder)
 
 
@@ -369,5 +369,5 @@ def reproduce_command(
             f"{run.name}: {split} accuracy {100 * manifest[f'{split}_accuracy_before']:.1f}% before training -> "
             f"{100 * manifest[f'{split}_accuracy_after']:.1f}% after ({manifest['eval_examples']} examples)"
         )
-    console.print((folder / "comparison.md").read_text())
+    typer.echo((folder / "comparison.md").read_text())
     typer.echo(folder)

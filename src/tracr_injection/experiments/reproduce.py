@@ -166,14 +166,14 @@ def eval_settings(budget: Budget) -> EvalSettings:
 
 
 def publish_results(runs: Sequence[PlannedRun], budget: Budget, results_root: Path, command: str) -> Path:
-    """Copy every evaluated run's eval folder (no weights) and write the comparison, commands and versions."""
+    """Copy every evaluated run's eval folder (no weights, no probe) and write the comparison, commands and versions."""
     target = results_root / budget.name
     target.mkdir(parents=True, exist_ok=True)
     evaluated = [r for r in runs if run_state(r) == "evaluated"]
     for run in evaluated:
         dest = target / "runs" / run.name
         shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(run.out / EVAL_DIR, dest)
+        shutil.copytree(run.out / EVAL_DIR, dest, ignore=shutil.ignore_patterns("*.safetensors"))
         for name in (MANIFEST_NAME, RECORD_NAME):
             if (run.out / name).is_file():
                 shutil.copy2(run.out / name, dest / name)
