@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from conftest import build_tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tracr_injection.evaluate.accuracy import (
@@ -36,13 +37,7 @@ from tracr_injection.tasks.sum import decimal_example, sum_example
 MAX_NEW = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread for this module: on the shared 2-core machine tiny forwards ran 6x faster so."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +55,10 @@ def boost_eos(model: torch.nn.Module, eos: int) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def tiny_llama(tokenizer):
     """A 4-block random Llama with wide-spread weights, so greedy outputs vary by prompt and step."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        initializer_range=0.5,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    model = build_tiny_llama(
+        tokenizer, max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.5
     )
-    torch.manual_seed(0)
-    return boost_eos(LlamaForCausalLM(config), tokenizer.eos_token_id)
+    return boost_eos(model, tokenizer.eos_token_id)
 
 
 @pytest.fixture(scope="module")

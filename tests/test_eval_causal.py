@@ -10,7 +10,7 @@ from functools import partial
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import build_tiny_llama
 
 from tracr_injection.evaluate.causal import (
     CausalTestError,
@@ -51,21 +51,7 @@ def data():
 @pytest.fixture(scope="module")
 def model(data):
     """A 4-block random Llama trained for a few full-batch steps on the answers: it is right on some examples."""
-    tokenizer = load_tokenizer("smollm2")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=D,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(config)
+    lm = build_tiny_llama(load_tokenizer("smollm2"), hidden_size=D)
     optimizer = torch.optim.Adam(lm.parameters(), lr=1e-2)
     batch = data.collate(range(len(data)))
     b_idx, pos, target = answer_positions(batch["labels"])

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import build_tiny_llama
 
 from tracr_injection.compile.teacher import TeacherConfig, TeacherModel, TeacherVariable
 from tracr_injection.evaluate.decoding import (
@@ -39,15 +39,7 @@ from tracr_injection.tasks import TokenBridge, get_task
 TOKENIZER = "smollm2"
 
 
-@pytest.fixture(scope="module")
-def module_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(autouse=True)
-def shared_cache(isolated_cache, module_cache, monkeypatch):
-    """One teacher/targets cache for this module (keyed by content hashes, so sharing is safe)."""
-    monkeypatch.setenv("TRACR_INJECTION_CACHE", str(module_cache))
+pytestmark = pytest.mark.usefixtures("shared_cache")
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +57,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny_llama(tokenizer):
     """A 4-block random Llama (hidden 32) with SmolLM2's real tokenizer."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return build_tiny_llama(tokenizer).eval()
 
 
 def dyck_symbols(tokenizer, split: str, start: int, count: int) -> list[list[str]]:

@@ -12,9 +12,8 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import save_tiny_llama
 from PIL import Image
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from tracr_injection.evaluate.compare import CompareError, compare_runs
 from tracr_injection.evaluate.pipeline import EvalSettings, evaluate_target
@@ -30,30 +29,15 @@ SETTINGS = EvalSettings(
 )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def module_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(autouse=True)
-def shared_cache(isolated_cache, module_cache, monkeypatch):
-    monkeypatch.setenv("TRACR_INJECTION_CACHE", str(module_cache))
+pytestmark = pytest.mark.usefixtures("shared_cache")
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A 4-block random Llama with SmolLM2's tokenizer, saved as a local model folder."""
-    tokenizer = load_tokenizer("smollm2")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny-model"), load_tokenizer("smollm2"), max_position_embeddings=256
+    )
 
 
 def tiny_train_config(model: str, out: Path, method: str, seed: int = 0) -> TrainConfig:
@@ -186,7 +170,9 @@ def test_cli_eval_compare_and_status(evaluated_runs, tmp_path, tiny_model):
     (unfinished / "checkpoints").mkdir(parents=True)
     result = runner.invoke(app, ["eval", str(unfinished)])
     assert result.exit_code == 1 and "did not finish" in result.output
-    result = runner.invoke(app, ["compare", *map(str, evaluated_runs.values()), "--out", str(tmp_path / "cmp")])
+    result = runner.invoke(
+        app, ["compare", *map(str, evaluated_runs.values()), "--out", str(tmp_path / "cmp")]
+    )
     assert result.exit_code == 0 and "baseline (n=2)" in result.output
     result = runner.invoke(
         app,

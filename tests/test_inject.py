@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from conftest import save_tiny_llama
+from transformers import AutoModelForCausalLM
 
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
@@ -27,40 +28,13 @@ from tracr_injection.inject.losses import (
 )
 from tracr_injection.inject.trainer import CheckpointError, checkpoint_dirs, train
 
-
-@pytest.fixture(scope="module")
-def module_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(autouse=True)
-def shared_cache(isolated_cache, module_cache, monkeypatch):
-    """One teacher/targets/KL cache for this module's runs (keyed by content hashes, so sharing is safe)."""
-    monkeypatch.setenv("TRACR_INJECTION_CACHE", str(module_cache))
+pytestmark = pytest.mark.usefixtures("shared_cache")
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A 4-block random Llama with SmolLM2's real tokenizer, saved as a local model folder."""
-    tokenizer = load_tokenizer("smollm2")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), load_tokenizer("smollm2"))
 
 
 # ----------------------------------------------------------------------------- losses
