@@ -27,7 +27,7 @@ from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.data import batch_positions
 from tracr_injection.inject.lm import load_causal_lm
 from tracr_injection.inject.natural_text import exact_kl
-from tracr_injection.inject.trainer import InjectionObjective, build_parts, make_optimizer
+from tracr_injection.inject.trainer import InjectionObjective, RunParts, build_parts, make_optimizer
 
 
 def teacher_targets_now(
@@ -36,23 +36,25 @@ def teacher_targets_now(
     """Run the teacher on the batch (what the naive step does instead of reading stored targets)."""
     rows = [parts.data.bridged[p].teacher_symbols for p in positions]
     output, mask = teacher.run(rows)
-    final = torch.zeros(len(rows), width, teacher.config.d_model)
+    final = torch.zeros(len(rows), width, teacher.config.d_model, device=teacher.device)
     final[:, : output.residuals[-1].shape[1] - 1] = output.residuals[-1][:, 1:]
-    real = torch.zeros(len(rows), width, dtype=torch.bool)
+    real = torch.zeros(len(rows), width, dtype=torch.bool, device=teacher.device)
     real[:, : mask.shape[1] - 1] = mask[:, 1:]
     return final, real
 
 
 def timed_steps(
-    kind: str, objective, optimizer, parts, config, steps: int, teacher=None, original=None
+    kind: str, objective, optimizer, parts, config, steps: int, teacher=None, original=None, device="cpu"
 ) -> list[float]:
-    """Seconds per full step (forward, backward, AdamW) of one kind."""
+    """Seconds per full step (forward, backward, AdamW) of one kind, batches moved to `device`."""
     times = []
     for step in range(steps):
         began = time.perf_counter()
         positions = batch_positions(step, config.batch_size, len(parts.data))
-        batch = parts.data.collate(positions)
-        kl_batch = parts.kl_cache.batch(batch_positions(step, config.kl_batch_size, len(parts.kl_cache)))
+        batch = {k: v.to(device) for k, v in parts.data.collate(positions).items()}
+        kl_batch = parts.kl_cache.batch(
+            batch_positions(step, config.kl_batch_size, len(parts.kl_cache)), device=device
+        )
         if kind == "naive":
             batch["teacher_final"], batch["teacher_mask"] = teacher_targets_now(
                 teacher, parts, positions, batch["input_ids"].shape[1]
@@ -66,8 +68,48 @@ def timed_steps(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)
     return times
+
+
+def setup(
+    task: str, model_name: str, steps: int, batch_size: int, device: str = "cpu"
+) -> tuple[TrainConfig, RunParts, torch.nn.Module]:
+    """The config for `steps` timed steps (plus a warm-up), the run parts on `device` and a frozen original LM."""
+    config = TrainConfig(
+        task=task,
+        model=model_name,
+        out=tempfile.mkdtemp(),
+        steps=steps + 1,
+        batch_size=batch_size,
+    )
+    tokenizer, model = load_tokenizer(model_name), load_causal_lm(model_name).to(device)
+    original = copy.deepcopy(model).eval().requires_grad_(False)
+    parts = build_parts(config, tokenizer, model)
+    parts.amap.to(device)
+    parts.teacher.to(device)
+    return config, parts, original
+
+
+def median_step_times(
+    config: TrainConfig, parts: RunParts, original: torch.nn.Module, steps: int, device: str = "cpu"
+) -> dict[str, float]:
+    """Median seconds per step of baseline, inject and naive over `steps` steps (after one warm-up each)."""
+    medians = {}
+    for kind in ("baseline", "inject", "naive"):
+        kind_config = dataclasses.replace(config, method="baseline" if kind == "baseline" else "inject")
+        objective = InjectionObjective(
+            kind_config if kind != "naive" else dataclasses.replace(kind_config, kl_weight=0.0), parts
+        )
+        optimizer = make_optimizer(kind_config, parts.model, parts.amap)
+        times = timed_steps(
+            kind, objective, optimizer, parts, kind_config, steps + 1, parts.teacher, original, device
+        )[1:]
+        medians[kind] = statistics.median(times)
+        print(f"{kind}: median {medians[kind]:.2f} s/step over {len(times)} steps", flush=True)
+    return medians
 
 
 def main() -> None:
@@ -80,29 +122,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = TrainConfig(
-        task=args.task,
-        model=args.model,
-        out=tempfile.mkdtemp(),
-        steps=args.steps + 1,
-        batch_size=args.batch_size,
-    )
-    tokenizer, model = load_tokenizer(args.model), load_causal_lm(args.model)
-    original = copy.deepcopy(model).eval().requires_grad_(False)
-    parts = build_parts(config, tokenizer, model)
-    teacher = parts.teacher
-    medians = {}
-    for kind in ("baseline", "inject", "naive"):
-        kind_config = dataclasses.replace(config, method="baseline" if kind == "baseline" else "inject")
-        objective = InjectionObjective(
-            kind_config if kind != "naive" else dataclasses.replace(kind_config, kl_weight=0.0), parts
-        )
-        optimizer = make_optimizer(kind_config, model, parts.amap)
-        times = timed_steps(
-            kind, objective, optimizer, parts, kind_config, args.steps + 1, teacher, original
-        )[1:]
-        medians[kind] = statistics.median(times)
-        print(f"{kind}: median {medians[kind]:.2f} s/step over {len(times)} steps", flush=True)
+    config, parts, original = setup(args.task, args.model, args.steps, args.batch_size)
+    medians = median_step_times(config, parts, original, args.steps)
     tokens = args.batch_size * max(len(b) for b in parts.data.bridged[: args.batch_size])
     result = {
         "task": args.task,

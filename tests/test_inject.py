@@ -23,6 +23,8 @@ from tracr_injection.inject.losses import (
     answer_positions,
     detach_and_roll,
     detach_and_roll_at,
+    donor_positions,
+    first_answer_positions,
     output_projector,
     task_loss,
 )
@@ -103,6 +105,41 @@ def test_detach_and_roll_passes_gradient_only_through_the_output_subspace():
     weights = torch.randn_like(out)
     (out * weights).sum().backward()
     assert torch.allclose(h.grad, weights @ P.T, atol=1e-5)  # no gradient outside the subspace
+
+
+def test_donor_positions_line_up_first_token_and_answer_position():
+    anchors = torch.tensor([5, 3])  # row 0 receives row 1's states, row 1 receives row 0's
+    source = donor_positions(anchors, torch.roll(anchors, 1), width=8)
+    # row 0: prompt 0..5 resampled from 0..3 (round(p * 3 / 5), half to even), answer tokens 4, 5 follow
+    assert source[0].tolist() == [0, 1, 1, 2, 2, 3, 4, 5]
+    # row 1: prompt 0..3 from 0..5 (round(p * 5 / 3)), then 6, 7 and the edge
+    assert source[1].tolist() == [0, 2, 3, 5, 6, 7, 7, 7]
+
+
+def test_first_answer_positions_is_the_position_before_the_first_label():
+    labels = torch.tensor([[-100, -100, -100, 7, 2, -100], [-100, 9, 9, 2, -100, -100]])
+    assert first_answer_positions(labels).tolist() == [2, 0]
+    assert first_answer_positions(labels).tolist() == [answer_positions(labels)[1][0].item(), 0]
+
+
+def test_anchored_roll_takes_the_donors_lined_up_states_and_keeps_gradient_in_the_subspace():
+    torch.manual_seed(0)
+    P = output_projector(AlignmentMap(8, 5), [0, 2])
+    h = torch.randn(3, 6, 8, requires_grad=True)
+    anchors = torch.tensor([4, 2, 3])
+    out = detach_and_roll(h, P, anchors)
+    inside = h.detach() @ P
+    outside = h.detach() - inside
+    donor = [2, 0, 1]
+    source = donor_positions(anchors, anchors[donor], 6)
+    for b in range(3):
+        assert torch.allclose(out[b] - inside[b], outside[donor[b], source[b]], atol=1e-6)
+        # the answer position gets the donor's answer position, the first token the donor's first token
+        assert torch.allclose(out[b, anchors[b]] - inside[b, anchors[b]], outside[donor[b], anchors[donor[b]]])
+        assert torch.allclose(out[b, 0] - inside[b, 0], outside[donor[b], 0])
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    assert torch.allclose(h.grad, weights @ P.T, atol=1e-5)
 
 
 def test_detach_and_roll_hook_changes_only_what_it_should(tiny_llama):

@@ -194,12 +194,27 @@ def train_command(
     roll_block: int | None = typer.Option(
         None, help="Block whose output detach-and-roll edits (default: right after the aligned levels)."
     ),
+    roll_align: str | None = typer.Option(
+        None, help="answer (default: roll the other example in lined up at the answer) or position (paper's code)."
+    ),
     kl_source: str | None = typer.Option(
         None, help="Natural text for the KL term: self (sampled from the model), a local folder, or hf:NAME:SPLIT."
     ),
     mixed_precision: str | None = typer.Option(None, help="no, bf16 or fp16 (where the device supports it)."),
+    weight_decay: float | None = typer.Option(None, help="AdamW weight decay."),
+    max_grad_norm: float | None = typer.Option(None, help="Gradient-norm clipping."),
+    kl_windows: int | None = typer.Option(None, help="Natural-text windows in the KL cache."),
+    kl_window_len: int | None = typer.Option(None, help="Tokens per natural-text window."),
+    kl_batch_size: int | None = typer.Option(None, help="Natural-text windows per step."),
+    kl_top_k: int | None = typer.Option(None, help="Top-k of the original model's distribution kept for the KL."),
+    train_split: str | None = typer.Option(None, help="Task split trained on."),
+    eval_split: str | None = typer.Option(None, help="Task split scored before and after training."),
     seed: int | None = typer.Option(None, help="Seed for data order, map init and everything else."),
+    keep_checkpoints: int | None = typer.Option(None, help="How many of the latest checkpoints to keep."),
     checkpoint_every: int | None = typer.Option(None, help="Save a checkpoint every N steps."),
+    eval_examples: int | None = typer.Option(
+        None, help="Examples of the eval split scored before and after training (manifest accuracy)."
+    ),
     out: str | None = typer.Option(None, help="Run folder."),
     config: Path | None = typer.Option(None, help="YAML file with TrainConfig fields; flags override it."),
     resume: bool = typer.Option(False, help="Continue from the run folder's last checkpoint."),
@@ -210,8 +225,11 @@ def train_command(
     overrides = dict(
         task=task, method=method, model=model, steps=steps, batch_size=batch_size, lr_lm=lr_lm, lr_map=lr_map,
         alignment_weight=alignment_weight, kl_weight=kl_weight, seed=seed, checkpoint_every=checkpoint_every,
+        eval_examples=eval_examples, weight_decay=weight_decay, max_grad_norm=max_grad_norm, kl_windows=kl_windows,
+        kl_window_len=kl_window_len, kl_batch_size=kl_batch_size, kl_top_k=kl_top_k, train_split=train_split,
+        eval_split=eval_split, keep_checkpoints=keep_checkpoints,
         out=out, warmup_steps=warmup_steps, layer_strategy=layer_strategy, roll_block=roll_block,
-        kl_source=kl_source, mixed_precision=mixed_precision,
+        roll_align=roll_align, kl_source=kl_source, mixed_precision=mixed_precision,
     )  # fmt: skip
     try:
         cfg = TrainConfig.load(config, **overrides)

@@ -10,6 +10,7 @@ import yaml
 
 METHODS = ("inject", "baseline")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+ROLL_ALIGN = ("answer", "position")
 
 
 @dataclasses.dataclass
@@ -18,7 +19,10 @@ class TrainConfig:
 
     `method="baseline"` is the same run with the alignment term and detach-and-roll off.
     `roll_block` is the LM block whose output detach-and-roll edits (default: the block right
-    after the last aligned hidden state).  Learning rates are separate for the LM and the map.
+    after the last aligned hidden state); `roll_align="answer"` lines the rolled-in example up with
+    this one (first token and answer position; `losses.donor_positions`), `"position"` rolls by
+    absolute position as the paper's code does (under right padding that hands the answer position
+    another example's pad state).  Learning rates are separate for the LM and the map.
     """
 
     task: str = "dyck"
@@ -41,6 +45,7 @@ class TrainConfig:
     kl_top_k: int = 1024  # benchmarks/results/kl_topk.json: KL within 2-5% on SmolLM2 (4096: <2%)
     layer_strategy: str = "identity"
     roll_block: int | None = None
+    roll_align: str = "answer"
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -52,6 +57,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.roll_align not in ROLL_ALIGN:
+            raise ValueError(f"roll_align must be one of {ROLL_ALIGN}, got {self.roll_align!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"

@@ -41,6 +41,7 @@ from tracr_injection.inject.losses import (
     alignment_loss,
     answer_positions,
     detach_and_roll_at,
+    first_answer_positions,
     output_projector,
     task_loss,
 )
@@ -166,7 +167,8 @@ class InjectionObjective(torch.nn.Module):
         roll = contextlib.nullcontext()
         if config.injecting:
             projector = output_projector(self.amap, parts.output_dims)
-            roll = detach_and_roll_at(decoder_blocks(self.lm)[parts.roll_block], projector)
+            anchors_B = first_answer_positions(batch["labels"]) if config.roll_align == "answer" else None
+            roll = detach_and_roll_at(decoder_blocks(self.lm)[parts.roll_block], projector, anchors_B)
         with roll:
             out = self.lm(
                 input_ids=batch["input_ids"],
