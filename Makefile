@@ -25,9 +25,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# The headline numbers in one run (compile, step times and ratios, tokens/s, memory, eval throughput).
 bench: setup
-	$(PY) benchmarks/bench_compile.py
-	$(PY) benchmarks/bench_targets.py
+	$(PY) benchmarks/bench_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

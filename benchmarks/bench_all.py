@@ -75,7 +75,7 @@ class Sizes:
 
 
 FULL = Sizes(
-    compile_len=20, teacher_len=None, train_steps=6, batch_size=8, gen_prompts=200, gen_batch_size=64
+    compile_len=20, teacher_len=None, train_steps=12, batch_size=8, gen_prompts=200, gen_batch_size=64
 )
 QUICK = Sizes(compile_len=8, teacher_len=None, train_steps=2, batch_size=2, gen_prompts=8, gen_batch_size=4)
 

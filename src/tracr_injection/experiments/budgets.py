@@ -66,8 +66,9 @@ DEMO = Budget(
 
 CPU = Budget(
     name="cpu",
-    description="250 steps at batch 8 (about 12-20 min per run on 2 CPU cores) and 200 examples per split",
-    steps={"default": 250},
+    description="400 steps at batch 8 (about 25 min per run, training and evaluation, on 2 CPU cores) and "
+    "200 examples per split",
+    steps={"default": 400},
     train={"batch_size": 8, "lr_lm": 1e-5, "lr_map": 1e-3, "warmup_steps": 20, "eval_examples": 200},
     eval_examples=200,
     probe_examples=400,
