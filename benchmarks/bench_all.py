@@ -54,7 +54,7 @@ from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.data import batch_positions
 from tracr_injection.inject.lm import load_causal_lm
-from tracr_injection.inject.trainer import RunParts
+from tracr_injection.inject.trainer import RunParts, versions
 from tracr_injection.programs.registry import get_program
 from tracr_injection.tasks import get_task
 
@@ -200,9 +200,7 @@ def environment(device: str, load_before: float) -> dict[str, Any]:
         "cpu_shared_with_other_processes": load_before > BUSY_LOAD,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": importlib.metadata.version("transformers"),
-        "tracr_injection": importlib.metadata.version("tracr-injection"),
+        **versions(),
         "tracr": importlib.metadata.version("tracr-pypi"),
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -220,17 +221,10 @@ def train_command(
     resume: bool = typer.Option(False, help="Continue from the run folder's last checkpoint."),
 ) -> None:
     """Train an LM on a task with tracr-injection (or the plain fine-tuning baseline)."""
+    flags = dict(locals())  # the options are named after the TrainConfig fields they set
     from tracr_injection.inject import TrainConfig, train
 
-    overrides = dict(
-        task=task, method=method, model=model, steps=steps, batch_size=batch_size, lr_lm=lr_lm, lr_map=lr_map,
-        alignment_weight=alignment_weight, kl_weight=kl_weight, seed=seed, checkpoint_every=checkpoint_every,
-        eval_examples=eval_examples, weight_decay=weight_decay, max_grad_norm=max_grad_norm, kl_windows=kl_windows,
-        kl_window_len=kl_window_len, kl_batch_size=kl_batch_size, kl_top_k=kl_top_k, train_split=train_split,
-        eval_split=eval_split, keep_checkpoints=keep_checkpoints,
-        out=out, warmup_steps=warmup_steps, layer_strategy=layer_strategy, roll_block=roll_block,
-        roll_align=roll_align, kl_source=kl_source, mixed_precision=mixed_precision,
-    )  # fmt: skip
+    overrides = {f.name: flags[f.name] for f in dataclasses.fields(TrainConfig) if f.name in flags}
     try:
         cfg = TrainConfig.load(config, **overrides)
         if out is None and config is None:
