@@ -19,7 +19,16 @@ from tracr_injection.evaluate.compare import CompareError, compare_runs
 from tracr_injection.evaluate.pipeline import EvalSettings, evaluate_target
 from tracr_injection.evaluate.subject import RunFolderError, TaskMismatchError, load_subject
 from tracr_injection.experiments.budgets import SMOKE
-from tracr_injection.experiments.reproduce import plan_runs, reproduce, run_state, status_rows
+from tracr_injection.experiments.reproduce import (
+    LOCK_NAME,
+    claim,
+    lock_holder,
+    plan_runs,
+    release,
+    reproduce,
+    run_state,
+    status_rows,
+)
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig, train
 
@@ -128,7 +137,7 @@ def test_reproduce_skips_finished_work_and_resumes_partial_runs(tiny_model, tmp_
     import tracr_injection.experiments.reproduce as reproduce_module
 
     monkeypatch.setattr(reproduce_module, "eval_settings", lambda budget: SETTINGS)
-    runs = plan_runs(["dyck"], 1, SMOKE, tmp_path / "runs", tiny_model)
+    runs = plan_runs(["dyck"], 1, SMOKE, tmp_path / "runs", tiny_model, tmp_path / "results")
     assert [(r.method, r.config.steps) for r in runs] == [("baseline", 4), ("inject", 4)]
     partial = runs[1]
     partial_config = TrainConfig(**{**partial.config.to_dict(), "steps": 3})
@@ -158,6 +167,46 @@ def test_reproduce_skips_finished_work_and_resumes_partial_runs(tiny_model, tmp_
               model=tiny_model, progress=False, on_run=lambda run, state: states.append(state))  # fmt: skip
     assert states == ["evaluated", "evaluated"]
     assert (partial.out / "eval" / "metrics.json").stat().st_mtime_ns == stamp
+    assert not any(r.out.joinpath(LOCK_NAME).exists() for r in runs)
+
+    # A fresh machine: run folders gone, results/ committed -> nothing is trained again.
+    shutil.rmtree(tmp_path / "runs")
+    assert [run_state(r) for r in runs] == ["published", "published"]
+    assert [row["steps"] for row in status_rows(runs)] == ["4/4", "4/4"]
+    states.clear()
+    reproduce(["dyck"], 1, "smoke", runs_root=tmp_path / "runs", results_root=tmp_path / "results",
+              model=tiny_model, progress=False, on_run=lambda run, state: states.append(state))  # fmt: skip
+    assert states == ["published", "published"] and not (tmp_path / "runs").exists()
+    assert "baseline (n=1)" in (results / "comparison.md").read_text()
+
+    # A published run of another configuration (the budget changed since) does not count as done.
+    manifest_path = runs[0].published / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config"]["steps"] = 3
+    manifest_path.write_text(json.dumps(manifest))
+    assert [run_state(r) for r in runs] == ["todo", "published"]
+
+
+def test_run_locks_let_processes_share_a_plan(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    run = plan_runs(["dyck"], 1, SMOKE, tmp_path / "runs", "unused", tmp_path / "results")[0]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run.out.mkdir(parents=True)
+        (run.out / LOCK_NAME).write_text(f"{socket.gethostname()}:{other.pid}")
+        assert lock_holder(run) == f"{socket.gethostname()}:{other.pid}"
+        assert not claim(run)  # a live process holds it
+        assert status_rows([run])[0]["state"].startswith("running")
+    finally:
+        other.kill()
+        other.wait()
+    assert lock_holder(run) is None  # its holder died
+    assert claim(run) and claim(run)  # taken over; claiming again in the same process is fine
+    release(run)
+    assert not (run.out / LOCK_NAME).exists()
 
 
 def test_cli_eval_compare_and_status(evaluated_runs, tmp_path, tiny_model):

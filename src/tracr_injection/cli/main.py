@@ -356,12 +356,12 @@ def reproduce_command(
 ) -> None:
     """Train and evaluate baseline and inject runs for each seed, then compare (re-run it to continue)."""
     from tracr_injection.experiments.budgets import TASKS, get_budget
-    from tracr_injection.experiments.reproduce import plan_runs, reproduce, status_rows
+    from tracr_injection.experiments.reproduce import DONE_STATES, plan_runs, reproduce, run_state, status_rows
 
     tasks = list(TASKS) if task == "all" else [task]
     try:
         if status:
-            rows = status_rows(plan_runs(tasks, seeds, get_budget(budget), runs_root, model))
+            rows = status_rows(plan_runs(tasks, seeds, get_budget(budget), runs_root, model, results))
             table = Table(*rows[0].keys(), title=f"reproduce --budget {budget}")
             for row in rows:
                 table.add_row(*("" if v is None else str(v) for v in row.values()))
@@ -374,8 +374,11 @@ def reproduce_command(
         )  # fmt: skip
     except (TracrInjectionError, ValueError) as err:
         fail(str(err))
-    for run in plan_runs(tasks, seeds, get_budget(budget), runs_root, model):
-        manifest = json.loads((run.out / "manifest.json").read_text())
+    for run in plan_runs(tasks, seeds, get_budget(budget), runs_root, model, results):
+        if run_state(run) not in DONE_STATES:
+            console.print(f"{run.name}: {run_state(run)} (another process is on it, or it stopped; run again)")
+            continue
+        manifest = json.loads((run.published / "manifest.json").read_text())
         split = run.config.eval_split
         console.print(
             f"{run.name}: {split} accuracy {100 * manifest[f'{split}_accuracy_before']:.1f}% before training -> "

@@ -5,14 +5,20 @@ In: tasks, seeds and a budget.  Out: run folders under `runs/reproduce/<budget>/
 (metrics.json, report.md, plots; no weights), the exact commands, versions and the wall time of
 each run.  It is safe to run again and again: finished runs are skipped, partial runs resume from
 their last checkpoint, unevaluated runs are evaluated, so a reclaimed machine loses at most the
-steps since a run's last checkpoint.
+steps since a run's last checkpoint.  Each run is published to `results/` as soon as it is
+evaluated, and a run whose published evaluation matches its planned configuration counts as done
+even when its run folder is gone (a fresh machine with the committed results picks up where the
+last one stopped).  Several `reproduce` processes can share one plan: each claims a run with a
+lock file in the run folder and skips runs another live process holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
+import socket
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +32,8 @@ from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.trainer import MANIFEST_NAME, METRICS_NAME, checkpoint_dirs, train, versions
 
 RECORD_NAME = "reproduce.json"
+LOCK_NAME = ".reproduce.lock"
+DONE_STATES = ("evaluated", "published")
 
 
 @dataclasses.dataclass
@@ -36,6 +44,7 @@ class PlannedRun:
     method: str
     seed: int
     config: TrainConfig
+    published: Path  # where its evaluation goes under results/<budget>/runs/
 
     @property
     def out(self) -> Path:
@@ -49,17 +58,24 @@ class PlannedRun:
 
 
 def plan_runs(
-    tasks: Sequence[str], seeds: int, budget: Budget, runs_root: Path, model: str = "smollm2"
+    tasks: Sequence[str],
+    seeds: int,
+    budget: Budget,
+    runs_root: Path,
+    model: str = "smollm2",
+    results_root: Path = Path("results"),
 ) -> list[PlannedRun]:
     """Every run of the experiment, baseline before inject for each (task, seed)."""
     runs = []
     for task in tasks:
         for seed in range(seeds):
             for method in METHODS:
-                out = runs_root / budget.name / f"{task}-{method}-s{seed}"
+                name = f"{task}-{method}-s{seed}"
                 fields = budget.train_fields(task)
-                config = TrainConfig(task=task, method=method, model=model, seed=seed, out=str(out), **fields)
-                runs.append(PlannedRun(task, method, seed, config))
+                config = TrainConfig(
+                    task=task, method=method, model=model, seed=seed, out=str(runs_root / budget.name / name), **fields
+                )
+                runs.append(PlannedRun(task, method, seed, config, results_root / budget.name / "runs" / name))
     return runs
 
 
@@ -71,25 +87,78 @@ def steps_done(run: PlannedRun) -> int:
     return int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
 
 
+def is_published(run: PlannedRun) -> bool:
+    """Whether results/ holds this run's evaluation, trained with exactly the planned configuration."""
+    manifest = run.published / MANIFEST_NAME
+    if not (run.published / "metrics.json").is_file() or not manifest.is_file():
+        return False
+    trained = json.loads(manifest.read_text())["config"]
+    planned = run.config.to_dict()
+    return {k: v for k, v in trained.items() if k != "out"} == {k: v for k, v in planned.items() if k != "out"}
+
+
 def run_state(run: PlannedRun) -> str:
-    """evaluated / trained / partial / todo."""
+    """evaluated / published (evaluated on an earlier machine) / trained / partial / todo."""
     if (run.out / EVAL_DIR / "metrics.json").is_file():
         return "evaluated"
+    if is_published(run):
+        return "published"
     if (run.out / MANIFEST_NAME).is_file():
         return "trained"
     return "partial" if steps_done(run) else "todo"
+
+
+def lock_holder(run: PlannedRun) -> str | None:
+    """`host:pid` of the live process working on this run, or None (a dead process's lock does not count)."""
+    try:
+        host, pid = (run.out / LOCK_NAME).read_text().split(":")
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return f"{host}:{pid}"
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return None
+    except PermissionError:
+        pass
+    return f"{host}:{pid}"
+
+
+def claim(run: PlannedRun) -> bool:
+    """Take the run's lock for this process; False when another live process holds it."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    path = run.out / LOCK_NAME
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    if path.exists() and lock_holder(run) is None:
+        path.unlink(missing_ok=True)  # left by a process that died
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return (run.out / LOCK_NAME).read_text() == me
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    return True
+
+
+def release(run: PlannedRun) -> None:
+    """Drop this process's lock on the run."""
+    (run.out / LOCK_NAME).unlink(missing_ok=True)
 
 
 def status_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
     """One row per run: name, state, steps done / planned, recorded wall times."""
     rows = []
     for run in runs:
-        record = read_record(run.out)
+        state = run_state(run)
+        record = read_record(run.published if state == "published" else run.out)
+        if state not in DONE_STATES and lock_holder(run):
+            state = f"running ({lock_holder(run)})"
         rows.append(
             {
                 "run": run.name,
-                "state": run_state(run),
-                "steps": f"{steps_done(run)}/{run.config.steps}",
+                "state": state,
+                "steps": f"{run.config.steps if state == 'published' else steps_done(run)}/{run.config.steps}",
                 "train_seconds": record.get("train_seconds"),
                 "eval_seconds": record.get("eval_seconds"),
             }
@@ -165,20 +234,25 @@ def eval_settings(budget: Budget) -> EvalSettings:
     )
 
 
+def publish_run(run: PlannedRun) -> None:
+    """Copy an evaluated run's eval folder (no weights, no probe), manifest and record to results/."""
+    shutil.rmtree(run.published, ignore_errors=True)
+    shutil.copytree(run.out / EVAL_DIR, run.published, ignore=shutil.ignore_patterns("*.safetensors"))
+    for name in (MANIFEST_NAME, RECORD_NAME):
+        if (run.out / name).is_file():
+            shutil.copy2(run.out / name, run.published / name)
+
+
 def publish_results(runs: Sequence[PlannedRun], budget: Budget, results_root: Path, command: str) -> Path:
-    """Copy every evaluated run's eval folder (no weights, no probe) and write the comparison, commands and versions."""
+    """Publish every evaluated run and write the comparison of all finished runs, commands and versions."""
     target = results_root / budget.name
     target.mkdir(parents=True, exist_ok=True)
-    evaluated = [r for r in runs if run_state(r) == "evaluated"]
-    for run in evaluated:
-        dest = target / "runs" / run.name
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(run.out / EVAL_DIR, dest, ignore=shutil.ignore_patterns("*.safetensors"))
-        for name in (MANIFEST_NAME, RECORD_NAME):
-            if (run.out / name).is_file():
-                shutil.copy2(run.out / name, dest / name)
-    if evaluated:
-        compare_runs([r.out for r in evaluated], target)
+    for run in runs:
+        if run_state(run) == "evaluated":
+            publish_run(run)
+    finished = [r for r in runs if run_state(r) in DONE_STATES]
+    if finished:
+        compare_runs([r.published for r in finished], target)
     (target / "experiment.json").write_text(
         json.dumps(
             {
@@ -208,12 +282,22 @@ def reproduce(
     command: str = "",
     on_run: Callable[[PlannedRun, str], None] | None = None,
 ) -> Path:
-    """Bring every planned run to 'evaluated' (skipping what is done), then publish the comparison."""
+    """Bring every planned run to 'evaluated' (skipping what is done or claimed by another live process),
+    publishing the comparison after each run."""
     budget = get_budget(budget_name)
-    runs = plan_runs(tasks, seeds, budget, runs_root, model)
+    runs = plan_runs(tasks, seeds, budget, runs_root, model, results_root)
     settings = eval_settings(budget)
     for run in runs:
+        state = run_state(run)
+        if state not in DONE_STATES and not claim(run):
+            state = f"running elsewhere ({lock_holder(run)})"
         if on_run is not None:
-            on_run(run, run_state(run))
-        execute_run(run, settings, progress)
+            on_run(run, state)
+        if state in DONE_STATES or state.startswith("running"):
+            continue
+        try:
+            execute_run(run, settings, progress)
+        finally:
+            release(run)
+        publish_results(runs, budget, results_root, command)
     return publish_results(runs, budget, results_root, command)
