@@ -94,6 +94,24 @@ def test_eval_writes_metrics_report_and_plots(evaluated_runs):
         width, height = Image.open(run / "eval" / image).size
         assert width > 300 and height > 150
     assert (run / "eval" / "probe.safetensors").is_file()
+    readout = metrics["readout"]
+    assert set(readout) == {"map", "probe"} and set(readout["map"]) == set(metrics["accuracy"])
+    assert all(r["positions"] == 8 for r in readout["map"].values())  # decoding_examples, one answer each
+    assert "## Answer readout" in report and "| map | almost_balanced | 8 |" in report
+
+
+def test_readout_is_added_to_a_run_evaluated_before_it_existed(evaluated_runs, tmp_path):
+    from tracr_injection.evaluate.pipeline import add_readout
+
+    run = tmp_path / "old-run"
+    shutil.copytree(evaluated_runs[("inject", 0)], run)
+    path = run / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    expected = metrics.pop("readout")
+    path.write_text(json.dumps(metrics))
+    add_readout(run, progress=False)
+    assert json.loads(path.read_text())["readout"] == expected  # same settings, same saved probe
+    assert "## Answer readout" in (run / "eval" / "report.md").read_text()
 
 
 def test_baseline_is_probed_and_its_causal_subspace_comes_from_the_probe(evaluated_runs):
@@ -113,6 +131,9 @@ def test_comparison_is_mean_and_std_over_seeds(evaluated_runs, tmp_path):
     assert float(ratio["std"]) == pytest.approx(statistics.stdev(seeds))
     decode = next(r for r in rows if r["method"] == "baseline" and r["metric"] == "decode output (map)")
     assert decode["n"] == "0"  # a baseline has no map
+    readout = next(r for r in rows if r["method"] == "inject" and r["metric"] == "readout almost_balanced: subspace right")
+    inject = metrics_of(evaluated_runs[("inject", 0)])
+    assert float(readout["mean"]) == inject["readout"]["map"]["almost_balanced"]["subspace_accuracy"]
     assert Image.open(out / "comparison.png").size[0] > 300
 
 

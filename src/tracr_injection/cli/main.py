@@ -313,9 +313,20 @@ def eval_command(
     lm_eval: str | None = typer.Option(
         None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (when installed and data is available)."
     ),
+    add_readout_only: bool = typer.Option(
+        False, "--add-readout", help="Only add the answer readout to a run evaluated before it existed."
+    ),
 ) -> None:
-    """Evaluate a run: accuracy in and out of distribution, kept language ability, decoding, causal tests."""
-    from tracr_injection.evaluate.pipeline import EvalSettings, evaluate_target
+    """Evaluate a run: accuracy in and out of distribution, kept language ability, decoding, readout, causal tests."""
+    from tracr_injection.evaluate.pipeline import EvalSettings, add_readout, evaluate_target
+
+    if add_readout_only:
+        try:
+            folder = add_readout(target)
+        except (TracrInjectionError, ValueError) as err:
+            fail(str(err))
+        typer.echo(folder)
+        return
 
     settings = EvalSettings(lm_eval_tasks=lm_eval.split(",") if lm_eval else [])
     if max_examples is not None:

@@ -44,6 +44,11 @@ def output_decoding(metrics: dict[str, Any], decoder: str, split: str) -> float 
     return levels[-1]
 
 
+def main_decoder(metrics: dict[str, Any]) -> str:
+    """The decoder a run's causal tests used: the map of an injected run, else the probe."""
+    return metrics["causal"]["subspace"]
+
+
 def run_row(metrics: dict[str, Any]) -> dict[str, float | None]:
     """The comparison metrics of one run (accuracy per split, kept ability, decoding, causal effects)."""
     accuracy = metrics["accuracy"]
@@ -55,6 +60,10 @@ def run_row(metrics: dict[str, Any]) -> dict[str, float | None]:
     row["top-1 agreement"] = language["top1_agreement"]
     row["decode output (map)"] = output_decoding(metrics, "map", id_split)
     row["decode output (probe)"] = output_decoding(metrics, "probe", id_split)
+    readout = metrics.get("readout", {}).get(main_decoder(metrics), {})
+    for split, result in readout.items():
+        row[f"readout {split}: subspace right"] = result["subspace_accuracy"]
+        row[f"readout {split}: LM follows wrong subspace"] = result["lm_follows_subspace_when_wrong"]
     row["ablation acc"] = causal["ablation"]["output"]
     row["ablation acc (random)"] = causal["ablation"]["random"]
     row[f"noise {causal['noise_norms'][-1]:g} acc"] = causal["noise"]["output"][-1]

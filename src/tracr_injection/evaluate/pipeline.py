@@ -2,7 +2,8 @@
 
 In: a run folder or a model name (+ task) and `EvalSettings`.  Out: `<run>/eval/metrics.json`
 (accuracy per split with breakdowns, kept language ability, decoding per variable per level via
-the learned map and via a post-hoc probe, causal tests, timings), `report.md` and PNG plots.
+the learned map and via a post-hoc probe, the answer readout per split, causal tests, timings),
+`report.md` and PNG plots.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from tracr_injection.evaluate.accuracy import task_accuracy
 from tracr_injection.evaluate.causal import causal_tests
 from tracr_injection.evaluate.decoding import LinearDecoder, evaluate_decoding, example_table, fit_task_probe
 from tracr_injection.evaluate.language import heldout_windows, language_metrics, run_lm_eval
+from tracr_injection.evaluate.readout import answer_readout, symbol_tokens
 from tracr_injection.evaluate.report import write_report
-from tracr_injection.evaluate.subject import PRETRAINED, Subject, load_subject
+from tracr_injection.evaluate.subject import PRETRAINED, RunFolderError, Subject, load_subject
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import load_causal_lm
@@ -62,10 +64,29 @@ def evaluate_target(
     subject = load_subject(target, task)
     folder = Path(out) if out is not None else default_out(subject)
     metrics = evaluate_subject(subject, settings or EvalSettings(), folder, progress)
+    return write_metrics(metrics, folder)
+
+
+def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:
+    """Write metrics.json and report.md (with its plots) into `folder`; returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
     write_report(metrics, folder)
     return folder
+
+
+def add_readout(run_dir: str | Path, progress: bool = True) -> Path:
+    """Add the answer readout to a run evaluated before it existed (same settings, the saved probe)."""
+    subject = load_subject(run_dir)
+    folder = default_out(subject)
+    path = folder / METRICS_FILE
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} has no {EVAL_DIR}/{METRICS_FILE}; run `tracr-inject eval {run_dir}` first.")
+    metrics = json.loads(path.read_text())
+    settings = EvalSettings(**metrics["settings"])
+    decoders = subject_decoders(subject, settings, folder)
+    metrics["readout"] = timed(metrics["timings"], "readout", lambda: readout(subject, decoders, settings), progress)
+    return write_metrics(metrics, folder)
 
 
 def default_out(subject: Subject) -> Path:
@@ -99,15 +120,15 @@ def evaluate_subject(
     accuracy = timed(timings, "accuracy", lambda: split_accuracies(subject, settings), progress)
     metrics["accuracy"] = {split: result.to_dict() for split, result in accuracy.items()}
     metrics["language"] = timed(timings, "language", lambda: kept_language(subject, settings), progress)
-    probe = timed(timings, "probe", lambda: task_probe(subject, settings, folder), progress)
-    decoders = {"probe": probe} if subject.amap is None else {"map": map_decoder(subject), "probe": probe}
+    decoders = timed(timings, "probe", lambda: subject_decoders(subject, settings, folder), progress)
     metrics["decoding"] = timed(
         timings,
         "decoding",
         lambda: {k: decoding(subject, d, settings) for k, d in decoders.items()},
         progress,
     )
-    main_decoder = decoders.get("map", probe)
+    metrics["readout"] = timed(timings, "readout", lambda: readout(subject, decoders, settings), progress)
+    main_decoder = decoders.get("map", decoders["probe"])
     metrics["example"] = example_rows(subject, main_decoder)
     metrics["causal"] = timed(timings, "causal", lambda: causal(subject, main_decoder, settings), progress)
     metrics["timings"] = timings
@@ -175,6 +196,12 @@ def task_probe(subject: Subject, settings: EvalSettings, folder: Path) -> Linear
     return probe
 
 
+def subject_decoders(subject: Subject, settings: EvalSettings, folder: Path) -> dict[str, LinearDecoder]:
+    """The post-hoc probe, and the learned map of an injected run."""
+    probe = task_probe(subject, settings, folder)
+    return {"probe": probe} if subject.amap is None else {"map": map_decoder(subject), "probe": probe}
+
+
 def map_decoder(subject: Subject) -> LinearDecoder:
     """An injected run's learned map, used at every aligned level."""
     return LinearDecoder.from_map(subject.amap, subject.teacher.config.num_levels)
@@ -194,6 +221,26 @@ def decoding(subject: Subject, decoder: LinearDecoder, settings: EvalSettings) -
         seed=settings.seed,
     )
     return {r.split: r.to_dict() for r in results}
+
+
+def readout(subject: Subject, decoders: dict[str, LinearDecoder], settings: EvalSettings) -> dict[str, Any]:
+    """Per decoder and evaluated split, whether the LM's answer is the one decoded from its output subspace."""
+    results: dict[str, dict[str, Any]] = {kind: {} for kind in decoders}
+    id_data = in_distribution_data(subject, settings.decoding_examples)
+    for spec in subject_task(subject).splits:
+        if spec.kind == "train":
+            continue
+        data = TaskData(
+            subject.task, spec.name, subject.tokenizer, subject.tokenizer_name,
+            max_examples=settings.decoding_examples, seed=settings.seed, progress=False,
+        )  # fmt: skip
+        by_decoder = answer_readout(
+            subject.model, data, spec.name, subject.layer_map[-1], decoders, subject.teacher.config,
+            settings.decoding_examples, symbol_tokens(id_data, data),
+        )  # fmt: skip
+        for kind, result in by_decoder.items():
+            results[kind][spec.name] = result.to_dict()
+    return results
 
 
 def in_distribution_data(subject: Subject, count: int, teacher: bool = False) -> TaskData:

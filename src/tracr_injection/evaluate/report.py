@@ -2,7 +2,7 @@
 
 In: the metrics dict of `evaluate.pipeline` and an output folder.  Out: `report.md` (readable
 in a minute: accuracy per split with breakdowns, kept language ability, decoding of the output
-variable, causal effects, one example token by token) and `accuracy.png`, `decoding_<decoder>.png`
+variable, answer readout, causal effects, one example token by token) and `accuracy.png`, `decoding_<decoder>.png`
 (variables x levels heatmaps per split), `noise.png` (accuracy vs noise norm, output vs random
 subspace).
 """
@@ -185,6 +185,24 @@ def decoding_section(decoding: dict[str, Any], output_variable: str, plots: list
     return text + "".join(f"\n\n![{p}]({p})" for p in plots)
 
 
+def readout_section(readout: dict[str, Any]) -> str:
+    """Per decoder and split, at the answer positions: subspace right, LM right, and whom the LM follows."""
+    rows = [
+        [decoder, split, r["positions"], pct(r["subspace_accuracy"]), pct(r["lm_accuracy"]),
+         pct(r["lm_agrees_with_subspace"]), r["subspace_wrong"], pct(r["lm_follows_subspace_when_wrong"]),
+         pct(r["lm_right_when_subspace_wrong"]), pct(r["lm_wrong_when_subspace_right"])]
+        for decoder, by_split in readout.items()
+        for split, r in by_split.items()
+    ]  # fmt: skip
+    header = ["decoder", "split", "answer positions", "subspace right", "LM right", "LM says the subspace's answer",
+              "subspace wrong (n)", "LM follows it there", "LM right there", "LM wrong where subspace right"]  # fmt: skip
+    return (
+        "## Answer readout (output variable at the last aligned level, at every answer position)\n\n"
+        "Where the subspace is wrong, an LM that reads its answer from it is wrong the same way.\n\n"
+        + markdown_table(header, rows)
+    )
+
+
 def causal_section(causal: dict[str, Any], plot: str) -> str:
     """Clean accuracy, ablation, noise at the largest norm and interchange, output vs random subspace."""
     inter = causal["interchange"]
@@ -248,6 +266,7 @@ def write_report(metrics: dict[str, Any], folder: str | Path) -> Path:
         accuracy_section(metrics["accuracy"]) + "\n\n![accuracy.png](accuracy.png)",
         language_section(metrics["language"]),
         decoding_section(metrics["decoding"], output_variable, decoding_plots),
+        *([readout_section(metrics["readout"])] if "readout" in metrics else []),
         causal_section(metrics["causal"], "noise.png"),
         example_section(metrics["example"], output_variable),
         "## Timings (s)\n\n" + markdown_table(["part", "seconds"], list(metrics["timings"].items())),

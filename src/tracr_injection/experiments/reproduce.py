@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tracr_injection.evaluate.compare import compare_runs
-from tracr_injection.evaluate.pipeline import EVAL_DIR, EvalSettings, evaluate_target
+from tracr_injection.evaluate.pipeline import EVAL_DIR, METRICS_FILE, EvalSettings, add_readout, evaluate_target
 from tracr_injection.experiments.budgets import METHODS, Budget, get_budget
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.trainer import MANIFEST_NAME, METRICS_NAME, checkpoint_dirs, train, versions
@@ -205,7 +205,8 @@ def train_command(run: PlannedRun) -> str:
 
 
 def execute_run(run: PlannedRun, settings: EvalSettings, progress: bool) -> None:
-    """Train (or resume) the run unless it is trained, then evaluate it unless it is evaluated."""
+    """Train (or resume) the run unless it is trained, then evaluate it unless it is evaluated (adding the
+    answer readout to an evaluation made before it existed)."""
     state = run_state(run)
     if state in ("todo", "partial"):
         began = time.perf_counter()
@@ -220,6 +221,8 @@ def execute_run(run: PlannedRun, settings: EvalSettings, progress: bool) -> None
         began = time.perf_counter()
         evaluate_target(run.out, settings=settings, progress=progress)
         update_record(run.out, eval_seconds=round(time.perf_counter() - began, 1), state="evaluated")
+    if "readout" not in json.loads((run.out / EVAL_DIR / METRICS_FILE).read_text()):
+        add_readout(run.out, progress=progress)  # evaluated before the readout existed
 
 
 def eval_settings(budget: Budget) -> EvalSettings:
@@ -289,11 +292,11 @@ def reproduce(
     settings = eval_settings(budget)
     for run in runs:
         state = run_state(run)
-        if state not in DONE_STATES and not claim(run):
+        if state != "published" and not claim(run):
             state = f"running elsewhere ({lock_holder(run)})"
         if on_run is not None:
             on_run(run, state)
-        if state in DONE_STATES or state.startswith("running"):
+        if state == "published" or state.startswith("running"):
             continue
         try:
             execute_run(run, settings, progress)
