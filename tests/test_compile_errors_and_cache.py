@@ -1,6 +1,7 @@
 """Bad input gets clear errors; compiled teachers are cached and round-trip through disk."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -130,6 +131,23 @@ def test_program_hash_is_stable_across_processes():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert here == there
+
+
+def test_program_hash_ignores_the_string_hash_seed():
+    """Closures over sets of strings (the paper's Dyck program) iterate in a per-process order."""
+    code = (
+        "from tracr_injection.programs.registry import get_program;"
+        "from tracr_injection.compile.fingerprint import program_hash;"
+        "print(program_hash(get_program('dyck_trigger').build(12)))"
+    )
+    hashes = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout.strip()
+        for seed in (1, 2, 3)
+    }  # fmt: skip
+    assert len(hashes) == 1
 
 
 def program_hash_of_dyck():

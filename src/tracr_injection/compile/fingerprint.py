@@ -3,7 +3,8 @@
 In: a RASP expression.  Out: a hex digest that changes when anything tracr would compile
 differently changes: the graph's structure, names, encodings, comparison predicates,
 constants, and the code (bytecode, constants and closure values) of every Map/SequenceMap
-function.  Memory addresses in reprs are blanked so the hash is the same across processes.
+function.  Memory addresses in reprs are blanked and sets are written sorted (their iteration
+order follows the per-process string hash seed), so the hash is the same across processes.
 """
 
 from __future__ import annotations
@@ -88,5 +89,12 @@ def describe_code(code: types.CodeType) -> str:
 
 
 def stable_repr(value: Any) -> str:
-    """`repr` with memory addresses removed."""
+    """`repr` with memory addresses removed and sets (also inside tuples, lists, dicts) sorted."""
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(stable_repr(x) for x in value)) + "}"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(stable_repr(x) for x in value)
+        return f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{stable_repr(k)}: {stable_repr(v)}" for k, v in value.items()) + "}"
     return _ADDRESS.sub("", repr(value))
