@@ -90,7 +90,7 @@ def steps_done(run: PlannedRun) -> int:
 def is_published(run: PlannedRun) -> bool:
     """Whether results/ holds this run's evaluation, trained with exactly the planned configuration."""
     manifest = run.published / MANIFEST_NAME
-    if not (run.published / "metrics.json").is_file() or not manifest.is_file():
+    if not (run.published / METRICS_FILE).is_file() or not manifest.is_file():
         return False
     trained = json.loads(manifest.read_text())["config"]
     planned = run.config.to_dict()
@@ -99,7 +99,7 @@ def is_published(run: PlannedRun) -> bool:
 
 def run_state(run: PlannedRun) -> str:
     """evaluated / published (evaluated on an earlier machine) / trained / partial / todo."""
-    if (run.out / EVAL_DIR / "metrics.json").is_file():
+    if (run.out / EVAL_DIR / METRICS_FILE).is_file():
         return "evaluated"
     if is_published(run):
         return "published"

@@ -1,0 +1,81 @@
+"""Why injected Dyck counters fail out of distribution: decoded vs true value of the counting variables.
+
+For one trained Dyck run (its map, or its post-hoc probe for a baseline), decodes `dyck_lhs` and
+`dyck_rhs` (categorical counts 0..N, written by block 1) at the last aligned level on 100 examples of
+the `test`, `almost_balanced` and `length` splits, at every real position, and reports the share of
+each error (decoded - true, clamped to +-3) and the accuracy per true-count bucket.  Prints JSON.
+
+    python analysis/dyck_counters.py runs/reproduce/cpu/dyck-inject-s0 > counters.json
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+
+import torch
+
+from tracr_injection.evaluate.decoding import (
+    LinearDecoder,
+    aligned_batches,
+    decode_mapped,
+    reference_dims,
+    reference_scale,
+)
+from tracr_injection.evaluate.pipeline import map_decoder
+from tracr_injection.evaluate.subject import load_subject
+from tracr_injection.inject.data import TaskData
+
+SPLITS = ("test", "almost_balanced", "length")
+COUNTERS = ("dyck_lhs", "dyck_rhs")
+
+
+def bucket(count: int) -> str:
+    """Ten-wide buckets of true counts, 40 and more together."""
+    return "40+" if count >= 40 else f"{count // 10 * 10}-{count // 10 * 10 + 9}"
+
+
+def counter_errors(subject, decoder: LinearDecoder, split: str, examples: int = 100) -> dict:
+    """Error shares and accuracy per true-count bucket of each counter on `split`."""
+    config = subject.teacher.config
+    level = config.num_levels - 1
+    data = TaskData(
+        subject.task, split, subject.tokenizer, subject.tokenizer_name,
+        teacher=subject.teacher, max_examples=examples, seed=0, progress=False,
+    )  # fmt: skip
+    errors = {name: collections.Counter() for name in COUNTERS}
+    hits = {name: collections.defaultdict(lambda: [0, 0]) for name in COUNTERS}
+    for batch in aligned_batches(subject.model, data, subject.layer_map, list(range(len(data)))):
+        mapped = decoder(level, batch.hidden_LND[level])
+        scale = reference_scale(mapped, reference_dims(config))
+        for name in COUNTERS:
+            decoded = decode_mapped(mapped, scale, config.variable(name))
+            truth = subject.teacher.decode_variable(batch.targets_LNT[level], name)
+            for d, t in zip(decoded, truth):
+                errors[name][max(-3, min(3, int(d) - int(t)))] += 1
+                hits[name][bucket(int(t))][0] += int(d == t)
+                hits[name][bucket(int(t))][1] += 1
+    return {
+        name: {
+            "positions": sum(errors[name].values()),
+            "error_share": {k: round(v / sum(errors[name].values()), 3) for k, v in sorted(errors[name].items())},
+            "accuracy_by_true_count": {
+                b: {"accuracy": round(a / n, 3), "positions": n}
+                for b, (a, n) in sorted(hits[name].items(), key=lambda kv: int(kv[0].split("-")[0].rstrip("+")))
+            },
+        }
+        for name in COUNTERS
+    }
+
+
+def main(run: str) -> None:
+    torch.set_num_threads(1)
+    subject = load_subject(run)
+    decoder = map_decoder(subject) if subject.amap is not None else LinearDecoder.load(f"{run}/eval/probe.safetensors")
+    result = {"run": run, "decoder": decoder.kind, **{s: counter_errors(subject, decoder, s) for s in SPLITS}}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
