@@ -85,9 +85,7 @@ def test_readout_rates_match_a_one_prompt_at_a_time_reference(setup, kind):
         )
     tokens = symbol_tokens(mixed, data)
     assert set(symbol_tokens(data)) == {"no"} and set(tokens) == {"yes", "no"}
-    result = answer_readout(
-        model, data, "almost_balanced", HIDDEN_INDEX, {"d": decoder}, config, COUNT, tokens
-    )["d"]
+    result = answer_readout(model, data, "almost_balanced", HIDDEN_INDEX, {"d": decoder}, config, tokens)["d"]
     rows = reference(model, data, config, decoder)
     assert result.positions == len(rows) == COUNT  # one answer symbol per Dyck example
     right = [d == e for e, d, _, _ in rows]

@@ -226,20 +226,21 @@ def decoding(subject: Subject, decoder: LinearDecoder, settings: EvalSettings) -
 def readout(subject: Subject, decoders: dict[str, LinearDecoder], settings: EvalSettings) -> dict[str, Any]:
     """Per decoder and evaluated split, whether the LM's answer is the one decoded from its output subspace."""
     results: dict[str, dict[str, Any]] = {kind: {} for kind in decoders}
-    id_data = in_distribution_data(subject, settings.decoding_examples)
-    for spec in subject_task(subject).splits:
-        if spec.kind == "train":
-            continue
-        data = TaskData(
+    splits = {
+        spec.name: TaskData(
             subject.task, spec.name, subject.tokenizer, subject.tokenizer_name,
             max_examples=settings.decoding_examples, seed=settings.seed, progress=False,
         )  # fmt: skip
+        for spec in subject_task(subject).splits
+        if spec.kind != "train"
+    }
+    tokens = symbol_tokens(*splits.values())  # one table: an OOD split may hold one answer only
+    for name, data in splits.items():
         by_decoder = answer_readout(
-            subject.model, data, spec.name, subject.layer_map[-1], decoders, subject.teacher.config,
-            settings.decoding_examples, symbol_tokens(id_data, data),
-        )  # fmt: skip
+            subject.model, data, name, subject.layer_map[-1], decoders, subject.teacher.config, tokens
+        )
         for kind, result in by_decoder.items():
-            results[kind][spec.name] = result.to_dict()
+            results[kind][name] = result.to_dict()
     return results
 
 

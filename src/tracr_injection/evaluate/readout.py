@@ -75,15 +75,15 @@ def rate(hits: int, total: int) -> float | None:
 
 
 def readout_states(
-    model: Any, data: TaskData, hidden_index: int, count: int, batch_size: int = 16
+    model: Any, data: TaskData, hidden_index: int, batch_size: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """At every answer-symbol position of the first `count` examples: the hidden state [N, d_lm], the
-    LM's next-token argmax [N] and the expected symbol."""
+    """At every answer-symbol position of `data`: the hidden state [N, d_lm], the LM's next-token
+    argmax [N] and the expected symbol."""
     hidden, predicted, expected = [], [], []
     device = next(model.parameters()).device
     with inference(model):
-        for start in range(0, min(count, len(data)), batch_size):
-            positions = list(range(start, min(start + batch_size, count, len(data))))
+        for start in range(0, len(data), batch_size):
+            positions = list(range(start, min(start + batch_size, len(data))))
             batch = data.collate(positions)
             rows, cols = zip(
                 *[(i, p) for i, k in enumerate(positions) for p, s in enumerate(data.bridged[k].expected) if s]
@@ -108,13 +108,12 @@ def answer_readout(
     hidden_index: int,
     decoders: Mapping[str, LinearDecoder],
     config: TeacherConfig,
-    count: int,
     tokens: Mapping[str, int],
 ) -> dict[str, ReadoutResult]:
     """Per decoder, the readout rates of the output variable decoded at the last aligned level.
 
-    `tokens` maps every answer symbol to its LM token (`symbol_tokens` of this and the ID split)."""
-    hidden_ND, predicted_N, expected = readout_states(model, data, hidden_index, count)
+    `tokens` maps every answer symbol to its LM token (`symbol_tokens` of all evaluated splits)."""
+    hidden_ND, predicted_N, expected = readout_states(model, data, hidden_index)
     var = config.variable(config.output_variable)
     level = config.num_levels - 1
     lm_right = [int(p) == tokens[e] for p, e in zip(predicted_N.tolist(), expected)]
