@@ -21,7 +21,7 @@ from tracr_injection.evaluate.causal import (
     causal_tests,
     edited_accuracy,
     edited_block,
-    edited_logits,
+    edited_answer_logits,
     interchange_edit,
     interchange_pairs,
     interchange_rates,
@@ -135,10 +135,10 @@ def test_zero_noise_in_the_model_leaves_logits_and_accuracy_unchanged(model, dat
     block = decoder_blocks(model)[1]
     basis = random_subspace(D, 3, seed=0)
     batch = batch_of(data, range(8))
-    clean_logits = edited_logits(model, block, batch, None)
+    clean_logits = edited_answer_logits(model, block, batch, None)
     for relative in (False, True):
         edit = partial(noise_edit, basis_KD=basis, norm=0.0, relative=relative, generator=torch.Generator())
-        assert torch.equal(edited_logits(model, block, batch, edit), clean_logits)
+        assert torch.equal(edited_answer_logits(model, block, batch, edit), clean_logits)
     clean = answer_accuracy(model, data, COUNT)
     assert 0 < clean < 1  # the fixture model is right on some examples, wrong on others
     curve = noise_curve(
@@ -225,7 +225,7 @@ def test_interchange_with_the_base_as_source_changes_nothing(model, data):
     pairs = [(i, i) for i in range(6)]
     source = batch_of(data, range(6))
     source_states = block_output(model, block, source)
-    clean = edited_logits(model, block, source, None)
+    clean = edited_answer_logits(model, block, source, None)
     basis = random_subspace(D, 3, seed=0)
     for target in (spliced_batch(data, pairs), source):
         assert torch.equal(target["input_ids"], source["input_ids"])
@@ -266,12 +266,13 @@ def test_full_space_interchange_at_the_last_block_reproduces_the_source_answers(
     full = random_subspace(D, D, seed=0)
     source = batch_of(data, [s for _, s in pairs])
     source_states = block_output(model, block, source)
-    source_logits = edited_logits(model, block, source, None)
+    source_logits = edited_answer_logits(model, block, source, None)
     target = spliced_batch(data, pairs)
     logits = interchanged_logits(model, block, full, source_states, source["labels"], target)
     b_s, p_s, _ = answer_positions(source["labels"])
     b_t, p_t, _ = answer_positions(target["labels"])
-    assert torch.allclose(logits[b_t, p_t], source_logits[b_s, p_s], atol=1e-4)
+    assert torch.allclose(logits, source_logits, atol=1e-4)  # both in answer-position order
+    assert len(b_t) == len(b_s) == len(logits)
     source_right = answers_hit(source_logits, source["labels"]).float().mean().item()
     assert 0 < source_right < 1
     rates = interchange_rates(model, block, {"full": full, "none": None}, data, pairs, batch_size=5)

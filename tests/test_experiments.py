@@ -32,3 +32,26 @@ def test_recorded_train_commands_rebuild_the_planned_configs(budget, tmp_path, m
         assert result.exit_code == 0, result.output
         assert seen[-1].to_dict() == run.config.to_dict()
     assert len(seen) == len(runs) == 2 * 2 * len(TASKS)
+
+
+def test_plan_covers_every_task_before_repeating_a_seed(tmp_path):
+    runs = plan_runs(["dyck", "count"], 2, BUDGETS["cpu"], tmp_path, "m")
+    assert [r.name for r in runs] == [
+        "dyck-baseline-s0", "dyck-inject-s0", "count-baseline-s0", "count-inject-s0",
+        "dyck-baseline-s1", "dyck-inject-s1", "count-baseline-s1", "count-inject-s1",
+    ]  # fmt: skip
+    only_inject = plan_runs(["dyck_frac"], 2, BUDGETS["cpu"], tmp_path, "m", methods=["inject"])
+    assert [r.name for r in only_inject] == ["dyck_frac-inject-s0", "dyck_frac-inject-s1"]
+    assert all(r.config.steps == BUDGETS["cpu"].steps["default"] for r in only_inject)
+
+
+def test_reproduce_status_takes_one_method_and_rejects_unknown_names(tmp_path):
+    runner = CliRunner()
+    common = ["reproduce", "--budget", "smoke", "--seeds", "1", "--runs-root", str(tmp_path), "--status"]
+    result = runner.invoke(app, [*common, "--task", "dyck_frac", "--method", "inject", "--results", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "dyck_frac-inject-s0" in result.output and "baseline" not in result.output
+    result = runner.invoke(app, [*common, "--task", "nope"])
+    assert result.exit_code != 0 and "Unknown task 'nope'" in result.output
+    result = runner.invoke(app, [*common, "--method", "both-ish"])
+    assert result.exit_code != 0 and "--method must be baseline, inject or both" in result.output

@@ -21,6 +21,7 @@ from tracr_injection.inject.lm import (
     hidden_states,
     layer_mapping,
     load_causal_lm,
+    logits_at,
     num_blocks,
     replace_block_output,
 )
@@ -245,6 +246,34 @@ def test_hidden_states_are_raw_block_outputs(models, arch, batch):
         assert torch.equal(states[k], outputs[k - 1]), k
     # the last hidden state has the final norm applied: it is not the raw output of the last block
     assert not torch.allclose(states[-1], outputs[-1])
+
+
+def test_first_hidden_states_equal_the_full_ones_without_running_later_blocks(models, arch, batch):
+    model = models[arch]
+    blocks = decoder_blocks(model)
+    with torch.no_grad():
+        full = hidden_states(model, *batch)
+        for up_to in range(num_blocks(model)):
+            calls = []
+            handle = blocks[-1].register_forward_hook(lambda m, a, out: calls.append(1))
+            try:
+                first = hidden_states(model, *batch, up_to=up_to)
+            finally:
+                handle.remove()
+            assert len(first) == up_to + 1
+            assert all(torch.equal(a, b) for a, b in zip(first, full)), up_to
+            assert not calls  # the last block never ran
+    with pytest.raises(ValueError, match="up_to must be in"):
+        hidden_states(model, *batch, up_to=num_blocks(model))
+
+
+def test_logits_at_some_positions_equal_the_full_logits_there(models, arch, batch):
+    model = models[arch]
+    rows_N, cols_N = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([6, 2, 6, 3, 4])
+    with torch.no_grad():
+        some_NV, output = logits_at(model, *batch, rows_N, cols_N, output_hidden_states=True)
+    assert some_NV.shape == (5, VOCAB) and len(output.hidden_states) == num_blocks(model) + 1
+    assert torch.allclose(some_NV, logits(model, batch)[rows_N, cols_N], atol=1e-5)
 
 
 def test_identity_replacement_keeps_logits_and_zeroing_changes_them(models, arch, batch):

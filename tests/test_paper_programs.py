@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 
 import numpy as np
@@ -16,7 +17,10 @@ import pytest
 from tracr.compiler import compiling
 from tracr.rasp import causal_eval
 
+from tracr_injection import compile_program
+from tracr_injection.compile.fingerprint import walk as rasp_walk
 from tracr_injection.programs import paper as P
+from tracr_injection.programs.registry import get_program
 from tracr_injection.programs.paper_registry import (
     count_input,
     dyck_input,
@@ -46,9 +50,10 @@ def run(program, tokens):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("make", [P.make_dyck_trigger, P.make_dyck_frac_trigger])
 @pytest.mark.parametrize("pairs", [("()",), ("()", "[]"), P.DYCK_PAIRS])
-def test_dyck_rasp_matches_reference(pairs):
-    prog = P.make_dyck_trigger(pairs)
+def test_dyck_rasp_matches_reference(pairs, make):
+    prog = make(pairs)
     hand = ["(", ")", T], [")", "(", T], ["(", "(", ")", T], [T], [F, F, T]
     rng = random.Random(0)
     cases = [list(h) for h in hand if all(c in P.dyck_vocab(pairs) for c in h)]
@@ -66,14 +71,15 @@ def test_dyck_rasp_matches_reference(pairs):
             assert out[i] == ("no" if negative else "yes"), (toks, i)
 
 
-def test_dyck_hand_written():
-    prog = P.make_dyck_trigger()
+@pytest.mark.parametrize("make", [P.make_dyck_trigger, P.make_dyck_frac_trigger])
+def test_dyck_hand_written(make):
+    prog = make()
     assert run(prog, list("([)]") + [T])[-1] == "yes"  # shuffle-Dyck allows crossing
     assert run(prog, list(")(") + [T])[-1] == "no"
     assert run(prog, list("((") + [T])[-1] == "no"
     assert run(prog, [F, "{", F, "[", "]", F, "}", F, T])[-1] == "yes"
     assert run(prog, [T]) == ["yes"]
-    masked = P.make_dyck_trigger(mask_non_trigger=True)
+    masked = make(mask_non_trigger=True)
     assert run(masked, ["(", F, ")", T]) == [F, F, F, "yes"]
     assert run(masked, [")", "(", T]) == [F, F, "no"]
 
@@ -160,6 +166,38 @@ def test_dyck_compiled(mask):
     inputs += [dyck_input(rng, n) for _ in range(100)]
     model = check_compiled(prog, P.dyck_vocab(), n, inputs)
     assert model.model_config.num_layers == (4 if mask else 3)
+
+
+def test_dyck_frac_counter_is_the_share_of_openers():
+    """Hand-computed: at a closer, openers / brackets of its type so far; at the trigger, of all types."""
+    frac = next(e for e in rasp_walk(P.make_dyck_frac_trigger()) if e.name == "dyck_open_frac")
+    tokens = ["(", "(", F, ")", "[", "]", ")", ")", T]
+    assert run(frac, tokens) == [0, 0, 0, 2 / 3, 0, 1 / 2, 2 / 4, 2 / 5, 3 / 7]
+    assert run(P.make_dyck_frac_trigger(), tokens)[-1] == "no"  # the last ")" made "()" negative
+
+
+def test_plain_tracr_miscompiles_the_fraction_counter():
+    """tracr infers that a mean of 0/1 values is 0 or 1/n, so its comparison MLP reads 2/3 as 1/2:
+    "(()" compiles to "yes" (balanced).  `compile_program` widens the value set and gets it right."""
+    prog = P.make_dyck_frac_trigger()
+    tokens = ["(", "(", ")", T]
+    assert run(prog, tokens)[-1] == "no"
+    assert decode_batch(compile_causal(prog, P.dyck_vocab(), 10), [tokens])[0][-1] == "yes"
+    teacher = compile_program(prog, P.dyck_vocab(), 10, causal=True)
+    assert teacher.evaluate(tokens)[-1] == "no"
+    assert teacher.config.validation["mismatches"] == 0
+
+
+def test_dyck_frac_compiled_at_the_task_length_is_small_and_exact():
+    teacher = get_program("dyck_frac_trigger").compile(112)
+    assert teacher.config.validation["mismatches"] == 0
+    assert teacher.config.num_layers == 4  # opener indicator (MLP) before the mean
+    frac = next(v for v in teacher.config.variables if v.name == "dyck_open_frac")
+    farey = 1 + sum(1 for n in range(1, 113) for k in range(1, n + 1) if math.gcd(k, n) == 1)
+    assert len(frac.values) == farey  # every k/n with n <= 112, once
+    balanced = list("([{" * 18) + list("}])" * 18) + [F] * 3 + [T]  # 108 brackets
+    assert teacher.evaluate(balanced)[-1] == "yes"
+    assert teacher.evaluate(balanced[:-5] + balanced[-4:])[-1] == "no"  # one "]" dropped: 54 vs 53
 
 
 @pytest.mark.parametrize("compact", [False, True])

@@ -55,6 +55,14 @@ def test_registered_tasks():
         get_task("nope")
 
 
+def test_dyck_frac_is_dyck_with_another_teacher():
+    dyck, frac = get_task("dyck"), get_task("dyck_frac")
+    assert (dyck.program, frac.program) == ("dyck_trigger", "dyck_frac_trigger")
+    assert frac.split_names == dyck.split_names
+    for split in ("test", "almost_balanced"):
+        assert [e.prompt_text for e in frac.examples(split)] == [e.prompt_text for e in dyck.examples(split)]
+
+
 # ----------------------------------------------------------------------------- prompts
 
 
@@ -231,7 +239,7 @@ def test_lm_only_splits_never_reach_the_teacher():
 # ----------------------------------------------------------------------------- teacher
 
 
-@pytest.mark.parametrize("name", [*PAPER_TASKS, "reverse"])
+@pytest.mark.parametrize("name", [*PAPER_TASKS, "dyck_frac", "reverse"])
 def test_teacher_answers_every_representable_split(name, teachers, tmp_path):
     """1,000 examples per split (SmolLM2 tokens): the teacher's output is right at every answer position."""
     task, teacher = get_task(name), teachers[name]

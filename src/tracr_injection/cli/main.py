@@ -357,35 +357,45 @@ def compare_command(
 
 @app.command("reproduce")
 def reproduce_command(
-    task: str = typer.Option("all", help="dyck, count, sum or all."),
+    task: str = typer.Option("all", help="dyck, count, sum or all (the paper's three), or any registered task."),
     seeds: int = typer.Option(3, help="Seeds per task and method."),
     budget: str = typer.Option("cpu", help="smoke (minutes), demo (~30 min), cpu (hours on 2 cores) or full (paper scale, GPU)."),
     runs_root: Path = typer.Option(Path("runs/reproduce"), help="Where run folders go."),
     results: Path = typer.Option(Path("results"), help="Where tables, plots and run evaluations go."),
     model: str = typer.Option("smollm2", help="The LM to train."),
+    method: str = typer.Option("both", help="baseline, inject or both."),
     status: bool = typer.Option(False, "--status", help="Only show what is done and what is left."),
 ) -> None:
-    """Train and evaluate baseline and inject runs for each seed, then compare (re-run it to continue)."""
-    from tracr_injection.experiments.budgets import TASKS, get_budget
+    """Train and evaluate baseline and inject runs (or one method) for each seed, then compare (re-run it to
+    continue)."""
+    from tracr_injection.experiments.budgets import METHODS, TASKS, get_budget
     from tracr_injection.experiments.reproduce import DONE_STATES, plan_runs, reproduce, run_state, status_rows
+    from tracr_injection.tasks import task_names
 
     tasks = list(TASKS) if task == "all" else [task]
+    methods = list(METHODS) if method == "both" else [method]
+    if not set(tasks) <= set(task_names()):
+        fail(f"Unknown task {task!r}: use all or one of {', '.join(task_names())}")
+    if not set(methods) <= set(METHODS):
+        fail(f"--method must be baseline, inject or both, got {method!r}")
     try:
         if status:
-            rows = status_rows(plan_runs(tasks, seeds, get_budget(budget), runs_root, model, results))
+            rows = status_rows(plan_runs(tasks, seeds, get_budget(budget), runs_root, model, results, methods))
             table = Table(*rows[0].keys(), title=f"reproduce --budget {budget}")
             for row in rows:
                 table.add_row(*("" if v is None else str(v) for v in row.values()))
             console.print(table)
             return
         command = f"tracr-inject reproduce --task {task} --seeds {seeds} --budget {budget} --model {model}"
+        command += "" if method == "both" else f" --method {method}"
         folder = reproduce(
-            tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, command=command,
+            tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, methods=methods,
+            command=command,
             on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
         )  # fmt: skip
     except (TracrInjectionError, ValueError) as err:
         fail(str(err))
-    for run in plan_runs(tasks, seeds, get_budget(budget), runs_root, model, results):
+    for run in plan_runs(tasks, seeds, get_budget(budget), runs_root, model, results, methods):
         if run_state(run) not in DONE_STATES:
             console.print(f"{run.name}: {run_state(run)} (another process is on it, or it stopped; run again)")
             continue

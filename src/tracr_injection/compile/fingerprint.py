@@ -1,10 +1,11 @@
 """A stable hash of a RASP program, for caching compiled teachers.
 
 In: a RASP expression.  Out: a hex digest that changes when anything tracr would compile
-differently changes: the graph's structure, names, encodings, comparison predicates,
-constants, and the code (bytecode, constants and closure values) of every Map/SequenceMap
-function.  Memory addresses in reprs are blanked and sets are written sorted (their iteration
-order follows the per-process string hash seed), so the hash is the same across processes.
+differently changes: the graph's structure, names, encodings, this project's `fraction_mean`
+mark, comparison predicates, constants, and the code (bytecode, constants and closure values) of
+every Map/SequenceMap function.  Memory addresses in reprs are blanked and sets are written sorted
+(their iteration order follows the per-process string hash seed), so the hash is the same across
+processes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import types
 from typing import Any
 
 from tracr.rasp import rasp
+
+from tracr_injection.programs.annotations import FRACTION_MEAN, is_fraction_mean
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -64,6 +67,8 @@ def describe_expr(expr: rasp.RASPExpr, position: dict[int, int]) -> str:
     annotations = {"name": expr.name}
     if isinstance(expr, rasp.SOp):
         annotations["encoding"] = rasp.get_encoding(expr).value
+    if is_fraction_mean(expr):
+        annotations[FRACTION_MEAN] = True
     return stable_repr((type(expr).__name__, annotations, children, attributes))
 
 

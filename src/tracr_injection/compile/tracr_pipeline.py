@@ -29,6 +29,7 @@ from tracr.rasp import causal_eval, rasp
 
 from tracr_injection.compile.errors import InvalidVocabError, UnsupportedProgramError
 from tracr_injection.compile.fast_craft import fast_craft
+from tracr_injection.compile.value_sets import widen_fraction_means
 
 COMPILER_BOS = "compiler_bos"
 COMPILER_PAD = "compiler_pad"
@@ -146,13 +147,15 @@ def run_tracr(
     causal: bool,
     mlp_exactness: int,
 ) -> TracrCompilation:
-    """Compile `program` with tracr's passes (fast matrix assembly) and keep its structure."""
+    """Compile `program` with tracr's passes (fast matrix assembly, exact value sets of fraction
+    means) and keep its structure."""
     check_supported(program)
     try:
         with fast_craft():
             extracted = rasp_to_graph.extract_rasp_graph(program)
             graph, sources, sink = extracted.graph, extracted.sources, extracted.sink
             basis_inference.infer_bases(graph, sink, vocab, max_seq_len)
+            widen_fraction_means(graph, max_seq_len)
             expr_to_craft_graph.add_craft_components_to_rasp_graph(
                 graph,
                 bos_dir=bases.BasisDirection(rasp.tokens.label, COMPILER_BOS),

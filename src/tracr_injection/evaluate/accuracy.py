@@ -54,6 +54,7 @@ def operand_digits(example: Example) -> str:
 
 BREAKDOWNS: dict[str, dict[str, BreakdownKey]] = {
     "dyck": {"by_answer": answer_word, "by_input_length": length_bin},
+    "dyck_frac": {"by_answer": answer_word, "by_input_length": length_bin},
     "count": {"by_answer_length": answer_digits, "by_input_length": length_bin},
     "sum": {"by_answer_length": answer_digits, "by_input_length": operand_digits},
 }

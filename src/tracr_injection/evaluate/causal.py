@@ -29,7 +29,7 @@ from torch import nn
 
 from tracr_injection.compile.errors import TracrInjectionError
 from tracr_injection.inject.data import TaskData
-from tracr_injection.inject.lm import decoder_blocks, edit_block_output, hidden_size, num_blocks
+from tracr_injection.inject.lm import decoder_blocks, edit_block_output, hidden_size, logits_at, num_blocks
 from tracr_injection.inject.losses import answer_positions
 from tracr_injection.inject.trainer import answer_accuracy
 from tracr_injection.tasks import IGNORE_INDEX
@@ -208,12 +208,15 @@ def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def edited_logits(
+def edited_answer_logits(
     model: Any, block: nn.Module, batch: dict[str, torch.Tensor], edit: Edit | None
 ) -> torch.Tensor:
-    """Logits [B, P, V] of a batch with `edit` on `block`'s output (no gradient)."""
+    """Logits [N, V] at the batch's answer-predicting positions (`answer_positions` order) with `edit` on
+    `block`'s output (no gradient)."""
+    b_idx, pos, _ = answer_positions(batch["labels"])
     with edited_block(block, edit):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits_NV, _ = logits_at(model, batch["input_ids"], batch["attention_mask"], b_idx, pos)
+    return logits_NV
 
 
 def block_output(model: Any, block: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -224,7 +227,7 @@ def block_output(model: Any, block: nn.Module, batch: dict[str, torch.Tensor]) -
         captured.append(hidden_BPD)
         return hidden_BPD
 
-    edited_logits(model, block, batch, keep)
+    edited_answer_logits(model, block, batch, keep)
     return captured[0]
 
 
@@ -258,21 +261,23 @@ def interchanged_logits(
     source_labels_BP: torch.Tensor,
     target: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """Logits of the target batch with the source's subspace component swapped in at the answer positions.
+    """Answer-position logits [N, V] of the target batch with the source's subspace component swapped in at
+    the answer positions.
 
     `basis_KD` None runs the target without intervention.
     """
     if basis_KD is None:
-        return edited_logits(model, block, target, None)
+        return edited_answer_logits(model, block, target, None)
     placed_BPD, mask_BP = aligned_source(source_BPD, source_labels_BP, target["labels"])
     edit = partial(interchange_edit, basis_KD=basis_KD, source_BPD=placed_BPD, mask_BP=mask_BP)
-    return edited_logits(model, block, target, edit)
+    return edited_answer_logits(model, block, target, edit)
 
 
-def answers_hit(logits_BPV: torch.Tensor, labels_BP: torch.Tensor) -> torch.Tensor:
-    """Per row, whether the argmax at every answer-predicting position is the labelled next token."""
-    b_idx, pos, target = answer_positions(labels_BP)
-    miss = logits_BPV[b_idx, pos].argmax(-1) != target
+def answers_hit(logits_NV: torch.Tensor, labels_BP: torch.Tensor) -> torch.Tensor:
+    """Per row, whether the argmax at every answer-predicting position is the labelled next token
+    (`logits_NV` at those positions, in `answer_positions` order)."""
+    b_idx, _, target = answer_positions(labels_BP)
+    miss = logits_NV.argmax(-1) != target
     wrong_B = torch.zeros(labels_BP.shape[0], dtype=torch.bool, device=labels_BP.device)
     return ~wrong_B.index_put_((b_idx,), miss, accumulate=True)
 

@@ -161,7 +161,7 @@ def aligned_batches(
             real_BP = batch["teacher_mask"] & batch["attention_mask"].bool()
             with torch.no_grad():
                 states = hidden_states(
-                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), up_to=max(layer_map)
                 )
                 hidden_LND = torch.stack([states[i][real_BP.to(device)].float().cpu() for i in layer_map])
             final_BPT = batch["teacher_final"]

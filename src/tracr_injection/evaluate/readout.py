@@ -25,7 +25,7 @@ from tracr_injection.compile.errors import TracrInjectionError
 from tracr_injection.compile.teacher import TeacherConfig
 from tracr_injection.evaluate.decoding import LinearDecoder, decode_mapped, reference_dims, reference_scale
 from tracr_injection.inject.data import TaskData
-from tracr_injection.inject.lm import inference
+from tracr_injection.inject.lm import inference, logits_at
 
 
 class ReadoutError(TracrInjectionError, ValueError):
@@ -88,15 +88,17 @@ def readout_states(
             rows, cols = zip(
                 *[(i, p) for i, k in enumerate(positions) for p, s in enumerate(data.bridged[k].expected) if s]
             )
-            output = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                output_hidden_states=True,
-                use_cache=False,
-            )
             rows_N, cols_N = torch.tensor(rows), torch.tensor(cols)
+            logits_NV, output = logits_at(
+                model,
+                batch["input_ids"].to(device),
+                batch["attention_mask"].to(device),
+                rows_N,
+                cols_N,
+                output_hidden_states=True,
+            )
             hidden.append(output.hidden_states[hidden_index][rows_N, cols_N].float().cpu())
-            predicted.append(output.logits[rows_N, cols_N].argmax(-1).cpu())
+            predicted.append(logits_NV.argmax(-1).cpu())
             expected += [data.bridged[positions[i]].expected[p] for i, p in zip(rows, cols)]
     return torch.cat(hidden), torch.cat(predicted), expected
 

@@ -64,12 +64,14 @@ def plan_runs(
     runs_root: Path,
     model: str = "smollm2",
     results_root: Path = Path("results"),
+    methods: Sequence[str] = METHODS,
 ) -> list[PlannedRun]:
-    """Every run of the experiment, baseline before inject for each (task, seed)."""
+    """Every run of the experiment: seed by seed, each task in turn, baseline before inject, so an
+    experiment stopped part-way has covered every task before it repeats one with a new seed."""
     runs = []
-    for task in tasks:
-        for seed in range(seeds):
-            for method in METHODS:
+    for seed in range(seeds):
+        for task in tasks:
+            for method in methods:
                 name = f"{task}-{method}-s{seed}"
                 fields = budget.train_fields(task)
                 config = TrainConfig(
@@ -281,6 +283,7 @@ def reproduce(
     runs_root: Path = Path("runs/reproduce"),
     results_root: Path = Path("results"),
     model: str = "smollm2",
+    methods: Sequence[str] = METHODS,
     progress: bool = True,
     command: str = "",
     on_run: Callable[[PlannedRun, str], None] | None = None,
@@ -288,7 +291,7 @@ def reproduce(
     """Bring every planned run to 'evaluated' (skipping what is done or claimed by another live process),
     publishing the comparison after each run."""
     budget = get_budget(budget_name)
-    runs = plan_runs(tasks, seeds, budget, runs_root, model, results_root)
+    runs = plan_runs(tasks, seeds, budget, runs_root, model, results_root, methods)
     settings = eval_settings(budget)
     for run in runs:
         state = run_state(run)

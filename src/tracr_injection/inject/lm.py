@@ -271,14 +271,25 @@ def edit_block_output(block: nn.Module, edit: Callable[[torch.Tensor], torch.Ten
 # -------------------------------------------------------------------------------------- hidden states
 
 
+class _EnoughHiddenStates(Exception):
+    """Raised by a capturing hook once every hidden state asked for is in hand: the rest of the model is skipped."""
+
+
 def hidden_states(
-    model: nn.Module, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor | None = None
+    model: nn.Module,
+    input_ids_BP: torch.Tensor,
+    attention_mask_BP: torch.Tensor | None = None,
+    up_to: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Run the model with `output_hidden_states=True` and return its num_blocks + 1 hidden states.
 
     Index 0 is the embedding output, k in 1..num_blocks-1 the raw output of block k-1, and the last one
     has the final norm applied (see the module docstring). Gradients flow unless the caller disables them.
+    With `up_to` < num_blocks only indices 0..up_to are returned, and the blocks after block up_to - 1 and
+    the head never run (decoding reads the first few aligned levels of a ~30-block LM).
     """
+    if up_to is not None:
+        return first_hidden_states(model, input_ids_BP, attention_mask_BP, up_to)
     output = model(
         input_ids=input_ids_BP, attention_mask=attention_mask_BP, output_hidden_states=True, use_cache=False
     )
@@ -289,6 +300,64 @@ def hidden_states(
             f"{type(model).__name__} returned {len(states)} hidden states, expected num_blocks + 1 = {expected}."
         )
     return states
+
+
+def first_hidden_states(
+    model: nn.Module, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor | None, up_to: int
+) -> tuple[torch.Tensor, ...]:
+    """Hidden states 0..`up_to` (block 0's input, then raw block outputs), captured by hooks; the forward
+    pass stops after block `up_to` - 1."""
+    blocks = decoder_blocks(model)
+    if not 0 <= up_to < len(blocks):
+        raise ValueError(f"up_to must be in 0..{len(blocks) - 1} (raw hidden states), got {up_to}.")
+    captured: list[torch.Tensor] = []
+
+    def capture(hidden_BPD: torch.Tensor) -> None:
+        captured.append(hidden_BPD)
+        if len(captured) == up_to + 1:
+            raise _EnoughHiddenStates
+
+    def keep_input(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        capture(args[0] if args else kwargs["hidden_states"])
+
+    def keep_output(module: nn.Module, args: Any, output: BlockOutput) -> None:
+        capture(block_output_hidden(output))
+
+    handles = [blocks[0].register_forward_pre_hook(keep_input, with_kwargs=True)]
+    handles += [block.register_forward_hook(keep_output) for block in blocks[:up_to]]
+    try:
+        model(input_ids=input_ids_BP, attention_mask=attention_mask_BP, use_cache=False)
+    except _EnoughHiddenStates:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(captured)
+
+
+def logits_at(
+    model: nn.Module,
+    input_ids_BP: torch.Tensor,
+    attention_mask_BP: torch.Tensor | None,
+    rows_N: torch.Tensor,
+    cols_N: torch.Tensor,
+    **forward_kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
+    """Logits [N, V] at the positions (rows_N[i], cols_N[i]) only, and the model's output.
+
+    The head runs only at the columns asked for (transformers' `logits_to_keep`): with a 49k-token
+    vocabulary it costs about a fifth of SmolLM2's forward pass per position, and the evaluation needs
+    the logits at a few answer positions of each row.
+    """
+    keep_K, column_N = torch.unique(cols_N, return_inverse=True)
+    output = model(
+        input_ids=input_ids_BP,
+        attention_mask=attention_mask_BP,
+        logits_to_keep=keep_K.to(input_ids_BP.device),
+        use_cache=False,
+        **forward_kwargs,
+    )
+    return output.logits[rows_N.to(output.logits.device), column_N.to(output.logits.device)], output
 
 
 # -------------------------------------------------------------------------------------- layer mapping

@@ -34,6 +34,7 @@ from tracr_injection.inject.lm import (
     inference,
     layer_mapping,
     load_causal_lm,
+    logits_at,
     num_blocks,
 )
 from tracr_injection.inject.losses import (
@@ -216,9 +217,9 @@ def answers_correct(model: Any, data: TaskData, count: int, batch_size: int = 16
                 for k, v in data.collate(positions).items()
                 if k in ("input_ids", "attention_mask", "labels")
             }
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             b_idx, pos, target = answer_positions(batch["labels"])
-            hit = logits[b_idx, pos].argmax(-1) == target
+            logits_NV, _ = logits_at(model, batch["input_ids"], batch["attention_mask"], b_idx, pos)
+            hit = logits_NV.argmax(-1) == target
             wrong = torch.zeros(len(positions), dtype=torch.bool, device=device).index_put_(
                 (b_idx,), ~hit, accumulate=True
             )

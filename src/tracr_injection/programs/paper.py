@@ -46,6 +46,8 @@ from typing import Sequence
 
 from tracr.rasp import rasp
 
+from tracr_injection.programs.annotations import fraction_mean
+
 __all__ = [
     "FILLER",
     "TRIGGER",
@@ -59,6 +61,7 @@ __all__ = [
     "count_vocab",
     "sum_vocab",
     "make_dyck_trigger",
+    "make_dyck_frac_trigger",
     "make_count_trigger",
     "make_sum_trigger",
     "dyck_reference",
@@ -202,6 +205,12 @@ def make_dyck_trigger(pairs: Sequence[str] = DYCK_PAIRS, mask_non_trigger: bool 
         "dyck_rhs"
     )
     bad = rasp.SequenceMap(lambda a, b: a > b, lhs, rhs).named("dyck_bad")
+    return _dyck_verdict(bad, closers, mask_non_trigger)
+
+
+def _dyck_verdict(bad: rasp.SOp, closers: set[str], mask_non_trigger: bool) -> rasp.SOp:
+    """``dyck_verdict`` (and ``dyck_answer`` when masking) from the per-position ``dyck_bad`` flag:
+    "no" from the first bad position on, else "yes"."""
     # 1 at every position that can be bad (closers, trigger), 0 elsewhere; the
     # 0 matters: it puts 0 into the inferred value set of ``dyck_any_bad``.
     one = rasp.numerical(rasp.Map(lambda t: 1 if (t in closers or t == TRIGGER) else 0, rasp.tokens)).named(
@@ -215,6 +224,52 @@ def make_dyck_trigger(pairs: Sequence[str] = DYCK_PAIRS, mask_non_trigger: bool 
     return rasp.SequenceMap(lambda v, t: v if t == TRIGGER else FILLER, verdict, rasp.tokens).named(
         "dyck_answer"
     )
+
+
+def make_dyck_frac_trigger(pairs: Sequence[str] = DYCK_PAIRS, mask_non_trigger: bool = False) -> rasp.SOp:
+    """Shuffle-Dyck-k recogniser like :func:`make_dyck_trigger`, with a numerical counter.
+
+    Same output ``dyck_verdict`` at every position.  Instead of two categorical counts
+    (one-hot over 0..N, so a count the LM never saw in training has no direction to be mapped
+    from), the balance is one fraction computed by a causal mean, the way attention computes it
+    natively and at any length:
+
+    * ``dyck_open_frac`` (numerical, marked :func:`fraction_mean`): at a closer ``c``, the share
+      of openers of ``c``'s type among the brackets of that type up to and including here; at the
+      trigger, the share of openers among all brackets so far; 0 where nothing is selected
+      (fillers, or a trigger with no bracket before it).
+    * ``dyck_open_share`` (categorical ``"lt"``/``"eq"``/``"gt"``): ``dyck_open_frac`` against 1/2.
+    * ``dyck_bad`` (bool): at a closer, ``"lt"`` (this closer makes its type's balance negative;
+      a type's balance can only turn negative at one of its closers); at the trigger, ``"gt"``
+      (more openers than closers in total: given no negative prefix, some type is unbalanced).
+    * ``dyck_can_be_bad``, ``dyck_any_bad``, ``dyck_verdict``: as in :func:`make_dyck_trigger`.
+
+    Depth: 4 layers (the opener indicator is an MLP the mean's attention must wait for; then
+    comparison and flag are two MLPs, existence an attention, the read-out an MLP), one more than
+    :func:`make_dyck_trigger`, so it aligns one more LM level.  The comparison MLP discretises the
+    fraction at every midpoint between the ~0.3 N^2 values it can take (2 hidden units each), and
+    its exactness must separate fractions 1/(N(N-1)) apart.
+    """
+    pairs = _check_pairs(pairs)
+    pair_of = {c: p for p in pairs for c in p}
+    openers = {p[0] for p in pairs}
+    closers = {p[1] for p in pairs}
+
+    def same_type_bracket(key, query):
+        if query in closers:
+            return pair_of.get(key) == pair_of[query]
+        if query == TRIGGER:
+            return key in pair_of
+        return False
+
+    is_opener = rasp.numerical(rasp.Map(lambda t: 1 if t in openers else 0, rasp.tokens)).named("dyck_is_opener")
+    select = rasp.Select(rasp.tokens, rasp.tokens, same_type_bracket).named("dyck_type_select")
+    frac = fraction_mean(rasp.numerical(rasp.Aggregate(select, is_opener, default=0))).named("dyck_open_frac")
+    share = rasp.Map(lambda x: "lt" if x < 0.5 else ("eq" if x == 0.5 else "gt"), frac).named("dyck_open_share")
+    bad = rasp.SequenceMap(
+        lambda s, t: (t in closers and s == "lt") or (t == TRIGGER and s == "gt"), share, rasp.tokens
+    ).named("dyck_bad")
+    return _dyck_verdict(bad, closers, mask_non_trigger)
 
 
 def dyck_reference(tokens: Sequence[str], pairs: Sequence[str] = DYCK_PAIRS) -> str:

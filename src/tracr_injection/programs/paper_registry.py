@@ -88,6 +88,17 @@ register(
 )
 register(
     ProgramSpec(
+        name="dyck_frac_trigger",
+        build=lambda n: paper.make_dyck_frac_trigger(),
+        vocab=frozenset(paper.dyck_vocab()),
+        max_seq_len=40,
+        causal=True,
+        description="Shuffle-Dyck over ()[]{} with a numerical counter (share of openers): yes/no at the trigger",
+        sample_inputs=lambda n, count, rng: [dyck_input(rng, n) for _ in range(count)],
+    )
+)
+register(
+    ProgramSpec(
         name="count_trigger",
         build=lambda n: paper.make_count_trigger(max_count=n),
         vocab=frozenset(paper.count_vocab()),

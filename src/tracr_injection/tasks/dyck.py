@@ -4,7 +4,8 @@ Prompt `Are parenthesis here correctly matched? {s}\\nAnswer:`, answer ` yes` / 
 lengths 5-30, half uniform random strings, half random shuffle-balanced strings.  OOD:
 `almost_balanced` (a balanced string of length 16-90 with its last symbol dropped: always
 no), `new_token` (a fourth pair `<>` appears: outside the program's vocabulary), `length`
-(lengths 31-90).
+(lengths 31-90).  `dyck_frac` is the same task (same prompts and splits) taught by the teacher
+whose counter is numerical (`programs.paper.make_dyck_frac_trigger`).
 """
 
 from __future__ import annotations
@@ -58,12 +59,13 @@ def with_new_token(rng: random.Random) -> Example:
 
 TRAIN_LENGTHS = (5, 30)
 
-register_task(
-    Task(
-        name="dyck",
-        program="dyck_trigger",
+def dyck_task(name: str, program: str, description: str) -> Task:
+    """The Shuffle-Dyck task (prompts, splits, seeds) taught with the teacher compiled from `program`."""
+    return Task(
+        name=name,
+        program=program,
         teacher_max_len=112,
-        description="Shuffle-Dyck over ()[]{}: yes/no (paper task 1)",
+        description=description,
         splits=[
             SplitSpec(
                 "train",
@@ -105,5 +107,14 @@ register_task(
             ),
         ],
         end_output=None,
+    )
+
+
+register_task(dyck_task("dyck", "dyck_trigger", "Shuffle-Dyck over ()[]{}: yes/no (paper task 1)"))
+register_task(
+    dyck_task(
+        "dyck_frac",
+        "dyck_frac_trigger",
+        "Shuffle-Dyck over ()[]{}: yes/no, taught by the teacher with a numerical counter (share of openers)",
     )
 )
