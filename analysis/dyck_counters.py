@@ -14,7 +14,7 @@ import collections
 import json
 import sys
 
-import torch
+from common import bucket, bucket_order, load_run, split_data
 
 from tracr_injection.evaluate.decoding import (
     LinearDecoder,
@@ -23,27 +23,16 @@ from tracr_injection.evaluate.decoding import (
     reference_dims,
     reference_scale,
 )
-from tracr_injection.evaluate.pipeline import map_decoder
-from tracr_injection.evaluate.subject import load_subject
-from tracr_injection.inject.data import TaskData
 
 SPLITS = ("test", "almost_balanced", "length")
 COUNTERS = ("dyck_lhs", "dyck_rhs")
-
-
-def bucket(count: int) -> str:
-    """Ten-wide buckets of true counts, 40 and more together."""
-    return "40+" if count >= 40 else f"{count // 10 * 10}-{count // 10 * 10 + 9}"
 
 
 def counter_errors(subject, decoder: LinearDecoder, split: str, examples: int = 100) -> dict:
     """Error shares and accuracy per true-count bucket of each counter on `split`."""
     config = subject.teacher.config
     level = config.num_levels - 1
-    data = TaskData(
-        subject.task, split, subject.tokenizer, subject.tokenizer_name,
-        teacher=subject.teacher, max_examples=examples, seed=0, progress=False,
-    )  # fmt: skip
+    data = split_data(subject, split, examples)
     errors = {name: collections.Counter() for name in COUNTERS}
     hits = {name: collections.defaultdict(lambda: [0, 0]) for name in COUNTERS}
     for batch in aligned_batches(subject.model, data, subject.layer_map, list(range(len(data)))):
@@ -62,7 +51,7 @@ def counter_errors(subject, decoder: LinearDecoder, split: str, examples: int = 
             "error_share": {k: round(v / sum(errors[name].values()), 3) for k, v in sorted(errors[name].items())},
             "accuracy_by_true_count": {
                 b: {"accuracy": round(a / n, 3), "positions": n}
-                for b, (a, n) in sorted(hits[name].items(), key=lambda kv: int(kv[0].split("-")[0].rstrip("+")))
+                for b, (a, n) in sorted(hits[name].items(), key=lambda kv: bucket_order(kv[0]))
             },
         }
         for name in COUNTERS
@@ -70,9 +59,7 @@ def counter_errors(subject, decoder: LinearDecoder, split: str, examples: int = 
 
 
 def main(run: str) -> None:
-    torch.set_num_threads(1)
-    subject = load_subject(run)
-    decoder = map_decoder(subject) if subject.amap is not None else LinearDecoder.load(f"{run}/eval/probe.safetensors")
+    subject, decoder = load_run(run)
     result = {"run": run, "decoder": decoder.kind, **{s: counter_errors(subject, decoder, s) for s in SPLITS}}
     print(json.dumps(result, indent=1))
 

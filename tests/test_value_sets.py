@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from tracr.rasp import rasp
 
+import tracr_injection as ti
 from tracr_injection import compile_program
 from tracr_injection.compile.errors import CompiledModelMismatchError
 from tracr_injection.compile.fingerprint import program_hash
@@ -14,15 +15,17 @@ from tracr_injection.programs.annotations import fraction_mean, is_fraction_mean
 
 
 def majority_x(marked: bool) -> rasp.SOp:
-    """At each position: is the share of "x" so far above, at or below 1/2 (a numerical mean read by an MLP)."""
+    """At each position: is the share of "x" so far above, at or below 1/2 (a mean read by an MLP)."""
     is_x = rasp.numerical(rasp.Map(lambda t: 1 if t == "x" else 0, rasp.tokens)).named("is_x")
     prefix = rasp.Select(rasp.indices, rasp.indices, rasp.Comparison.LEQ).named("prefix")
     share = rasp.numerical(rasp.Aggregate(prefix, is_x, default=0))
     share = (fraction_mean(share) if marked else share).named("share_x")
-    return rasp.Map(lambda v: "above" if v > 0.5 else ("half" if v == 0.5 else "below"), share).named("majority")
+    majority = rasp.Map(lambda v: "above" if v > 0.5 else ("half" if v == 0.5 else "below"), share)
+    return majority.named("majority")
 
 
 def test_fractions_are_every_k_over_n():
+    assert ti.fraction_mean is fraction_mean  # the public name
     assert fractions(3) == {0, 1 / 3, 1 / 2, 2 / 3, 1}
     assert fractions(1) == {0, 1}
 

@@ -13,6 +13,7 @@ __all__ = [
     "TeacherModel",
     "TeacherVariable",
     "compile_program",
+    "fraction_mean",
     "load_teacher",
     "get_program",
 ]
@@ -29,6 +30,10 @@ def __getattr__(name: str) -> Any:
         from tracr_injection.compile.compiler import compile_program
 
         return compile_program
+    if name == "fraction_mean":
+        from tracr_injection.programs.annotations import fraction_mean
+
+        return fraction_mean
     if name == "get_program":
         from tracr_injection.programs.registry import get_program
 

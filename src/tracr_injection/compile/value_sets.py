@@ -40,7 +40,8 @@ def widen_fraction_means(graph: nx.DiGraph, max_seq_len: int) -> None:
         values = fractions(max_seq_len) if label in marked else inferred_values(graph, expr, max_seq_len)
         graph.nodes[label][nodes.VALUE_SET] = values
         if rasp.is_categorical(expr):
-            graph.nodes[label][nodes.OUTPUT_BASIS] = bases.VectorSpaceWithBasis.from_values(label, values).basis
+            space = bases.VectorSpaceWithBasis.from_values(label, values)
+            graph.nodes[label][nodes.OUTPUT_BASIS] = space.basis
 
 
 def inferred_values(graph: nx.DiGraph, expr: rasp.SOp, max_seq_len: int) -> set[Any]:

@@ -160,9 +160,8 @@ def aligned_batches(
             batch = data.collate(positions[start : start + batch_size])
             real_BP = batch["teacher_mask"] & batch["attention_mask"].bool()
             with torch.no_grad():
-                states = hidden_states(
-                    model, batch["input_ids"].to(device), batch["attention_mask"].to(device), up_to=max(layer_map)
-                )
+                ids_BP, mask_BP = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                states = hidden_states(model, ids_BP, mask_BP, up_to=max(layer_map))
                 hidden_LND = torch.stack([states[i][real_BP.to(device)].float().cpu() for i in layer_map])
             final_BPT = batch["teacher_final"]
             targets_LNT = torch.stack(

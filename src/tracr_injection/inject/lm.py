@@ -272,7 +272,7 @@ def edit_block_output(block: nn.Module, edit: Callable[[torch.Tensor], torch.Ten
 
 
 class _EnoughHiddenStates(Exception):
-    """Raised by a capturing hook once every hidden state asked for is in hand: the rest of the model is skipped."""
+    """Raised by a capturing hook once every hidden state asked for is in hand (the rest is skipped)."""
 
 
 def hidden_states(

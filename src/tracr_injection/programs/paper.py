@@ -262,10 +262,12 @@ def make_dyck_frac_trigger(pairs: Sequence[str] = DYCK_PAIRS, mask_non_trigger: 
             return key in pair_of
         return False
 
-    is_opener = rasp.numerical(rasp.Map(lambda t: 1 if t in openers else 0, rasp.tokens)).named("dyck_is_opener")
+    is_opener = rasp.numerical(rasp.Map(lambda t: 1 if t in openers else 0, rasp.tokens))
+    is_opener = is_opener.named("dyck_is_opener")
     select = rasp.Select(rasp.tokens, rasp.tokens, same_type_bracket).named("dyck_type_select")
     frac = fraction_mean(rasp.numerical(rasp.Aggregate(select, is_opener, default=0))).named("dyck_open_frac")
-    share = rasp.Map(lambda x: "lt" if x < 0.5 else ("eq" if x == 0.5 else "gt"), frac).named("dyck_open_share")
+    share = rasp.Map(lambda x: "lt" if x < 0.5 else ("eq" if x == 0.5 else "gt"), frac)
+    share = share.named("dyck_open_share")
     bad = rasp.SequenceMap(
         lambda s, t: (t in closers and s == "lt") or (t == TRIGGER and s == "gt"), share, rasp.tokens
     ).named("dyck_bad")

@@ -9,6 +9,8 @@ the trigger, and the answer digits fed back as teacher forcing, sometimes cut sh
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import Any
 
 from tracr_injection.programs import paper
 from tracr_injection.programs.registry import ProgramSpec, register
@@ -75,26 +77,27 @@ def sum_input(rng: random.Random, max_len: int, max_digits: int) -> list[str]:
 
 SUM_DIGITS = 3
 
-register(
-    ProgramSpec(
-        name="dyck_trigger",
-        build=lambda n: paper.make_dyck_trigger(),
+def dyck_spec(name: str, make: Callable[[], Any], description: str) -> ProgramSpec:
+    """A Shuffle-Dyck recogniser over ()[]{} (built by `make`), validated on task-shaped inputs too."""
+    return ProgramSpec(
+        name=name,
+        build=lambda n: make(),
         vocab=frozenset(paper.dyck_vocab()),
         max_seq_len=40,
         causal=True,
-        description="Shuffle-Dyck over ()[]{}: yes/no at the trigger (paper task 1)",
+        description=description,
         sample_inputs=lambda n, count, rng: [dyck_input(rng, n) for _ in range(count)],
     )
+
+
+register(
+    dyck_spec("dyck_trigger", paper.make_dyck_trigger, "Shuffle-Dyck over ()[]{}: yes/no at the trigger (paper task 1)")
 )
 register(
-    ProgramSpec(
-        name="dyck_frac_trigger",
-        build=lambda n: paper.make_dyck_frac_trigger(),
-        vocab=frozenset(paper.dyck_vocab()),
-        max_seq_len=40,
-        causal=True,
-        description="Shuffle-Dyck over ()[]{} with a numerical counter (share of openers): yes/no at the trigger",
-        sample_inputs=lambda n, count, rng: [dyck_input(rng, n) for _ in range(count)],
+    dyck_spec(
+        "dyck_frac_trigger",
+        paper.make_dyck_frac_trigger,
+        "Shuffle-Dyck over ()[]{} with a numerical counter (share of openers): yes/no at the trigger",
     )
 )
 register(

@@ -1,0 +1,39 @@
+"""What the analyses share: a run's decoder, a split's first examples with teacher targets, count buckets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tracr_injection.evaluate.decoding import LinearDecoder
+from tracr_injection.evaluate.pipeline import map_decoder
+from tracr_injection.evaluate.subject import load_subject
+from tracr_injection.inject.data import TaskData
+
+
+def bucket(count: int) -> str:
+    """Ten-wide buckets of counts, 40 and more together."""
+    return "40+" if count >= 40 else f"{count // 10 * 10}-{count // 10 * 10 + 9}"
+
+
+def bucket_order(name: str) -> int:
+    """Sort key of a `bucket` name."""
+    return int(name.split("-")[0].rstrip("+"))
+
+
+def split_data(subject: Any, split: str, examples: int) -> TaskData:
+    """The first `examples` of a split (seed 0, as the evaluation draws them), with the teacher's targets."""
+    return TaskData(
+        subject.task, split, subject.tokenizer, subject.tokenizer_name,
+        teacher=subject.teacher, max_examples=examples, seed=0, progress=False,
+    )  # fmt: skip
+
+
+def load_run(run: str) -> tuple[Any, LinearDecoder]:
+    """A trained run (one thread) and its decoder: an inject run's map, else the evaluation's probe."""
+    torch.set_num_threads(1)
+    subject = load_subject(run)
+    if subject.amap is not None:
+        return subject, map_decoder(subject)
+    return subject, LinearDecoder.load(f"{run}/eval/probe.safetensors")
