@@ -388,6 +388,8 @@ def reproduce_command(
             return
         command = f"tracr-inject reproduce --task {task} --seeds {seeds} --budget {budget} --model {model}"
         command += "" if method == "both" else f" --method {method}"
+        command += "" if runs_root == Path("runs/reproduce") else f" --runs-root {runs_root}"
+        command += "" if results == Path("results") else f" --results {results}"
         folder = reproduce(
             tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, methods=methods,
             command=command,
