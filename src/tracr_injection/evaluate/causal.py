@@ -29,9 +29,16 @@ from torch import nn
 
 from tracr_injection.compile.errors import TracrInjectionError
 from tracr_injection.inject.data import TaskData
-from tracr_injection.inject.lm import decoder_blocks, edit_block_output, hidden_size, logits_at, num_blocks
+from tracr_injection.inject.lm import (
+    decoder_blocks,
+    edit_block_output,
+    first_hidden_states,
+    hidden_size,
+    logits_at,
+    num_blocks,
+)
 from tracr_injection.inject.losses import answer_positions
-from tracr_injection.inject.trainer import answer_accuracy
+from tracr_injection.inject.trainer import answer_accuracy, answers_hit
 from tracr_injection.tasks import IGNORE_INDEX
 
 NOISE_NORMS: tuple[float, ...] = (0.0, 5.0, 10.0, 30.0)
@@ -219,16 +226,11 @@ def edited_answer_logits(
     return logits_NV
 
 
+@torch.no_grad()
 def block_output(model: Any, block: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The raw output [B, P, D] of `block` on a batch (captured by a hook that leaves it unchanged)."""
-    captured = []
-
-    def keep(hidden_BPD: torch.Tensor) -> torch.Tensor:
-        captured.append(hidden_BPD)
-        return hidden_BPD
-
-    edited_answer_logits(model, block, batch, keep)
-    return captured[0]
+    """The raw output [B, P, D] of `block` on a batch (the forward pass stops right after it)."""
+    index = list(decoder_blocks(model)).index(block)
+    return first_hidden_states(model, batch["input_ids"], batch["attention_mask"], index + 1)[-1]
 
 
 def aligned_source(
@@ -271,15 +273,6 @@ def interchanged_logits(
     placed_BPD, mask_BP = aligned_source(source_BPD, source_labels_BP, target["labels"])
     edit = partial(interchange_edit, basis_KD=basis_KD, source_BPD=placed_BPD, mask_BP=mask_BP)
     return edited_answer_logits(model, block, target, edit)
-
-
-def answers_hit(logits_NV: torch.Tensor, labels_BP: torch.Tensor) -> torch.Tensor:
-    """Per row, whether the argmax at every answer-predicting position is the labelled next token
-    (`logits_NV` at those positions, in `answer_positions` order)."""
-    b_idx, _, target = answer_positions(labels_BP)
-    miss = logits_NV.argmax(-1) != target
-    wrong_B = torch.zeros(labels_BP.shape[0], dtype=torch.bool, device=labels_BP.device)
-    return ~wrong_B.index_put_((b_idx,), miss, accumulate=True)
 
 
 def interchange_rates(

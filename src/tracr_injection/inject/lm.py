@@ -289,6 +289,8 @@ def hidden_states(
     the head never run (decoding reads the first few aligned levels of a ~30-block LM).
     """
     if up_to is not None:
+        if not 0 <= up_to < num_blocks(model):
+            raise ValueError(f"up_to must be in 0..{num_blocks(model) - 1} (raw hidden states), got {up_to}.")
         return first_hidden_states(model, input_ids_BP, attention_mask_BP, up_to)
     output = model(
         input_ids=input_ids_BP, attention_mask=attention_mask_BP, output_hidden_states=True, use_cache=False
@@ -306,10 +308,11 @@ def first_hidden_states(
     model: nn.Module, input_ids_BP: torch.Tensor, attention_mask_BP: torch.Tensor | None, up_to: int
 ) -> tuple[torch.Tensor, ...]:
     """Hidden states 0..`up_to` (block 0's input, then raw block outputs), captured by hooks; the forward
-    pass stops after block `up_to` - 1."""
+    pass stops after block `up_to` - 1.  Unlike `hidden_states`, index num_blocks is the raw output of the
+    last block (no final norm)."""
     blocks = decoder_blocks(model)
-    if not 0 <= up_to < len(blocks):
-        raise ValueError(f"up_to must be in 0..{len(blocks) - 1} (raw hidden states), got {up_to}.")
+    if not 0 <= up_to <= len(blocks):
+        raise ValueError(f"up_to must be in 0..{len(blocks)} (raw hidden states), got {up_to}.")
     captured: list[torch.Tensor] = []
 
     def capture(hidden_BPD: torch.Tensor) -> None:

@@ -170,14 +170,13 @@ class InjectionObjective(torch.nn.Module):
             projector = output_projector(self.amap, parts.output_dims)
             anchors_B = first_answer_positions(batch["labels"]) if config.roll_align == "answer" else None
             roll = detach_and_roll_at(decoder_blocks(self.lm)[parts.roll_block], projector, anchors_B)
-        with roll:
-            out = self.lm(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                output_hidden_states=config.injecting,
-            )
         b_idx, pos, target = answer_positions(batch["labels"])
-        ce = task_loss(out.logits[b_idx, pos], target)
+        with roll:
+            logits_NV, out = logits_at(
+                self.lm, batch["input_ids"], batch["attention_mask"], b_idx, pos,
+                output_hidden_states=config.injecting,
+            )  # fmt: skip
+        ce = task_loss(logits_NV, target)
         metrics = {"task_ce": ce.item()}
         loss = ce
         if config.injecting:
@@ -217,14 +216,19 @@ def answers_correct(model: Any, data: TaskData, count: int, batch_size: int = 16
                 for k, v in data.collate(positions).items()
                 if k in ("input_ids", "attention_mask", "labels")
             }
-            b_idx, pos, target = answer_positions(batch["labels"])
+            b_idx, pos, _ = answer_positions(batch["labels"])
             logits_NV, _ = logits_at(model, batch["input_ids"], batch["attention_mask"], b_idx, pos)
-            hit = logits_NV.argmax(-1) == target
-            wrong = torch.zeros(len(positions), dtype=torch.bool, device=device).index_put_(
-                (b_idx,), ~hit, accumulate=True
-            )
-            correct_N[start : start + len(positions)] = ~wrong.cpu()
+            correct_N[start : start + len(positions)] = answers_hit(logits_NV, batch["labels"]).cpu()
     return correct_N
+
+
+def answers_hit(logits_NV: torch.Tensor, labels_BP: torch.Tensor) -> torch.Tensor:
+    """Per row, whether the argmax at every answer-predicting position is the labelled next token
+    (`logits_NV` at those positions, in `answer_positions` order)."""
+    b_idx, _, target = answer_positions(labels_BP)
+    miss = logits_NV.argmax(-1) != target
+    wrong_B = torch.zeros(labels_BP.shape[0], dtype=torch.bool, device=labels_BP.device)
+    return ~wrong_B.index_put_((b_idx,), miss, accumulate=True)
 
 
 def answer_accuracy(model: Any, data: TaskData, count: int, batch_size: int = 16) -> float:
