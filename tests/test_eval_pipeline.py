@@ -200,9 +200,13 @@ def test_reproduce_skips_finished_work_and_resumes_partial_runs(tiny_model, tmp_
     assert states == ["published", "published"] and not (tmp_path / "runs").exists()
     assert "baseline (n=1)" in (results / "comparison.md").read_text()
 
-    # A published run of another configuration (the budget changed since) does not count as done.
+    # A run published before a config field existed (at its default now) still counts as done ...
     manifest_path = runs[0].published / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
+    del manifest["config"]["alignment_scales"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert [run_state(r) for r in runs] == ["published", "published"]
+    # ... but one of another configuration (the budget changed since) does not.
     manifest["config"]["steps"] = 3
     manifest_path.write_text(json.dumps(manifest))
     assert [run_state(r) for r in runs] == ["todo", "published"]

@@ -13,8 +13,9 @@ from tracr_injection.experiments.budgets import BUDGETS, TASKS
 from tracr_injection.experiments.reproduce import plan_runs, train_command
 
 
-@pytest.mark.parametrize("budget", sorted(BUDGETS))
-def test_recorded_train_commands_rebuild_the_planned_configs(budget, tmp_path, monkeypatch):
+@pytest.fixture
+def trained_configs(monkeypatch) -> list:
+    """The configs `tracr-inject train` would train, recorded instead of training."""
     seen = []
 
     def fake_train(config, resume=False):
@@ -23,6 +24,12 @@ def test_recorded_train_commands_rebuild_the_planned_configs(budget, tmp_path, m
                 "eval_examples": config.eval_examples}  # fmt: skip
 
     monkeypatch.setattr(inject_module, "train", fake_train)
+    return seen
+
+
+@pytest.mark.parametrize("budget", sorted(BUDGETS))
+def test_recorded_train_commands_rebuild_the_planned_configs(budget, tmp_path, trained_configs):
+    seen = trained_configs
     runs = plan_runs(list(TASKS), 2, BUDGETS[budget], tmp_path / "runs", "some/model")
     runner = CliRunner()
     for run in runs:
@@ -55,3 +62,14 @@ def test_reproduce_status_takes_one_method_and_rejects_unknown_names(tmp_path):
     assert result.exit_code != 0 and "Unknown task 'nope'" in result.output
     result = runner.invoke(app, [*common, "--method", "both-ish"])
     assert result.exit_code != 0 and "--method must be baseline, inject or both" in result.output
+
+
+def test_train_takes_alignment_scales_and_names_a_malformed_one(trained_configs, tmp_path):
+    runner = CliRunner()
+    args = ["train", "--task", "dyck_frac", "--out", str(tmp_path / "r")]
+    scales = ["--alignment-scale", "frac_open=10", "--alignment-scale", "frac_close=2.5"]
+    result = runner.invoke(app, args + scales)
+    assert result.exit_code == 0, result.output
+    assert trained_configs[-1].alignment_scales == {"frac_open": 10.0, "frac_close": 2.5}
+    result = runner.invoke(app, args + ["--alignment-scale", "frac_open:10"])
+    assert result.exit_code != 0 and "VAR=FACTOR" in result.output and "'frac_open:10'" in result.output

@@ -13,18 +13,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import save_tiny_llama
+from tracr.rasp import rasp
 from transformers import AutoModelForCausalLM
 
+from tracr_injection import compile_program
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.losses import (
     AlignmentMap,
+    alignment_dim_scales,
     alignment_loss,
     answer_positions,
     detach_and_roll,
     detach_and_roll_at,
     donor_positions,
     first_answer_positions,
+    level_alignment,
     output_projector,
     task_loss,
 )
@@ -80,6 +84,53 @@ def test_alignment_loss_matches_a_direct_loop():
         expected.append(sum(losses) / len(losses))
     assert torch.allclose(torch.stack(per_level), torch.stack(expected), atol=1e-6)
     assert torch.allclose(total, sum(expected), atol=1e-6)
+
+
+def test_scaled_alignment_is_the_cosine_after_stretching_the_chosen_dims():
+    # nine one-hot-like dims and a numerical share of 0.5 decoded as 0.47
+    mapped = torch.tensor([[[1.0] * 9 + [0.47]]])
+    target = torch.tensor([[[1.0] * 9 + [0.5]]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+
+    def by_hand(stretch: float) -> float:
+        m, t = [1.0] * 9 + [0.47 * stretch], [1.0] * 9 + [0.5 * stretch]
+        dot = sum(a * b for a, b in zip(m, t))
+        return 1 - dot / (sum(a * a for a in m) * sum(b * b for b in t)) ** 0.5
+
+    def scaled(stretch: float) -> float:
+        return level_alignment(mapped, target, mask, torch.tensor([1.0] * 9 + [stretch])).item()
+
+    assert level_alignment(mapped, target, mask).item() == pytest.approx(by_hand(1.0), abs=5e-7)
+    for stretch in (3.0, 6.0, 100.0):
+        assert scaled(stretch) == pytest.approx(by_hand(stretch), abs=5e-7)
+    # the error's weight peaks near stretch = |rest| / value = 3 / 0.5 (about 10x); far beyond, the share
+    # dominates the vector and its error becomes a free change of scale
+    assert scaled(6.0) > 8 * by_hand(1.0) and scaled(100.0) < by_hand(1.0)
+
+
+def test_alignment_dim_scales_cover_exactly_the_named_variables(tmp_path):
+    is_x = rasp.numerical(rasp.Map(lambda t: 1 if t == "x" else 0, rasp.tokens))
+    prevs = rasp.Select(rasp.indices, rasp.indices, rasp.Comparison.LEQ)
+    frac_x = rasp.numerical(rasp.Aggregate(prevs, is_x, default=0)).named("frac_x")
+    teacher = compile_program(frac_x, {"x", "y"}, 6, causal=True)
+    config = teacher.config
+    assert alignment_dim_scales(config, {}) is None
+    share = config.variable("frac_x").dims
+    scales_D = alignment_dim_scales(config, {"frac_x": 8.0})
+    assert scales_D.shape == (config.d_model,)
+    assert scales_D[list(share)].tolist() == [8.0] * len(share)
+    assert int((scales_D == 1.0).sum()) == config.d_model - len(share)
+    with pytest.raises(ValueError, match="No variable 'fraq'.*known: .*frac_x"):
+        alignment_dim_scales(config, {"fraq": 2.0})
+    with pytest.raises(ValueError, match="must be > 0"):
+        alignment_dim_scales(config, {"frac_x": 0.0})
+
+
+def test_a_config_recorded_before_a_field_existed_still_matches():
+    recorded = TrainConfig().resume_key()
+    del recorded["alignment_scales"]
+    assert TrainConfig.from_record(recorded).resume_key() == TrainConfig().resume_key()
+    assert TrainConfig.from_record(recorded).resume_key() != TrainConfig(alignment_scales={"v": 2.0}).resume_key()
 
 
 def test_output_projector_is_the_orthogonal_projector_onto_the_output_rows():

@@ -187,6 +187,9 @@ def train_command(
     lr_lm: float | None = typer.Option(None, help="Learning rate of the LM."),
     lr_map: float | None = typer.Option(None, help="Learning rate of the alignment map."),
     alignment_weight: float | None = typer.Option(None, help="m: weight of the alignment term."),
+    alignment_scale: list[str] | None = typer.Option(
+        None, help="VAR=FACTOR: stretch a teacher variable's dims in the alignment cosine (repeatable)."
+    ),
     kl_weight: float | None = typer.Option(None, help="Weight of the KL term on natural text."),
     warmup_steps: int | None = typer.Option(None, help="Linear learning-rate warm-up steps."),
     layer_strategy: str | None = typer.Option(
@@ -226,6 +229,8 @@ def train_command(
 
     overrides = {f.name: flags[f.name] for f in dataclasses.fields(TrainConfig) if f.name in flags}
     try:
+        if alignment_scale:
+            overrides["alignment_scales"] = parse_alignment_scales(alignment_scale)
         cfg = TrainConfig.load(config, **overrides)
         if out is None and config is None:
             cfg.out = f"runs/{cfg.task}-{cfg.method}-s{cfg.seed}"
@@ -238,6 +243,20 @@ def train_command(
         f"before -> {100 * manifest[f'{split}_accuracy_after']:.1f}% after ({manifest['eval_examples']} examples)"
     )
     typer.echo(cfg.out)
+
+
+def parse_alignment_scales(items: list[str]) -> dict[str, float]:
+    """`["frac_open=10", ...]` -> `{"frac_open": 10.0, ...}`, or a ValueError naming the malformed item."""
+    scales = {}
+    for item in items:
+        name, sep, factor = item.partition("=")
+        try:
+            scales[name.strip()] = float(factor)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"--alignment-scale takes VAR=FACTOR (e.g. frac_open=10), got {item!r}.")
+    return scales
 
 
 def split_summary(task_name: str, info: dict) -> Table:

@@ -94,9 +94,8 @@ def is_published(run: PlannedRun) -> bool:
     manifest = run.published / MANIFEST_NAME
     if not (run.published / METRICS_FILE).is_file() or not manifest.is_file():
         return False
-    trained = json.loads(manifest.read_text())["config"]
-    planned = run.config.to_dict()
-    return {k: v for k, v in trained.items() if k != "out"} == {k: v for k, v in planned.items() if k != "out"}
+    trained = TrainConfig.from_record(json.loads(manifest.read_text())["config"])
+    return dataclasses.replace(trained, out=run.config.out) == run.config
 
 
 def run_state(run: PlannedRun) -> str:

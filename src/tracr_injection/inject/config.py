@@ -23,6 +23,8 @@ class TrainConfig:
     this one (first token and answer position; `losses.donor_positions`), `"position"` rolls by
     absolute position as the paper's code does (under right padding that hands the answer position
     another example's pad state).  Learning rates are separate for the LM and the map.
+    `alignment_scales` maps teacher variable names to a factor that stretches their dims in the
+    alignment cosine (`losses.alignment_dim_scales`), e.g. to make a numerical share count.
     """
 
     task: str = "dyck"
@@ -37,6 +39,7 @@ class TrainConfig:
     warmup_steps: int = 20
     max_grad_norm: float = 1.0
     alignment_weight: float = 1.0
+    alignment_scales: dict[str, float] = dataclasses.field(default_factory=dict)
     kl_weight: float = 1.0
     kl_source: str = "self"
     kl_windows: int = 256
@@ -79,6 +82,11 @@ class TrainConfig:
         """The fields a resumed run must share with the checkpoint (not the budget or bookkeeping)."""
         free = {"steps", "out", "checkpoint_every", "keep_checkpoints", "eval_examples"}
         return {k: v for k, v in self.to_dict().items() if k not in free}
+
+    @classmethod
+    def from_record(cls, values: dict[str, Any]) -> TrainConfig:
+        """The config a manifest or checkpoint recorded; fields added since it was written take their defaults."""
+        return cls(**values)
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> TrainConfig:

@@ -9,7 +9,7 @@ hook that makes later layers read the answer from the injected output subspace.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tracr_injection.compile.errors import ArtifactError
+from tracr_injection.compile.teacher import TeacherConfig
 from tracr_injection.inject.lm import edit_block_output
 
 MAP_WEIGHTS = "map.safetensors"
@@ -76,9 +77,14 @@ def answer_positions(
 
 
 def level_alignment(
-    mapped_BPD: torch.Tensor, target_BPD: torch.Tensor, mask_BP: torch.Tensor
+    mapped_BPD: torch.Tensor,
+    target_BPD: torch.Tensor,
+    mask_BP: torch.Tensor,
+    dim_scales_D: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over real positions of 1 - cos(A h, r) at one level."""
+    """Mean over real positions of 1 - cos(s * A h, s * r) at one level (s = 1 unless `dim_scales_D` is given)."""
+    if dim_scales_D is not None:
+        mapped_BPD, target_BPD = mapped_BPD * dim_scales_D, target_BPD * dim_scales_D
     cos_BP = F.cosine_similarity(mapped_BPD.float(), target_BPD.float(), dim=-1, eps=1e-8)
     mask = mask_BP.to(cos_BP.dtype)
     return ((1.0 - cos_BP) * mask).sum() / mask.sum().clamp(min=1.0)
@@ -91,17 +97,43 @@ def alignment_loss(
     teacher_final_BPD: torch.Tensor,
     dim_levels_D: torch.Tensor,
     mask_BP: torch.Tensor,
+    dim_scales_D: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Sum over teacher levels i of the level alignment between A h_{layer_map[i]} and the teacher's residual r_i.
 
     r_i is the teacher's final residual restricted to the dims written by level i (tracr never
-    overwrites a dim, see `tasks.targets`).
+    overwrites a dim, see `tasks.targets`). `dim_scales_D` stretches chosen teacher dims in the
+    cosine (see `alignment_dim_scales`) so that small errors there, e.g. in a numerical share, count.
     """
     per_level = []
     for level, hidden_index in enumerate(layer_map):
         target_BPD = teacher_final_BPD * (dim_levels_D <= level)
-        per_level.append(level_alignment(amap(hidden_states[hidden_index]), target_BPD, mask_BP))
+        mapped_BPD = amap(hidden_states[hidden_index])
+        per_level.append(level_alignment(mapped_BPD, target_BPD, mask_BP, dim_scales_D))
     return torch.stack(per_level).sum(), per_level
+
+
+def alignment_dim_scales(teacher_config: TeacherConfig, scales: Mapping[str, float]) -> torch.Tensor | None:
+    """Per-dim factors [d_teacher] for the alignment cosine: `scales[name]` on each named variable's dims, 1 elsewhere.
+
+    A numerical variable is one dim beside many one-hot ones, so under a plain cosine an error of a
+    few hundredths in it is nearly free. Stretching it by s weighs that error by about
+    s^2 R^4 / (R^2 + s^2 v^2)^2 (R: norm of the other dims, v: the value), at most R^2 / (4 v^2) at
+    s = R / v; far beyond that the variable dominates the vector and its error becomes a free change of
+    scale. None when `scales` is empty (the plain cosine).
+    """
+    if not scales:
+        return None
+    factors_D = torch.ones(teacher_config.d_model)
+    for name, factor in scales.items():
+        if factor <= 0:
+            raise ValueError(f"Alignment scale for {name!r} must be > 0, got {factor}.")
+        try:
+            dims = teacher_config.variable(name).dims
+        except KeyError as err:
+            raise ValueError(f"alignment_scales: {err.args[0]}") from err
+        factors_D[list(dims)] = factor
+    return factors_D
 
 
 @torch.no_grad()

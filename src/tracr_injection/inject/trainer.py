@@ -39,6 +39,7 @@ from tracr_injection.inject.lm import (
 )
 from tracr_injection.inject.losses import (
     AlignmentMap,
+    alignment_dim_scales,
     alignment_loss,
     answer_positions,
     detach_and_roll_at,
@@ -70,6 +71,7 @@ class RunParts:
     roll_block: int | None
     output_dims: list[int]
     dim_levels: torch.Tensor | None
+    dim_scales: torch.Tensor | None
     teacher: TeacherModel
 
 
@@ -79,6 +81,7 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
 
     task = get_task(config.task)
     teacher = task.teacher()
+    dim_scales = alignment_dim_scales(teacher.config, config.alignment_scales)
     levels = teacher.config.num_levels
     layer_map = layer_mapping(levels, num_blocks(model), config.layer_strategy)
     roll_block = config.roll_block if config.roll_block is not None else layer_map[-1]
@@ -105,6 +108,7 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
         roll_block=roll_block,
         output_dims=list(output_dims),
         dim_levels=data.targets.dim_levels if data.targets is not None else None,
+        dim_scales=dim_scales,
         teacher=teacher,
     )
 
@@ -187,6 +191,7 @@ class InjectionObjective(torch.nn.Module):
                 batch["teacher_final"],
                 parts.dim_levels.to(batch["teacher_final"].device),
                 batch["teacher_mask"],
+                None if parts.dim_scales is None else parts.dim_scales.to(batch["teacher_final"].device),
             )
             loss = loss + config.alignment_weight * align
             metrics["alignment"] = align.item()
@@ -270,8 +275,9 @@ def load_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: Path)
         raise CheckpointError(
             f"Checkpoint {folder} is unreadable ({err}); delete it to resume from an earlier one."
         ) from err
-    if state.get("config") != config.resume_key():
-        diff = {k for k in config.resume_key() if state.get("config", {}).get(k) != config.resume_key()[k]}
+    recorded = TrainConfig.from_record(state.get("config", {})).resume_key()
+    if recorded != config.resume_key():
+        diff = {k for k, v in config.resume_key().items() if recorded[k] != v}
         raise CheckpointError(
             f"Checkpoint {folder} was written by a run with a different configuration ({sorted(diff)}); "
             "use another --out or the same settings."
