@@ -73,3 +73,19 @@ def test_train_takes_alignment_scales_and_names_a_malformed_one(trained_configs,
     assert trained_configs[-1].alignment_scales == {"frac_open": 10.0, "frac_close": 2.5}
     result = runner.invoke(app, args + ["--alignment-scale", "frac_open:10"])
     assert result.exit_code != 0 and "VAR=FACTOR" in result.output and "'frac_open:10'" in result.output
+
+
+def test_planned_alignment_scales_reach_the_inject_runs_and_their_recorded_commands(trained_configs, tmp_path):
+    runs = plan_runs(["dyck_frac"], 1, BUDGETS["cpu"], tmp_path, "m", alignment_scales={"dyck_open_frac": 5.0})
+    baseline, inject = runs
+    assert baseline.config.alignment_scales == {} and inject.config.alignment_scales == {"dyck_open_frac": 5.0}
+    command = train_command(inject)
+    assert "--alignment-scale dyck_open_frac=5.0" in command
+    result = CliRunner().invoke(app, shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    assert trained_configs[-1].to_dict() == inject.config.to_dict()
+    status = CliRunner().invoke(app, ["reproduce", "--task", "dyck_frac", "--seeds", "1", "--runs-root", str(tmp_path),
+                                      "--results", str(tmp_path), "--alignment-scale", "x=1", "--status"])  # fmt: skip
+    assert status.exit_code == 0, status.output
+    bad = CliRunner().invoke(app, ["reproduce", "--task", "dyck_frac", "--alignment-scale", "x", "--status"])
+    assert bad.exit_code != 0 and "VAR=FACTOR" in bad.output

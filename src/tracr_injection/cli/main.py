@@ -383,6 +383,9 @@ def reproduce_command(
     results: Path = typer.Option(Path("results"), help="Where tables, plots and run evaluations go."),
     model: str = typer.Option("smollm2", help="The LM to train."),
     method: str = typer.Option("both", help="baseline, inject or both."),
+    alignment_scale: list[str] | None = typer.Option(
+        None, help="VAR=FACTOR for the inject runs, as in `train` (repeatable; use its own --runs-root/--results)."
+    ),
     status: bool = typer.Option(False, "--status", help="Only show what is done and what is left."),
 ) -> None:
     """Train and evaluate baseline and inject runs (or one method) for each seed, then compare (re-run it to
@@ -398,8 +401,10 @@ def reproduce_command(
     if not set(methods) <= set(METHODS):
         fail(f"--method must be baseline, inject or both, got {method!r}")
     try:
+        scales = parse_alignment_scales(alignment_scale or [])
+        plan = (tasks, seeds, get_budget(budget), runs_root, model, results, methods, scales)
         if status:
-            rows = status_rows(plan_runs(tasks, seeds, get_budget(budget), runs_root, model, results, methods))
+            rows = status_rows(plan_runs(*plan))
             table = Table(*rows[0].keys(), title=f"reproduce --budget {budget}")
             for row in rows:
                 table.add_row(*("" if v is None else str(v) for v in row.values()))
@@ -409,14 +414,15 @@ def reproduce_command(
         command += "" if method == "both" else f" --method {method}"
         command += "" if runs_root == Path("runs/reproduce") else f" --runs-root {runs_root}"
         command += "" if results == Path("results") else f" --results {results}"
+        command += "".join(f" --alignment-scale {name}={factor}" for name, factor in scales.items())
         folder = reproduce(
             tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, methods=methods,
-            command=command,
+            alignment_scales=scales, command=command,
             on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
         )  # fmt: skip
     except (TracrInjectionError, ValueError) as err:
         fail(str(err))
-    for run in plan_runs(tasks, seeds, get_budget(budget), runs_root, model, results, methods):
+    for run in plan_runs(*plan):
         if run_state(run) not in DONE_STATES:
             console.print(f"{run.name}: {run_state(run)} (another process is on it, or it stopped; run again)")
             continue

@@ -21,7 +21,7 @@ import shlex
 import socket
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +65,19 @@ def plan_runs(
     model: str = "smollm2",
     results_root: Path = Path("results"),
     methods: Sequence[str] = METHODS,
+    alignment_scales: Mapping[str, float] | None = None,
 ) -> list[PlannedRun]:
     """Every run of the experiment: seed by seed, each task in turn, baseline before inject, so an
-    experiment stopped part-way has covered every task before it repeats one with a new seed."""
+    experiment stopped part-way has covered every task before it repeats one with a new seed.
+    `alignment_scales` (see `TrainConfig`) goes to the inject runs; the baseline has no alignment."""
     runs = []
     for seed in range(seeds):
         for task in tasks:
             for method in methods:
                 name = f"{task}-{method}-s{seed}"
                 fields = budget.train_fields(task)
+                if method == "inject" and alignment_scales:
+                    fields["alignment_scales"] = dict(alignment_scales)
                 config = TrainConfig(
                     task=task, method=method, model=model, seed=seed, out=str(runs_root / budget.name / name), **fields
                 )
@@ -200,7 +204,9 @@ def train_command(run: PlannedRun) -> str:
     ]
     defaults = TrainConfig().to_dict()
     for key, value in config.to_dict().items():
-        if key not in skip and value != defaults[key] and value is not None:
+        if key == "alignment_scales":
+            flags += [f"--alignment-scale {shlex.quote(f'{name}={factor}')}" for name, factor in value.items()]
+        elif key not in skip and value != defaults[key] and value is not None:
             flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
     return f"tracr-inject train {' '.join(flags)} --out {config.out}"
 
@@ -283,6 +289,7 @@ def reproduce(
     results_root: Path = Path("results"),
     model: str = "smollm2",
     methods: Sequence[str] = METHODS,
+    alignment_scales: Mapping[str, float] | None = None,
     progress: bool = True,
     command: str = "",
     on_run: Callable[[PlannedRun, str], None] | None = None,
@@ -290,7 +297,7 @@ def reproduce(
     """Bring every planned run to 'evaluated' (skipping what is done or claimed by another live process),
     publishing the comparison after each run."""
     budget = get_budget(budget_name)
-    runs = plan_runs(tasks, seeds, budget, runs_root, model, results_root, methods)
+    runs = plan_runs(tasks, seeds, budget, runs_root, model, results_root, methods, alignment_scales)
     settings = eval_settings(budget)
     for run in runs:
         state = run_state(run)
