@@ -278,6 +278,19 @@ def test_baseline_has_no_alignment_and_differs_from_inject(tiny_llama, tmp_path)
     assert inject[0]["task_ce"] != pytest.approx(metrics[0]["task_ce"], rel=1e-5)
 
 
+def test_alignment_scales_reach_the_training_loss(tiny_llama, tmp_path):
+    train(tiny_config(tiny_llama, tmp_path / "plain", steps=2), progress=False)
+    stretched = tiny_config(tiny_llama, tmp_path / "stretched", steps=2, alignment_scales={"reverse_out": 4.0})
+    manifest = train(stretched, progress=False)
+    plain, scaled = read_metrics(tmp_path / "plain")[0], read_metrics(tmp_path / "stretched")[0]
+    assert manifest["config"]["alignment_scales"] == {"reverse_out": 4.0}
+    # same start, data and task loss; the stretched dims change the cosine at every level (before the
+    # output is written the target is 0 there, and the stretch charges the map's output in them more)
+    assert scaled["task_ce"] == pytest.approx(plain["task_ce"], rel=1e-5)
+    for level in range(4):
+        assert scaled[f"alignment_L{level}"] != pytest.approx(plain[f"alignment_L{level}"], rel=1e-4), level
+
+
 def test_same_seed_same_weights_and_exact_resume(tiny_llama, tmp_path):
     full = tiny_config(tiny_llama, tmp_path / "full", steps=8)
     train(full, progress=False)

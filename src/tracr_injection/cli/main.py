@@ -249,13 +249,14 @@ def parse_alignment_scales(items: list[str]) -> dict[str, float]:
     """`["frac_open=10", ...]` -> `{"frac_open": 10.0, ...}`, or a ValueError naming the malformed item."""
     scales = {}
     for item in items:
-        name, sep, factor = item.partition("=")
+        name, _, factor = item.partition("=")
         try:
-            scales[name.strip()] = float(factor)
+            value = float(factor)  # "" (no "=") raises too
         except ValueError:
-            sep = ""
-        if not sep or not name.strip():
+            value = None
+        if value is None or not name.strip():
             raise ValueError(f"--alignment-scale takes VAR=FACTOR (e.g. frac_open=10), got {item!r}.")
+        scales[name.strip()] = value
     return scales
 
 

@@ -120,7 +120,8 @@ def alignment_dim_scales(teacher_config: TeacherConfig, scales: Mapping[str, flo
     few hundredths in it is nearly free. Stretching it by s weighs that error by about
     s^2 R^4 / (R^2 + s^2 v^2)^2 (R: norm of the other dims, v: the value), at most R^2 / (4 v^2) at
     s = R / v; far beyond that the variable dominates the vector and its error becomes a free change of
-    scale. None when `scales` is empty (the plain cosine).
+    scale. At levels before the variable is written its target dims are 0, so the stretch also charges
+    the map's output in them more. None when `scales` is empty (the plain cosine).
     """
     if not scales:
         return None
