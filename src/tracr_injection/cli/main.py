@@ -392,7 +392,14 @@ def reproduce_command(
     """Train and evaluate baseline and inject runs (or one method) for each seed, then compare (re-run it to
     continue)."""
     from tracr_injection.experiments.budgets import METHODS, TASKS, get_budget
-    from tracr_injection.experiments.reproduce import DONE_STATES, plan_runs, reproduce, run_state, status_rows
+    from tracr_injection.experiments.reproduce import (
+        DONE_STATES,
+        alignment_scale_flags,
+        plan_runs,
+        reproduce,
+        run_state,
+        status_rows,
+    )
     from tracr_injection.tasks import task_names
 
     tasks = list(TASKS) if task == "all" else [task]
@@ -415,7 +422,7 @@ def reproduce_command(
         command += "" if method == "both" else f" --method {method}"
         command += "" if runs_root == Path("runs/reproduce") else f" --runs-root {runs_root}"
         command += "" if results == Path("results") else f" --results {results}"
-        command += "".join(f" --alignment-scale {name}={factor}" for name, factor in scales.items())
+        command += "".join(f" {flag}" for flag in alignment_scale_flags(scales))
         folder = reproduce(
             tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, methods=methods,
             alignment_scales=scales, command=command,

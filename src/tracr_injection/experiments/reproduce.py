@@ -192,6 +192,11 @@ def training_seconds(out: Path) -> float:
     return sum(json.loads(line)["seconds"] for line in path.read_text().splitlines() if line)
 
 
+def alignment_scale_flags(scales: Mapping[str, float]) -> list[str]:
+    """`--alignment-scale VAR=FACTOR` per entry, as `train` and `reproduce` take them."""
+    return [f"--alignment-scale {shlex.quote(f'{name}={factor}')}" for name, factor in scales.items()]
+
+
 def train_command(run: PlannedRun) -> str:
     """The `tracr-inject train` command that reproduces this run alone."""
     config = run.config
@@ -205,7 +210,7 @@ def train_command(run: PlannedRun) -> str:
     defaults = TrainConfig().to_dict()
     for key, value in config.to_dict().items():
         if key == "alignment_scales":
-            flags += [f"--alignment-scale {shlex.quote(f'{name}={factor}')}" for name, factor in value.items()]
+            flags += alignment_scale_flags(value)
         elif key not in skip and value != defaults[key] and value is not None:
             flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
     return f"tracr-inject train {' '.join(flags)} --out {config.out}"

@@ -275,9 +275,9 @@ def load_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: Path)
         raise CheckpointError(
             f"Checkpoint {folder} is unreadable ({err}); delete it to resume from an earlier one."
         ) from err
-    recorded = TrainConfig.from_record(state.get("config", {})).resume_key()
-    if recorded != config.resume_key():
-        diff = {k for k, v in config.resume_key().items() if recorded[k] != v}
+    recorded, expected = TrainConfig.from_record(state.get("config", {})).resume_key(), config.resume_key()
+    if recorded != expected:
+        diff = {k for k, v in expected.items() if recorded[k] != v}
         raise CheckpointError(
             f"Checkpoint {folder} was written by a run with a different configuration ({sorted(diff)}); "
             "use another --out or the same settings."
