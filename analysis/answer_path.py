@@ -1,0 +1,140 @@
+"""Does an injected run's answer go through its output subspace? Answer CE under edits of the roll block.
+
+For one injected run (model + map), on batches of training examples (the batch size and the donor
+rule of training), measures the answer cross-entropy, per-token accuracy and exact match with the
+output of the roll block L:
+
+- `plain`: unedited (what evaluation sees);
+- `roll`: detach-and-roll as in training (the rest of the state from the previous row);
+- `roll_truth`: roll, with the output-subspace part replaced by the teacher's true output variable
+  (written so that the map reads exactly c * truth, c the map's own per-position scale);
+- `roll_empty`: roll, with the output-subspace part removed (nothing of this example is left);
+- `plain_truth`: unedited but the output-subspace part replaced by the truth as in `roll_truth`.
+
+It also reports how often the map's argmax of the output variable is right at the answer-predicting
+positions, read at the last aligned hidden state and at the roll point.  Prints JSON.
+
+    python analysis/answer_path.py runs/reproduce/cpu/sum-inject-s0 > path.json
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+from collections.abc import Callable
+
+import torch
+from common import load_run, split_data
+
+from tracr_injection.inject.lm import decoder_blocks, edit_block_output, hidden_states, logits_at
+from tracr_injection.inject.losses import answer_positions, detach_and_roll, first_answer_positions
+
+CONDITIONS = ("plain", "roll", "roll_truth", "roll_empty", "plain_truth")
+
+
+def truth_inside(hidden_BPD, amap, dims, truth_BPK):
+    """The output-subspace part that makes the map read c * truth (c: least-squares scale of A h onto truth)."""
+    weight_KD, bias_K = amap.linear.weight[dims], amap.linear.bias[dims]
+    mapped_BPK = hidden_BPD @ weight_KD.T + bias_K
+    scale_BP1 = (mapped_BPK * truth_BPK).sum(-1, keepdim=True) / truth_BPK.square().sum(-1, keepdim=True).clamp(min=1e-6)
+    return (scale_BP1 * truth_BPK - bias_K) @ torch.linalg.pinv(weight_KD).T
+
+
+def make_edit(condition: str, amap, dims, projector_DD, anchors_B, truth_BPK) -> Callable | None:
+    """The block-output edit of one condition."""
+    def inside(h):
+        return h @ projector_DD
+
+    def rolled(h, new_inside):
+        return detach_and_roll(h, projector_DD, anchors_B) - inside(h) + new_inside
+
+    edits = {
+        "plain": None,
+        "roll": lambda h: detach_and_roll(h, projector_DD, anchors_B),
+        "roll_truth": lambda h: rolled(h, truth_inside(h, amap, dims, truth_BPK)),
+        "roll_empty": lambda h: rolled(h, torch.zeros_like(h)),
+        "plain_truth": lambda h: h - inside(h) + truth_inside(h, amap, dims, truth_BPK),
+    }
+    return edits[condition]
+
+
+class Tally:
+    """Sums of answer CE and hits per answer step (0 = the first answer token), and whole-answer hits."""
+
+    def __init__(self):
+        self.ce, self.hits, self.tokens = collections.Counter(), collections.Counter(), collections.Counter()
+        self.rows_right = self.rows = 0
+
+    def add(self, logits_NV, target_N, step_N, b_idx_N, rows: int) -> None:
+        """Add one batch's answer-position logits."""
+        ce_N = torch.nn.functional.cross_entropy(logits_NV, target_N, reduction="none")
+        hit_N = logits_NV.argmax(-1) == target_N
+        for step, ce, hit in zip(step_N.tolist(), ce_N.tolist(), hit_N.tolist()):
+            self.ce[step] += ce
+            self.hits[step] += hit
+            self.tokens[step] += 1
+        miss_B = torch.zeros(rows, dtype=torch.long).index_add_(0, b_idx_N, (~hit_N).long())
+        self.rows_right += int((miss_B == 0).sum())
+        self.rows += rows
+
+    def summary(self) -> dict:
+        """Mean CE and token accuracy overall and per step, and exact match."""
+        tokens = sum(self.tokens.values())
+        return {
+            "answer_ce": round(sum(self.ce.values()) / tokens, 4),
+            "token_accuracy": round(sum(self.hits.values()) / tokens, 4),
+            "exact_match": round(self.rows_right / self.rows, 4),
+            "ce_by_step": {s: round(self.ce[s] / n, 3) for s, n in sorted(self.tokens.items())},
+            "accuracy_by_step": {s: round(self.hits[s] / n, 3) for s, n in sorted(self.tokens.items())},
+        }
+
+
+@torch.no_grad()
+def answer_path(run: str, examples: int = 96, batch_size: int = 8, split: str = "train") -> dict:
+    """Answer CE / token accuracy / exact match per condition, and the map's output accuracy, per answer step."""
+    subject, _ = load_run(run)
+    model, amap, config = subject.model.eval(), subject.amap, subject.teacher.config
+    dims = list(config.variable(config.output_variable).dims)
+    block = decoder_blocks(model)[subject.block]
+    weight_KD = amap.linear.weight[dims]
+    projector_DD = torch.linalg.pinv(weight_KD) @ weight_KD
+    data = split_data(subject, split, examples)
+    tallies = {c: Tally() for c in CONDITIONS}
+    read = {"last_level": Tally(), "roll_point": Tally()}
+    for start in range(0, len(data), batch_size):
+        batch = data.collate(list(range(start, min(len(data), start + batch_size))))
+        labels = batch["labels"]
+        b_idx, pos, target = answer_positions(labels)
+        anchors_B = first_answer_positions(labels)
+        step_N = pos - anchors_B[b_idx]
+        truth_BPK = batch["teacher_final"][..., dims]
+        states = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        for name, index in (("last_level", subject.layer_map[-1]), ("roll_point", subject.block + 1)):
+            mapped_NK = amap(states[index][b_idx, pos])[:, dims]
+            read[name].add(mapped_NK, truth_BPK[b_idx, pos].argmax(-1), step_N, b_idx, len(labels))
+        for condition in CONDITIONS:
+            edit = make_edit(condition, amap, dims, projector_DD, anchors_B, truth_BPK)
+            handle = edit_block_output(block, edit) if edit is not None else None
+            try:
+                logits_NV, _ = logits_at(model, batch["input_ids"], batch["attention_mask"], b_idx, pos)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            tallies[condition].add(logits_NV, target, step_N, b_idx, len(labels))
+    return {
+        "run": run,
+        "split": split,
+        "examples": len(data),
+        "roll_block": subject.block,
+        "output_variable": config.output_variable,
+        "conditions": {c: t.summary() for c, t in tallies.items()},
+        "map_output_accuracy": {
+            k: {"overall": t.summary()["token_accuracy"], "by_step": t.summary()["accuracy_by_step"]}
+            for k, t in read.items()
+        },
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(answer_path(sys.argv[1], *(int(a) for a in sys.argv[2:3])), indent=2))
