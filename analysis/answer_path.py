@@ -37,12 +37,14 @@ def truth_inside(hidden_BPD, amap, dims, truth_BPK):
     """The output-subspace part that makes the map read c * truth (c: least-squares scale of A h onto truth)."""
     weight_KD, bias_K = amap.linear.weight[dims], amap.linear.bias[dims]
     mapped_BPK = hidden_BPD @ weight_KD.T + bias_K
-    scale_BP1 = (mapped_BPK * truth_BPK).sum(-1, keepdim=True) / truth_BPK.square().sum(-1, keepdim=True).clamp(min=1e-6)
+    overlap_BP1 = (mapped_BPK * truth_BPK).sum(-1, keepdim=True)
+    scale_BP1 = overlap_BP1 / truth_BPK.square().sum(-1, keepdim=True).clamp(min=1e-6)
     return (scale_BP1 * truth_BPK - bias_K) @ torch.linalg.pinv(weight_KD).T
 
 
 def make_edit(condition: str, amap, dims, projector_DD, anchors_B, truth_BPK) -> Callable | None:
     """The block-output edit of one condition."""
+
     def inside(h):
         return h @ projector_DD
 
