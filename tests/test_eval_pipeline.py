@@ -175,6 +175,7 @@ def test_reproduce_skips_finished_work_and_resumes_partial_runs(tiny_model, tmp_
     assert [run_state(r) for r in runs] == ["evaluated", "evaluated"]
     metrics = [json.loads(line) for line in (partial.out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # resumed at 3, not restarted
+    assert not any((r.out / "checkpoints").exists() for r in runs)  # trained runs keep no checkpoints
     assert (results / "comparison.md").is_file() and (results / "runs" / partial.name / "report.md").is_file()
     experiment = json.loads((results / "experiment.json").read_text())
     assert [r["state"] for r in experiment["runs"]] == ["evaluated", "evaluated"]

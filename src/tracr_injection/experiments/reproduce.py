@@ -5,7 +5,7 @@ In: tasks, seeds and a budget.  Out: run folders under `runs/reproduce/<budget>/
 (metrics.json, report.md, plots; no weights), the exact commands, versions and the wall time of
 each run.  It is safe to run again and again: finished runs are skipped, partial runs resume from
 their last checkpoint, unevaluated runs are evaluated, so a reclaimed machine loses at most the
-steps since a run's last checkpoint.  Each run is published to `results/` as soon as it is
+steps since a run's last checkpoint (a trained run's checkpoints are deleted).  Each run is published to `results/` as soon as it is
 evaluated, and a run whose published evaluation matches its planned configuration counts as done
 even when its run folder is gone (a fresh machine with the committed results picks up where the
 last one stopped).  Several `reproduce` processes can share one plan: each claims a run with a
@@ -29,7 +29,14 @@ from tracr_injection.evaluate.compare import compare_runs
 from tracr_injection.evaluate.pipeline import EVAL_DIR, METRICS_FILE, EvalSettings, add_readout, evaluate_target
 from tracr_injection.experiments.budgets import METHODS, Budget, get_budget
 from tracr_injection.inject.config import TrainConfig
-from tracr_injection.inject.trainer import MANIFEST_NAME, METRICS_NAME, checkpoint_dirs, train, versions
+from tracr_injection.inject.trainer import (
+    MANIFEST_NAME,
+    METRICS_NAME,
+    checkpoint_dirs,
+    remove_checkpoints,
+    train,
+    versions,
+)
 
 RECORD_NAME = "reproduce.json"
 LOCK_NAME = ".reproduce.lock"
@@ -217,8 +224,8 @@ def train_command(run: PlannedRun) -> str:
 
 
 def execute_run(run: PlannedRun, settings: EvalSettings, progress: bool) -> None:
-    """Train (or resume) the run unless it is trained, then evaluate it unless it is evaluated (adding the
-    answer readout to an evaluation made before it existed)."""
+    """Train (or resume) the run unless it is trained, drop its checkpoints, then evaluate it unless it is
+    evaluated (adding the answer readout to an evaluation made before it existed)."""
     state = run_state(run)
     if state in ("todo", "partial"):
         began = time.perf_counter()
@@ -229,6 +236,8 @@ def execute_run(run: PlannedRun, settings: EvalSettings, progress: bool) -> None
             train_seconds=round(training_seconds(run.out), 1),
             last_attempt_seconds=round(time.perf_counter() - began, 1),
         )
+    if (run.out / MANIFEST_NAME).is_file():
+        remove_checkpoints(run.out)  # trained: a 400-step SmolLM2 run would keep 3.2 GB of them
     if run_state(run) == "trained":
         began = time.perf_counter()
         evaluate_target(run.out, settings=settings, progress=progress)

@@ -249,6 +249,12 @@ def checkpoint_dirs(out: Path) -> list[Path]:
     return sorted(done, key=lambda d: int(d.name.split("-")[1]))
 
 
+def remove_checkpoints(out: Path) -> None:
+    """Delete a finished run's checkpoints: only a resume reads them, `model/` and `map/` hold what it
+    trained, and each one (weights + optimizer state) is about three times the model's size."""
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
 def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -> None:
     """Accelerate state (model, map, optimizer, scheduler, RNG) + our step, written atomically."""
     out = Path(config.out)
