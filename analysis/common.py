@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from tracr_injection.evaluate.decoding import LinearDecoder
+from tracr_injection.evaluate.decoding import AlignedBatch, LinearDecoder, reference_dims, reference_scale
 from tracr_injection.evaluate.pipeline import map_decoder
 from tracr_injection.evaluate.subject import load_subject
 from tracr_injection.inject.data import TaskData
@@ -37,3 +37,15 @@ def load_run(run: str) -> tuple[Any, LinearDecoder]:
     if subject.amap is not None:
         return subject, map_decoder(subject)
     return subject, LinearDecoder.load(f"{run}/eval/probe.safetensors")
+
+
+def last_level_mapped(subject: Any, decoder: LinearDecoder, batch: AlignedBatch) -> tuple[torch.Tensor, ...]:
+    """At the last aligned level: the hidden states mapped into the teacher's space [N, T], their
+    reference scale [N] (see `reference_scale`) and the teacher's true residual [N, T]."""
+    level = subject.teacher.config.num_levels - 1
+    mapped_NT = decoder(level, batch.hidden_LND[level])
+    return (
+        mapped_NT,
+        reference_scale(mapped_NT, reference_dims(subject.teacher.config)),
+        batch.targets_LNT[level],
+    )

@@ -14,14 +14,12 @@ import collections
 import json
 import sys
 
-from common import bucket, bucket_order, load_run, split_data
+from common import bucket, bucket_order, last_level_mapped, load_run, split_data
 
 from tracr_injection.evaluate.decoding import (
     LinearDecoder,
     aligned_batches,
     decode_mapped,
-    reference_dims,
-    reference_scale,
 )
 
 SPLITS = ("test", "almost_balanced", "length")
@@ -31,16 +29,14 @@ COUNTERS = ("dyck_lhs", "dyck_rhs")
 def counter_errors(subject, decoder: LinearDecoder, split: str, examples: int = 100) -> dict:
     """Error shares and accuracy per true-count bucket of each counter on `split`."""
     config = subject.teacher.config
-    level = config.num_levels - 1
     data = split_data(subject, split, examples)
     errors = {name: collections.Counter() for name in COUNTERS}
     hits = {name: collections.defaultdict(lambda: [0, 0]) for name in COUNTERS}
     for batch in aligned_batches(subject.model, data, subject.layer_map, list(range(len(data)))):
-        mapped = decoder(level, batch.hidden_LND[level])
-        scale = reference_scale(mapped, reference_dims(config))
+        mapped, scale, truth_NT = last_level_mapped(subject, decoder, batch)
         for name in COUNTERS:
             decoded = decode_mapped(mapped, scale, config.variable(name))
-            truth = subject.teacher.decode_variable(batch.targets_LNT[level], name)
+            truth = subject.teacher.decode_variable(truth_NT, name)
             for d, t in zip(decoded, truth):
                 errors[name][max(-3, min(3, int(d) - int(t)))] += 1
                 hits[name][bucket(int(t))][0] += int(d == t)
@@ -48,7 +44,9 @@ def counter_errors(subject, decoder: LinearDecoder, split: str, examples: int = 
     return {
         name: {
             "positions": sum(errors[name].values()),
-            "error_share": {k: round(v / sum(errors[name].values()), 3) for k, v in sorted(errors[name].items())},
+            "error_share": {
+                k: round(v / sum(errors[name].values()), 3) for k, v in sorted(errors[name].items())
+            },
             "accuracy_by_true_count": {
                 b: {"accuracy": round(a / n, 3), "positions": n}
                 for b, (a, n) in sorted(hits[name].items(), key=lambda kv: bucket_order(kv[0]))

@@ -17,14 +17,12 @@ import collections
 import json
 import sys
 
-from common import bucket, bucket_order, load_run, split_data
+from common import bucket, bucket_order, last_level_mapped, load_run, split_data
 
 from tracr_injection.evaluate.decoding import (
     LinearDecoder,
     aligned_batches,
     decode_mapped,
-    reference_dims,
-    reference_scale,
 )
 from tracr_injection.programs.paper import DYCK_PAIRS, TRIGGER
 
@@ -48,19 +46,15 @@ def averaged_over(symbols: list[str]) -> list[int | None]:
 def split_report(subject, decoder: LinearDecoder, split: str, examples: int = 100) -> dict:
     """Per bucket of n: fraction error, comparison and flag accuracy; the decoded comparison at the trigger."""
     config = subject.teacher.config
-    level = config.num_levels - 1
     data = split_data(subject, split, examples)
     fraction_dim = config.variable(FRACTION).dims[0]
     rows = collections.defaultdict(lambda: {"abs_error": 0.0, "comparison": 0, "flag": 0, "positions": 0})
     at_trigger = collections.Counter()
     for index in range(len(data)):
         (batch,) = aligned_batches(subject.model, data, subject.layer_map, [index])
-        mapped = decoder(level, batch.hidden_LND[level])
-        scale = reference_scale(mapped, reference_dims(config))
+        mapped, scale, truth_NT = last_level_mapped(subject, decoder, batch)
         raw = (mapped[:, fraction_dim] / scale).tolist()
-        truth = {
-            v: subject.teacher.decode_variable(batch.targets_LNT[level], v) for v in (FRACTION, COMPARISON, FLAG)
-        }
+        truth = {v: subject.teacher.decode_variable(truth_NT, v) for v in (FRACTION, COMPARISON, FLAG)}
         decoded = {v: decode_mapped(mapped, scale, config.variable(v)) for v in (COMPARISON, FLAG)}
         symbols = data.bridged[index].teacher_symbols
         for p, n in enumerate(averaged_over(symbols)):
