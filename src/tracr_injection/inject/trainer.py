@@ -163,6 +163,9 @@ class InjectionObjective(torch.nn.Module):
         self.config, self.parts = config, parts
         self.lm = parts.model
         self.amap = parts.amap
+        # buffers, so `accelerator.prepare` puts them on the device once (not saved in checkpoints)
+        self.register_buffer("dim_levels_D", parts.dim_levels, persistent=False)
+        self.register_buffer("dim_scales_D", parts.dim_scales, persistent=False)
 
     def forward(
         self, batch: dict[str, torch.Tensor], kl_batch: dict[str, torch.Tensor]
@@ -189,9 +192,9 @@ class InjectionObjective(torch.nn.Module):
                 out.hidden_states,
                 parts.layer_map,
                 batch["teacher_final"],
-                parts.dim_levels.to(batch["teacher_final"].device),
+                self.dim_levels_D,
                 batch["teacher_mask"],
-                None if parts.dim_scales is None else parts.dim_scales.to(batch["teacher_final"].device),
+                self.dim_scales_D,
             )
             loss = loss + config.alignment_weight * align
             metrics["alignment"] = align.item()
