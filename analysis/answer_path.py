@@ -7,12 +7,15 @@ output of the roll block L:
 - `plain`: unedited (what evaluation sees);
 - `roll`: detach-and-roll as in training (the rest of the state from the previous row);
 - `roll_truth`: roll, with the output-subspace part replaced by the teacher's true output variable
-  (written so that the map reads exactly c * truth, c the map's own per-position scale);
+  (`losses.teacher_inside`: the map then reads exactly c * truth, c the mapped state's own scale);
 - `roll_empty`: roll, with the output-subspace part removed (nothing of this example is left);
 - `plain_truth`: unedited but the output-subspace part replaced by the truth as in `roll_truth`.
 
 It also reports how often the map's argmax of the output variable is right at the answer-predicting
-positions, read at the last aligned hidden state and at the roll point.  Prints JSON.
+positions, read at the last aligned hidden state and at the roll point, and how large the gradients of
+the task loss (under the training roll) and of the alignment loss are on the blocks up to the roll
+block: the task loss reaches those blocks only through what the later layers read of the subspace.
+Prints JSON.
 
     python analysis/answer_path.py runs/reproduce/cpu/sum-inject-s0 > path.json
 """
@@ -28,35 +31,31 @@ import torch
 from common import load_run, split_data
 
 from tracr_injection.inject.lm import decoder_blocks, edit_block_output, hidden_states, logits_at
-from tracr_injection.inject.losses import answer_positions, detach_and_roll, first_answer_positions
+from tracr_injection.inject.losses import (
+    alignment_loss,
+    answer_positions,
+    detach_and_roll,
+    detach_and_roll_at,
+    first_answer_positions,
+    task_loss,
+    teacher_inside,
+)
 
 CONDITIONS = ("plain", "roll", "roll_truth", "roll_empty", "plain_truth")
 
 
-def truth_inside(hidden_BPD, amap, dims, truth_BPK):
-    """The output-subspace part that makes the map read c * truth (c: least-squares scale of A h onto truth)."""
-    weight_KD, bias_K = amap.linear.weight[dims], amap.linear.bias[dims]
-    mapped_BPK = hidden_BPD @ weight_KD.T + bias_K
-    overlap_BP1 = (mapped_BPK * truth_BPK).sum(-1, keepdim=True)
-    scale_BP1 = overlap_BP1 / truth_BPK.square().sum(-1, keepdim=True).clamp(min=1e-6)
-    return (scale_BP1 * truth_BPK - bias_K) @ torch.linalg.pinv(weight_KD).T
+def make_edit(condition: str, amap, dims, projector_DD, anchors_B, teacher_final_BPT) -> Callable | None:
+    """The block-output edit of one condition (`teacher_inside` writes the truth, as subspace forcing does)."""
 
-
-def make_edit(condition: str, amap, dims, projector_DD, anchors_B, truth_BPK) -> Callable | None:
-    """The block-output edit of one condition."""
-
-    def inside(h):
-        return h @ projector_DD
-
-    def rolled(h, new_inside):
-        return detach_and_roll(h, projector_DD, anchors_B) - inside(h) + new_inside
+    def truth(h):
+        return teacher_inside(h, amap, dims, teacher_final_BPT)
 
     edits = {
         "plain": None,
         "roll": lambda h: detach_and_roll(h, projector_DD, anchors_B),
-        "roll_truth": lambda h: rolled(h, truth_inside(h, amap, dims, truth_BPK)),
-        "roll_empty": lambda h: rolled(h, torch.zeros_like(h)),
-        "plain_truth": lambda h: h - inside(h) + truth_inside(h, amap, dims, truth_BPK),
+        "roll_truth": lambda h: detach_and_roll(h, projector_DD, anchors_B, truth(h)),
+        "roll_empty": lambda h: detach_and_roll(h, projector_DD, anchors_B, torch.zeros_like(h)),
+        "plain_truth": lambda h: h - h @ projector_DD + truth(h),
     }
     return edits[condition]
 
@@ -92,6 +91,34 @@ class Tally:
         }
 
 
+@torch.enable_grad()
+def early_gradient_norms(subject, data, batches: int, batch_size: int = 8) -> dict:
+    """Mean over batches of the gradient norms of the task loss (training roll) and of the alignment loss
+    on the parameters of blocks 0..roll block (the embeddings excluded)."""
+    model, amap = subject.model, subject.amap
+    blocks = decoder_blocks(model)
+    early = [p for block in blocks[: subject.block + 1] for p in block.parameters()]
+    dims = list(subject.teacher.config.variable(subject.teacher.config.output_variable).dims)
+    norms = {"task_ce": 0.0, "alignment": 0.0}
+    for index in range(batches):
+        batch = data.collate(list(range(index * batch_size, (index + 1) * batch_size)))
+        b_idx, pos, target = answer_positions(batch["labels"])
+        weight_KD = amap.linear.weight[dims].detach()
+        projector_DD = torch.linalg.pinv(weight_KD) @ weight_KD
+        with detach_and_roll_at(blocks[subject.block], projector_DD, first_answer_positions(batch["labels"])):
+            logits_NV, out = logits_at(
+                model, batch["input_ids"], batch["attention_mask"], b_idx, pos, output_hidden_states=True
+            )
+        align, _ = alignment_loss(
+            amap, out.hidden_states, subject.layer_map, batch["teacher_final"], data.targets.dim_levels,
+            batch["teacher_mask"],
+        )  # fmt: skip
+        for name, loss in (("task_ce", task_loss(logits_NV, target)), ("alignment", align)):
+            grads = torch.autograd.grad(loss, early, retain_graph=True, allow_unused=True)
+            norms[name] += float(torch.sqrt(sum(g.square().sum() for g in grads if g is not None))) / batches
+    return {k: round(v, 4) for k, v in norms.items()}
+
+
 @torch.no_grad()
 def answer_path(run: str, examples: int = 96, batch_size: int = 8, split: str = "train") -> dict:
     """Answer CE / token accuracy / exact match per condition, and the map's output accuracy, per answer step."""
@@ -116,7 +143,7 @@ def answer_path(run: str, examples: int = 96, batch_size: int = 8, split: str = 
             mapped_NK = amap(states[index][b_idx, pos])[:, dims]
             read[name].add(mapped_NK, truth_BPK[b_idx, pos].argmax(-1), step_N, b_idx, len(labels))
         for condition in CONDITIONS:
-            edit = make_edit(condition, amap, dims, projector_DD, anchors_B, truth_BPK)
+            edit = make_edit(condition, amap, dims, projector_DD, anchors_B, batch["teacher_final"])
             handle = edit_block_output(block, edit) if edit is not None else None
             try:
                 logits_NV, _ = logits_at(model, batch["input_ids"], batch["attention_mask"], b_idx, pos)
@@ -131,6 +158,7 @@ def answer_path(run: str, examples: int = 96, batch_size: int = 8, split: str = 
         "roll_block": subject.block,
         "output_variable": config.output_variable,
         "conditions": {c: t.summary() for c, t in tallies.items()},
+        "early_block_gradient_norms": early_gradient_norms(subject, data, batches=4),
         "map_output_accuracy": {
             k: {"overall": t.summary()["token_accuracy"], "by_step": t.summary()["accuracy_by_step"]}
             for k, t in read.items()

@@ -31,6 +31,7 @@ from tracr_injection.inject.losses import (
     level_alignment,
     output_projector,
     task_loss,
+    teacher_inside,
 )
 from tracr_injection.inject.trainer import CheckpointError, checkpoint_dirs, train
 
@@ -156,6 +157,24 @@ def test_detach_and_roll_passes_gradient_only_through_the_output_subspace():
     weights = torch.randn_like(out)
     (out * weights).sum().backward()
     assert torch.allclose(h.grad, weights @ P.T, atol=1e-5)  # no gradient outside the subspace
+
+
+def test_teacher_inside_makes_the_map_read_the_teacher_output_at_the_mapped_scale():
+    torch.manual_seed(0)
+    amap = AlignmentMap(8, 5)
+    dims = [1, 3]
+    P = output_projector(amap, dims)
+    h, teacher = torch.randn(2, 3, 8), torch.randn(2, 3, 5)
+    forced = teacher_inside(h, amap, dims, teacher)
+    assert not forced.requires_grad and torch.allclose(forced @ P, forced, atol=1e-5)  # in the subspace
+    read = amap(h - h @ P + forced).detach()
+    for b in range(2):
+        for p in range(3):
+            mapped, r = amap(h[b, p]).detach(), teacher[b, p]
+            scale = torch.dot(mapped, r) / torch.dot(r, r)  # least-squares c in A h ~ c r
+            assert torch.allclose(read[b, p, dims], scale * r[dims], atol=1e-4)
+            others = [d for d in range(5) if d not in dims]  # the rest of what the map reads is the LM's
+            assert not torch.allclose(read[b, p, others], scale * r[others], atol=1e-2)
 
 
 def test_donor_positions_line_up_first_token_and_answer_position():
@@ -289,6 +308,22 @@ def test_alignment_scales_reach_the_training_loss(tiny_llama, tmp_path):
     assert scaled["task_ce"] == pytest.approx(plain["task_ce"], rel=1e-5)
     for level in range(4):
         assert scaled[f"alignment_L{level}"] != pytest.approx(plain[f"alignment_L{level}"], rel=1e-4), level
+
+
+def test_subspace_forcing_keeps_the_task_loss_from_the_blocks_up_to_the_roll(tiny_llama, tmp_path):
+    # task loss only: while forced, the rolled state holds nothing of the LM's own blocks 0..3 (the roll
+    # block), so only the final norm and the head learn; unforced, the blocks learn through the subspace
+    task_only = dict(steps=2, alignment_weight=0.0, kl_weight=0.0)
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama).model.layers.state_dict()
+    for forcing, blocks_move in ((2, False), (0, True)):
+        out = tmp_path / f"forced-{forcing}"
+        train(tiny_config(tiny_llama, out, subspace_forcing_steps=forcing, **task_only), progress=False)
+        trained = AutoModelForCausalLM.from_pretrained(out / "model").model.layers.state_dict()
+        moved = [k for k in original if not torch.equal(original[k], trained[k])]
+        assert bool(moved) == blocks_move, moved
+        assert [m["subspace_forced"] for m in read_metrics(out)] == [float(forcing > 0)] * 2
+    with pytest.raises(ValueError, match="subspace_forcing_steps must be >= 0"):
+        tiny_config(tiny_llama, tmp_path, subspace_forcing_steps=-1)
 
 
 def test_same_seed_same_weights_and_exact_resume(tiny_llama, tmp_path):

@@ -201,6 +201,9 @@ def train_command(
     roll_align: str | None = typer.Option(
         None, help="answer (default: roll the other example in lined up at the answer) or position (paper's code)."
     ),
+    subspace_forcing_steps: int | None = typer.Option(
+        None, help="Inject: for the first N steps the rolled output subspace holds the teacher's output."
+    ),
     kl_source: str | None = typer.Option(
         None, help="Natural text for the KL term: self (sampled from the model), a local folder, or hf:NAME:SPLIT."
     ),

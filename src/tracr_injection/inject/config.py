@@ -25,6 +25,10 @@ class TrainConfig:
     another example's pad state).  Learning rates are separate for the LM and the map.
     `alignment_scales` maps teacher variable names to a factor that stretches their dims in the
     alignment cosine (`losses.alignment_dim_scales`), e.g. to make a numerical share count.
+    For the first `subspace_forcing_steps` steps of an inject run the rolled output subspace holds the
+    teacher's output variable instead of the LM's own (`losses.teacher_inside`): the later layers learn
+    to read the subspace before the early layers can fill it, which they learn from the alignment alone
+    meanwhile. 0 (default, the paper's method) never forces it.
     """
 
     task: str = "dyck"
@@ -49,6 +53,7 @@ class TrainConfig:
     layer_strategy: str = "identity"
     roll_block: int | None = None
     roll_align: str = "answer"
+    subspace_forcing_steps: int = 0
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -68,6 +73,8 @@ class TrainConfig:
             )
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if self.subspace_forcing_steps < 0:
+            raise ValueError(f"subspace_forcing_steps must be >= 0, got {self.subspace_forcing_steps}")
 
     @property
     def injecting(self) -> bool:

@@ -9,7 +9,7 @@ hook that makes later layers read the answer from the injected output subspace.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -145,21 +145,45 @@ def output_projector(amap: AlignmentMap, output_dims: Sequence[int]) -> torch.Te
 
 
 def detach_and_roll(
-    hidden_BPD: torch.Tensor, projector_DD: torch.Tensor, anchors_B: torch.Tensor | None = None
+    hidden_BPD: torch.Tensor,
+    projector_DD: torch.Tensor,
+    anchors_B: torch.Tensor | None = None,
+    inside_BPD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h P + roll(stopgrad(h - h P), 1, batch): only the output-subspace part keeps this example and its gradient.
 
     Without `anchors_B` the roll is by absolute position (the paper's code). With each row's first
     answer-predicting position in `anchors_B`, the previous example's states are lined up with this
-    row's: see `donor_positions`.
+    row's: see `donor_positions`. `inside_BPD`, when given, replaces h P (see `teacher_inside`).
     """
-    inside_BPD = hidden_BPD @ projector_DD.to(hidden_BPD.dtype)
-    outside_BPD = (hidden_BPD - inside_BPD).detach()
+    own_inside_BPD = hidden_BPD @ projector_DD.to(hidden_BPD.dtype)
+    outside_BPD = (hidden_BPD - own_inside_BPD).detach()
+    inside_BPD = own_inside_BPD if inside_BPD is None else inside_BPD.to(hidden_BPD.dtype)
     if anchors_B is None:
         return inside_BPD + torch.roll(outside_BPD, shifts=1, dims=0)
     donor_B = torch.roll(torch.arange(hidden_BPD.shape[0], device=hidden_BPD.device), shifts=1)
     source_BP = donor_positions(anchors_B, anchors_B[donor_B], hidden_BPD.shape[1])
     return inside_BPD + outside_BPD[donor_B[:, None], source_BP]
+
+
+@torch.no_grad()
+def teacher_inside(
+    hidden_BPD: torch.Tensor, amap: AlignmentMap, output_dims: Sequence[int], teacher_final_BPT: torch.Tensor
+) -> torch.Tensor:
+    """The output-subspace part [B, P, D] under which the map reads the teacher's output variable exactly.
+
+    Solves W_K x + b_K = c t_K in the row space of W_K (pseudo-inverse), where t_K is the teacher's
+    output variable and c, per position, the least-squares scale of the mapped state A h onto the
+    teacher's whole residual r (A h = c r under perfect alignment; the cosine leaves c free).
+    No gradient: it stands in for the LM's own subspace while later layers learn to read it.
+    """
+    mapped_BPT = amap(hidden_BPD).float()
+    teacher_BPT = teacher_final_BPT.float()
+    overlap_BP1 = (mapped_BPT * teacher_BPT).sum(-1, keepdim=True)
+    scale_BP1 = overlap_BP1 / teacher_BPT.square().sum(-1, keepdim=True).clamp(min=1e-6)
+    dims = list(output_dims)
+    weight_KD, bias_K = amap.linear.weight[dims].float(), amap.linear.bias[dims].float()
+    return (scale_BP1 * teacher_BPT[..., dims] - bias_K) @ torch.linalg.pinv(weight_KD).T
 
 
 def donor_positions(anchors_B: torch.Tensor, donor_anchors_B: torch.Tensor, width: int) -> torch.Tensor:
@@ -187,10 +211,19 @@ def first_answer_positions(labels_BP: torch.Tensor, ignore_index: int = -100) ->
 
 @contextmanager
 def detach_and_roll_at(
-    block: nn.Module, projector_DD: torch.Tensor, anchors_B: torch.Tensor | None = None
+    block: nn.Module,
+    projector_DD: torch.Tensor,
+    anchors_B: torch.Tensor | None = None,
+    forced_inside: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[None]:
-    """While active, the output of `block` goes through `detach_and_roll` with this projector (and anchors)."""
-    handle = edit_block_output(block, lambda hidden_BPD: detach_and_roll(hidden_BPD, projector_DD, anchors_B))
+    """While active, the output of `block` goes through `detach_and_roll` with this projector (and anchors);
+    `forced_inside(h)`, when given, supplies the output-subspace part instead of h P."""
+
+    def edit(hidden_BPD: torch.Tensor) -> torch.Tensor:
+        inside_BPD = forced_inside(hidden_BPD) if forced_inside is not None else None
+        return detach_and_roll(hidden_BPD, projector_DD, anchors_B, inside_BPD)
+
+    handle = edit_block_output(block, edit)
     try:
         yield
     finally:

@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from tracr_injection.inject.losses import (
     first_answer_positions,
     output_projector,
     task_loss,
+    teacher_inside,
 )
 from tracr_injection.inject.natural_text import KLCache, build_kl_cache, text_windows, topk_kl
 
@@ -168,15 +170,24 @@ class InjectionObjective(torch.nn.Module):
         self.register_buffer("dim_scales_D", parts.dim_scales, persistent=False)
 
     def forward(
-        self, batch: dict[str, torch.Tensor], kl_batch: dict[str, torch.Tensor]
+        self, batch: dict[str, torch.Tensor], kl_batch: dict[str, torch.Tensor], force_subspace: bool = False
     ) -> tuple[torch.Tensor, dict]:
-        """Task CE on the answer tokens + m * alignment (inject) + w * KL(original || student) on natural text."""
+        """Task CE on the answer tokens + m * alignment (inject) + w * KL(original || student) on natural text.
+
+        With `force_subspace` the rolled output subspace holds the teacher's output (`teacher_inside`).
+        """
         config, parts = self.config, self.parts
         roll = contextlib.nullcontext()
         if config.injecting:
             projector = output_projector(self.amap, parts.output_dims)
             anchors_B = first_answer_positions(batch["labels"]) if config.roll_align == "answer" else None
-            roll = detach_and_roll_at(decoder_blocks(self.lm)[parts.roll_block], projector, anchors_B)
+            forced = None
+            if force_subspace:
+                forced = partial(
+                    teacher_inside, amap=self.amap, output_dims=parts.output_dims,
+                    teacher_final_BPT=batch["teacher_final"],
+                )  # fmt: skip
+            roll = detach_and_roll_at(decoder_blocks(self.lm)[parts.roll_block], projector, anchors_B, forced)
         b_idx, pos, target = answer_positions(batch["labels"])
         with roll:
             logits_NV, out = logits_at(
@@ -198,6 +209,7 @@ class InjectionObjective(torch.nn.Module):
             )
             loss = loss + config.alignment_weight * align
             metrics["alignment"] = align.item()
+            metrics["subspace_forced"] = float(force_subspace)
             metrics.update({f"alignment_L{i}": v.item() for i, v in enumerate(per_level)})
         if config.kl_weight > 0:
             kl = topk_kl(self.lm(input_ids=kl_batch["input_ids"]).logits, kl_batch)
@@ -350,7 +362,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         kl_batch = {k: v.to(accelerator.device) for k, v in kl_batch.items()}
         with accelerator.autocast():
-            loss, metrics = objective(batch, kl_batch)
+            loss, metrics = objective(batch, kl_batch, force_subspace=step < config.subspace_forcing_steps)
         accelerator.backward(loss)
         metrics["grad_norm"] = float(
             accelerator.clip_grad_norm_(objective.parameters(), config.max_grad_norm)
