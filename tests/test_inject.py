@@ -17,6 +17,7 @@ from tracr.rasp import rasp
 from transformers import AutoModelForCausalLM
 
 from tracr_injection import compile_program
+from tracr_injection.compile.errors import TracrInjectionError
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.losses import (
@@ -33,7 +34,7 @@ from tracr_injection.inject.losses import (
     task_loss,
     teacher_inside,
 )
-from tracr_injection.inject.trainer import CheckpointError, checkpoint_dirs, train
+from tracr_injection.inject.trainer import CheckpointError, checked_roll_block, checkpoint_dirs, train
 
 pytestmark = pytest.mark.usefixtures("shared_cache")
 
@@ -229,6 +230,20 @@ def test_detach_and_roll_hook_changes_only_what_it_should(tiny_llama):
     assert not torch.allclose(plain.hidden_states[3], rolled.hidden_states[3])
 
 
+def test_roll_block_defaults_after_the_aligned_levels_and_is_checked():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert checked_roll_block(None, [0, 1, 2], 30) == 2
+        assert checked_roll_block(15, [0, 1, 2], 30) == 15
+    for bad in (1, 30, -1):
+        with pytest.raises(TracrInjectionError, match=rf"roll_block {bad} is outside 2\.\.29"):
+            checked_roll_block(bad, [0, 1, 2], 30)
+    with pytest.warns(UserWarning, match="last block \\(29\\) leaves no block to read"):
+        assert checked_roll_block(None, [0, 10, 19, 29], 30) == 29  # "strided" ends on the last block
+
+
 # ----------------------------------------------------------------------------- training loop
 
 
@@ -313,7 +328,7 @@ def test_alignment_scales_reach_the_training_loss(tiny_llama, tmp_path):
 def test_subspace_forcing_keeps_the_task_loss_from_the_blocks_up_to_the_roll(tiny_llama, tmp_path):
     # task loss only: while forced, the rolled state holds nothing of the LM's own blocks 0..3 (the roll
     # block), so only the final norm and the head learn; unforced, the blocks learn through the subspace
-    task_only = dict(steps=2, alignment_weight=0.0, kl_weight=0.0)
+    task_only = {"steps": 2, "alignment_weight": 0.0, "kl_weight": 0.0}
     original = AutoModelForCausalLM.from_pretrained(tiny_llama).model.layers.state_dict()
     for forcing, blocks_move in ((2, False), (0, True)):
         out = tmp_path / f"forced-{forcing}"

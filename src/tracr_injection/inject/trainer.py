@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,9 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
     dim_scales = alignment_dim_scales(teacher.config, config.alignment_scales)
     levels = teacher.config.num_levels
     layer_map = layer_mapping(levels, num_blocks(model), config.layer_strategy)
-    roll_block = config.roll_block if config.roll_block is not None else layer_map[-1]
+    roll_block = (
+        checked_roll_block(config.roll_block, layer_map, num_blocks(model)) if config.injecting else None
+    )
     data = TaskData(
         config.task,
         config.train_split,
@@ -113,6 +116,28 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
         dim_scales=dim_scales,
         teacher=teacher,
     )
+
+
+def checked_roll_block(roll_block: int | None, layer_map: list[int], blocks: int) -> int:
+    """The block detach-and-roll edits (default: the one whose input is the last aligned level).
+
+    It must not come before the last aligned level (that level would read the other example's state)
+    and must exist; at the LM's last block nothing but the head reads the subspace (warned: on Sum the
+    head then reads the other example's state and the task loss rose from 4 to 11 nats).
+    """
+    block = layer_map[-1] if roll_block is None else roll_block
+    if not layer_map[-1] <= block < blocks:
+        raise TracrInjectionError(
+            f"roll_block {block} is outside {layer_map[-1]}..{blocks - 1}: it must be a block of the LM "
+            f"({blocks} blocks) at or after the last aligned hidden state ({layer_map[-1]})."
+        )
+    if block == blocks - 1:
+        warnings.warn(
+            f"Detach-and-roll at the LM's last block ({block}) leaves no block to read the output subspace; "
+            "use --roll-block or a layer strategy that leaves blocks after the last aligned level.",
+            stacklevel=2,
+        )
+    return block
 
 
 def kl_cache_path(config: TrainConfig) -> Path:
