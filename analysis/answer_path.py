@@ -30,16 +30,19 @@ from collections.abc import Callable
 import torch
 from common import load_run, split_data
 
-from tracr_injection.inject.lm import decoder_blocks, edit_block_output, hidden_states, logits_at
+from tracr_injection.evaluate.causal import edited_answer_logits
+from tracr_injection.inject.lm import decoder_blocks, hidden_states, logits_at
 from tracr_injection.inject.losses import (
     alignment_loss,
     answer_positions,
     detach_and_roll,
     detach_and_roll_at,
     first_answer_positions,
+    output_projector,
     task_loss,
     teacher_inside,
 )
+from tracr_injection.inject.trainer import answers_hit
 
 CONDITIONS = ("plain", "roll", "roll_truth", "roll_empty", "plain_truth")
 
@@ -67,17 +70,17 @@ class Tally:
         self.ce, self.hits, self.tokens = collections.Counter(), collections.Counter(), collections.Counter()
         self.rows_right = self.rows = 0
 
-    def add(self, logits_NV, target_N, step_N, b_idx_N, rows: int) -> None:
-        """Add one batch's answer-position logits."""
+    def add(self, logits_NV, target_N, step_N, rows_hit_B=None) -> None:
+        """Add one batch's answer-position scores (and, for LM logits, each row's whole-answer hit)."""
         ce_N = torch.nn.functional.cross_entropy(logits_NV, target_N, reduction="none")
         hit_N = logits_NV.argmax(-1) == target_N
         for step, ce, hit in zip(step_N.tolist(), ce_N.tolist(), hit_N.tolist()):
             self.ce[step] += ce
             self.hits[step] += hit
             self.tokens[step] += 1
-        miss_B = torch.zeros(rows, dtype=torch.long).index_add_(0, b_idx_N, (~hit_N).long())
-        self.rows_right += int((miss_B == 0).sum())
-        self.rows += rows
+        if rows_hit_B is not None:
+            self.rows_right += int(rows_hit_B.sum())
+            self.rows += len(rows_hit_B)
 
     def summary(self) -> dict:
         """Mean CE and token accuracy overall and per step, and exact match."""
@@ -85,26 +88,23 @@ class Tally:
         return {
             "answer_ce": round(sum(self.ce.values()) / tokens, 4),
             "token_accuracy": round(sum(self.hits.values()) / tokens, 4),
-            "exact_match": round(self.rows_right / self.rows, 4),
+            "exact_match": round(self.rows_right / self.rows, 4) if self.rows else None,
             "ce_by_step": {s: round(self.ce[s] / n, 3) for s, n in sorted(self.tokens.items())},
             "accuracy_by_step": {s: round(self.hits[s] / n, 3) for s, n in sorted(self.tokens.items())},
         }
 
 
 @torch.enable_grad()
-def early_gradient_norms(subject, data, batches: int, batch_size: int = 8) -> dict:
+def early_gradient_norms(subject, data, projector_DD, batches: int, batch_size: int = 8) -> dict:
     """Mean over batches of the gradient norms of the task loss (training roll) and of the alignment loss
     on the parameters of blocks 0..roll block (the embeddings excluded)."""
     model, amap = subject.model, subject.amap
     blocks = decoder_blocks(model)
     early = [p for block in blocks[: subject.block + 1] for p in block.parameters()]
-    dims = list(subject.teacher.config.variable(subject.teacher.config.output_variable).dims)
     norms = {"task_ce": 0.0, "alignment": 0.0}
     for index in range(batches):
         batch = data.collate(list(range(index * batch_size, (index + 1) * batch_size)))
         b_idx, pos, target = answer_positions(batch["labels"])
-        weight_KD = amap.linear.weight[dims].detach()
-        projector_DD = torch.linalg.pinv(weight_KD) @ weight_KD
         with detach_and_roll_at(blocks[subject.block], projector_DD, first_answer_positions(batch["labels"])):
             logits_NV, out = logits_at(
                 model, batch["input_ids"], batch["attention_mask"], b_idx, pos, output_hidden_states=True
@@ -126,8 +126,7 @@ def answer_path(run: str, examples: int = 96, batch_size: int = 8, split: str = 
     model, amap, config = subject.model.eval(), subject.amap, subject.teacher.config
     dims = list(config.variable(config.output_variable).dims)
     block = decoder_blocks(model)[subject.block]
-    weight_KD = amap.linear.weight[dims]
-    projector_DD = torch.linalg.pinv(weight_KD) @ weight_KD
+    projector_DD = output_projector(amap, dims)
     data = split_data(subject, split, examples)
     tallies = {c: Tally() for c in CONDITIONS}
     read = {"last_level": Tally(), "roll_point": Tally()}
@@ -141,16 +140,11 @@ def answer_path(run: str, examples: int = 96, batch_size: int = 8, split: str = 
         states = hidden_states(model, batch["input_ids"], batch["attention_mask"])
         for name, index in (("last_level", subject.layer_map[-1]), ("roll_point", subject.block + 1)):
             mapped_NK = amap(states[index][b_idx, pos])[:, dims]
-            read[name].add(mapped_NK, truth_BPK[b_idx, pos].argmax(-1), step_N, b_idx, len(labels))
+            read[name].add(mapped_NK, truth_BPK[b_idx, pos].argmax(-1), step_N)
         for condition in CONDITIONS:
             edit = make_edit(condition, amap, dims, projector_DD, anchors_B, batch["teacher_final"])
-            handle = edit_block_output(block, edit) if edit is not None else None
-            try:
-                logits_NV, _ = logits_at(model, batch["input_ids"], batch["attention_mask"], b_idx, pos)
-            finally:
-                if handle is not None:
-                    handle.remove()
-            tallies[condition].add(logits_NV, target, step_N, b_idx, len(labels))
+            logits_NV = edited_answer_logits(model, block, batch, edit)
+            tallies[condition].add(logits_NV, target, step_N, answers_hit(logits_NV, labels))
     return {
         "run": run,
         "split": split,
@@ -158,7 +152,7 @@ def answer_path(run: str, examples: int = 96, batch_size: int = 8, split: str = 
         "roll_block": subject.block,
         "output_variable": config.output_variable,
         "conditions": {c: t.summary() for c, t in tallies.items()},
-        "early_block_gradient_norms": early_gradient_norms(subject, data, batches=4),
+        "early_block_gradient_norms": early_gradient_norms(subject, data, projector_DD, batches=4),
         "map_output_accuracy": {
             k: {"overall": t.summary()["token_accuracy"], "by_step": t.summary()["accuracy_by_step"]}
             for k, t in read.items()

@@ -6,9 +6,9 @@ In: tasks, seeds and a budget.  Out: run folders under `runs/reproduce/<budget>/
 each run.  It is safe to run again and again: finished runs are skipped, partial runs resume from
 their last checkpoint, unevaluated runs are evaluated, so a reclaimed machine loses at most the
 steps since a run's last checkpoint (a trained run's checkpoints are deleted).  Each run is
-published to `results/` as soon as it is evaluated, and a run whose published evaluation matches its planned configuration counts as done
-even when its run folder is gone (a fresh machine with the committed results picks up where the
-last one stopped).  Several `reproduce` processes can share one plan: each claims a run with a
+published to `results/` as soon as it is evaluated, and a run whose published evaluation matches
+its planned configuration counts as done even when its run folder is gone (a fresh machine with the
+committed results picks up where the last one stopped).  Several `reproduce` processes can share one plan: each claims a run with a
 lock file in the run folder and skips runs another live process holds.
 """
 
