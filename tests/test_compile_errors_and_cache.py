@@ -43,15 +43,29 @@ def test_numerical_aggregate_of_non_binary_values_is_rejected():
         compile_program(mean, VOCAB, 5)
 
 
-def test_categorical_aggregate_that_needs_averaging_is_rejected():
+def test_categorical_aggregate_that_needs_averaging_is_rejected_with_cause_and_fix():
     select_all = rasp.Select(rasp.indices, rasp.indices, rasp.Comparison.TRUE)
     numbers = rasp.Map(lambda t: {"a": 1, "b": 2, "c": 3}[t], rasp.tokens)
     avg = rasp.Aggregate(select_all, numbers).named("average_number")
-    with pytest.raises(UnsupportedProgramError, match="average_number.*width > 1"):
+    cause_and_fix = r"selects several positions holding different values.*narrow the selector.*rasp\.numerical"
+    with pytest.raises(UnsupportedProgramError, match="average_number.*" + cause_and_fix):
         compile_program(avg, VOCAB, 5)
-    avg_tokens = rasp.Aggregate(select_all, rasp.tokens).named("average_token")
-    with pytest.raises(UnsupportedProgramError, match="RASP evaluator fails on the input"):
+    avg_tokens = rasp.Aggregate(select_all, rasp.tokens).named("average_token")  # the evaluator fails on these
+    with pytest.raises(UnsupportedProgramError, match="average_token.*" + cause_and_fix):
         compile_program(avg_tokens, VOCAB, 5)
+
+
+def test_categorical_aggregate_of_one_position_or_equal_values_compiles():
+    prefix = rasp.Select(rasp.tokens, rasp.tokens, rasp.Comparison.EQ)
+    same_token = rasp.Aggregate(prefix, rasp.Map(lambda t: {"a": 1, "b": 2, "c": 3}[t], rasp.tokens))
+    teacher = compile_program(same_token.named("same_token"), VOCAB, 5)
+    assert teacher.evaluate(list("abca")) == [1, 2, 3, 1]
+
+
+@pytest.mark.parametrize("max_seq_len", [0, -3, 2.5, True])
+def test_non_positive_max_seq_len_is_rejected_before_any_work(max_seq_len):
+    with pytest.raises(InvalidInputError, match=f"max_seq_len must be a positive integer.*got {max_seq_len!r}"):
+        compile_program("not even a program", VOCAB, max_seq_len)
 
 
 def test_not_a_program_is_rejected():

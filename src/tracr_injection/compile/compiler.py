@@ -22,7 +22,7 @@ from typing import Any
 from tracr.rasp import rasp
 
 from tracr_injection.compile.convert import teacher_from_compilation
-from tracr_injection.compile.errors import CompiledModelMismatchError
+from tracr_injection.compile.errors import CompiledModelMismatchError, InvalidInputError
 from tracr_injection.compile.exactness import exactness_candidates
 from tracr_injection.compile.fingerprint import program_hash
 from tracr_injection.compile.teacher import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, TeacherModel
@@ -88,6 +88,7 @@ def compile_program(
       cache_dir: artifact cache (default `$TRACR_INJECTION_CACHE` or ~/.cache/tracr-injection).
       use_cache: load a cached artifact when one exists (a fresh compile is always saved).
     """
+    check_max_seq_len(max_seq_len)
     vocab_set = check_vocab(vocab)
     check_supported(program)
     vocab_list = sorted(vocab_set, key=repr)
@@ -110,6 +111,7 @@ def compile_program(
     check_supported_on_inputs(program, inputs, causal)
 
     attempts: list[tuple[TeacherModel, ValidationReport]] = []
+    unsettled_means: list[str] = []
     for exactness in candidates:
         start = time.perf_counter()
         compilation = run_tracr(program, vocab_set, max_seq_len, causal, exactness)
@@ -124,6 +126,7 @@ def compile_program(
             tracr_version=tracr_version(),
         )
         teacher.config.compile_seconds = round(time.perf_counter() - start, 3)
+        unsettled_means = compilation.unsettled_means
         expressions = {v.name: v.expr for v in compilation.variables.values()}
         report = validate_teacher(teacher, expressions, inputs)
         teacher.config.validation = report.summary()
@@ -134,19 +137,37 @@ def compile_program(
 
     teacher, report = min(attempts, key=lambda a: len(a[1].mismatches))
     if not report.passed and not accept_mismatch:
-        raise CompiledModelMismatchError(describe_failure(name, attempts))
+        raise CompiledModelMismatchError(describe_failure(name, attempts, unsettled_means))
     save_artifact(teacher, target)
     return teacher
 
 
-def describe_failure(name: str, attempts: list[tuple[TeacherModel, ValidationReport]]) -> str:
-    """Error text naming the inputs and variables where each attempt went wrong."""
+def check_max_seq_len(max_seq_len: Any) -> None:
+    """Raise `InvalidInputError` unless `max_seq_len` is a positive integer."""
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+        raise InvalidInputError(
+            f"max_seq_len must be a positive integer (the longest input, without BOS, the teacher "
+            f"accepts), got {max_seq_len!r}: pass e.g. max_seq_len=16."
+        )
+
+
+def describe_failure(
+    name: str, attempts: list[tuple[TeacherModel, ValidationReport]], unsettled_means: Sequence[str] = ()
+) -> str:
+    """Error text naming the inputs and variables where each attempt went wrong, and the numerical
+    means whose values could not be settled (`compile.value_sets`), with `fraction_mean` as their fix."""
     lines = [f"The compiled model of {name!r} disagrees with the RASP evaluator:"]
     for teacher, report in attempts:
         lines.append(
             f"  mlp_exactness={teacher.config.mlp_exactness}: {len(report.mismatches)} mismatches, e.g."
         )
         lines.extend(f"    - {m}" for m in report.mismatches[:MAX_REPORTED_MISMATCHES])
+    if unsettled_means:
+        lines.append(
+            f"The numerical mean(s) {', '.join(unsettled_means)} may average several 0/1 values into "
+            "shares k/n, which tracr's value inference does not list (too many values to check here): "
+            "if so, mark each with tracr_injection.fraction_mean(rasp.numerical(rasp.Aggregate(...)))."
+        )
     lines.append(
         "Pass mlp_exactness=... to try another value, shorten max_seq_len, or "
         "accept_mismatch=True to keep the model anyway (recorded in its manifest)."

@@ -4,8 +4,10 @@ In: a RASP program (`tracr.rasp.rasp.SOp`), its vocabulary, a maximum length, th
 flag and an `mlp_exactness`.  Out: a `TracrCompilation` holding tracr's assembled JAX model
 plus the structure tracr computes on the way and then forgets: every residual direction as
 (variable, value), and for each program variable its encoding, value set and RASP
-expression.  tracr's own failures come back as `UnsupportedProgramError` naming the
-offending expression instead of a traceback from deep inside tracr.
+expression; and the numerical means whose values could not be settled
+(`value_sets.correct_mean_value_sets`).  tracr's own failures come back as
+`UnsupportedProgramError` naming the offending expression instead of a traceback from deep
+inside tracr.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tracr.rasp import causal_eval, rasp
 
 from tracr_injection.compile.errors import InvalidVocabError, UnsupportedProgramError
 from tracr_injection.compile.fast_craft import fast_craft
-from tracr_injection.compile.value_sets import widen_fraction_means
+from tracr_injection.compile.value_sets import correct_mean_value_sets
 
 COMPILER_BOS = "compiler_bos"
 COMPILER_PAD = "compiler_pad"
@@ -54,6 +56,7 @@ class TracrCompilation:
     residual_directions: list[tuple[str, Any]]  # (name, value or None), in residual order
     variables: dict[str, ProgramVariable]
     output_name: str
+    unsettled_means: list[str]  # unmarked means that may take values tracr does not list
 
 
 def check_vocab(vocab: Iterable[Any]) -> set[Any]:
@@ -82,47 +85,89 @@ def check_supported(program: rasp.SOp) -> None:
         raise UnsupportedProgramError(describe_unsupported(problems))
 
 
-class CausalDynamicValidationEvaluator(causal_eval.CausalEvaluator):
-    """tracr's dynamic aggregate checks under causal masking.
+CATEGORICAL_AGGREGATE_OF_SEVERAL = (
+    "this categorical Aggregate selects several positions holding different values. tracr "
+    "compiles it as an attention head that copies the one-hot value of the selected position, "
+    "so it is right only where the selector picks at most one position (or positions with the "
+    "same value); several are averaged into a mix of values (the RASP evaluator averages "
+    "numbers and fails on other values). Fix: narrow the selector so that it selects at most "
+    "one position per query, or, to average, make the aggregate numerical over a 0/1 value: "
+    "rasp.numerical(rasp.Aggregate(selector, rasp.numerical(rasp.Map(lambda x: 1 if ... else 0, "
+    "sop)), default=0))."
+)
+NUMERICAL_AGGREGATE_OF_NON_BINARY = (
+    "Numerical aggregate only supports binary inputs 0, 1 (it computes a mean of a 0/1 variable), "
+    "but its input takes the values {values}. Fix: aggregate a numerical 0/1 Map of the input "
+    "(rasp.numerical(rasp.Map(lambda x: 1 if x == ... else 0, sop)))."
+)
+
+
+class DynamicValidationEvaluator(causal_eval.CausalEvaluator):
+    """tracr's dynamic aggregate checks, causal or not, with causes and fixes in the reasons.
 
     tracr's `DynamicValidationEvaluator` evaluates an aggregate's input without the causal
     mask, which wrongly rejects causal programs whose aggregates select one value per
-    prefix; here the input is evaluated causally too.
+    prefix; here the input is evaluated with the program's own masking.  Each sub-expression
+    is evaluated once per input (the evaluator is made for one input).  A categorical
+    aggregate over several non-numbers, on which the RASP evaluator itself fails, is reported
+    as the unsupported expression it is.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, causal: bool) -> None:
         super().__init__()
+        self.causal = causal
+        self.cache: dict[int, Any] = {}
         self.unsupported_exprs: list[validating.TracrUnsupportedExpr] = []
 
     def evaluate(self, expr: rasp.RASPExpr, xs: Any) -> Any:
-        out = super().evaluate(expr, xs)
-        if isinstance(expr, rasp.Aggregate):
-            agg_in = self.evaluate(expr.sop, xs)
-            if rasp.is_categorical(expr) and not set(out).issubset(set(agg_in) | {None}):
-                reason = "Categorical aggregate does not support Selectors with width > 1 that require aggregation (eg. averaging)."
-                self.unsupported_exprs.append(validating.TracrUnsupportedExpr(expr=expr, reason=reason))
-            if rasp.is_numerical(expr) and not set(agg_in).issubset({0, 1}):
-                reason = f"Numerical aggregate only supports binary inputs 0, 1. But got {set(agg_in)}."
-                self.unsupported_exprs.append(validating.TracrUnsupportedExpr(expr=expr, reason=reason))
+        if id(expr) not in self.cache:
+            self.cache[id(expr)] = self.evaluate_and_check(expr, xs)
+        return self.cache[id(expr)]
+
+    def evaluate_and_check(self, expr: rasp.RASPExpr, xs: Any) -> Any:
+        """Evaluate `expr` (its inputs through the cache) and record why tracr cannot compile it."""
+        evaluate = causal_eval.CausalEvaluator.evaluate if self.causal else rasp.DefaultRASPEvaluator.evaluate
+        if not isinstance(expr, rasp.Aggregate):
+            return evaluate(self, expr, xs)
+        agg_in = self.evaluate(expr.sop, xs)
+        self.evaluate(expr.selector, xs)
+        try:
+            out = evaluate(self, expr, xs)
+        except ValueError:
+            if rasp.is_categorical(expr):
+                self.report(expr, CATEGORICAL_AGGREGATE_OF_SEVERAL)
+            raise
+        if rasp.is_categorical(expr) and not set(out).issubset(set(agg_in) | {None}):
+            self.report(expr, CATEGORICAL_AGGREGATE_OF_SEVERAL)
+        if rasp.is_numerical(expr) and not set(agg_in).issubset({0, 1}):
+            self.report(expr, NUMERICAL_AGGREGATE_OF_NON_BINARY.format(values=set(agg_in)))
         return out
+
+    def report(self, expr: rasp.RASPExpr, reason: str) -> None:
+        """Record `expr` as unsupported for `reason`."""
+        self.unsupported_exprs.append(validating.TracrUnsupportedExpr(expr=expr, reason=reason))
 
 
 def check_supported_on_inputs(program: rasp.SOp, inputs: Iterable[list[Any]], causal: bool) -> None:
     """Raise if tracr's dynamic validator rejects the program on any of `inputs`."""
     for tokens in inputs:
-        evaluator = CausalDynamicValidationEvaluator() if causal else validating.DynamicValidationEvaluator()
+        evaluator = DynamicValidationEvaluator(causal)
         try:
             evaluator.evaluate(program, tokens)
         except Exception as err:  # the RASP evaluator runs user functions: any error is possible
+            if evaluator.unsupported_exprs:
+                raise UnsupportedProgramError(describe_found(evaluator.unsupported_exprs, tokens)) from err
             raise UnsupportedProgramError(
                 f"The RASP evaluator fails on the input {tokens!r}: {type(err).__name__}: {err}\n"
                 "Make every Map/SequenceMap/Aggregate defined on all values it can receive."
             ) from err
         if evaluator.unsupported_exprs:
-            raise UnsupportedProgramError(
-                describe_unsupported(evaluator.unsupported_exprs)
-                + f"\n(found while evaluating the input {tokens!r})"
-            )
+            raise UnsupportedProgramError(describe_found(evaluator.unsupported_exprs, tokens))
+
+
+def describe_found(problems: list[validating.TracrUnsupportedExpr], tokens: list[Any]) -> str:
+    """`describe_unsupported`, naming the input that showed the problems."""
+    return describe_unsupported(problems) + f"\n(found while evaluating the input {tokens!r})"
 
 
 def describe_unsupported(problems: list[validating.TracrUnsupportedExpr]) -> str:
@@ -147,7 +192,7 @@ def run_tracr(
     causal: bool,
     mlp_exactness: int,
 ) -> TracrCompilation:
-    """Compile `program` with tracr's passes (fast matrix assembly, exact value sets of fraction
+    """Compile `program` with tracr's passes (fast matrix assembly, corrected value sets of
     means) and keep its structure."""
     check_supported(program)
     try:
@@ -155,7 +200,7 @@ def run_tracr(
             extracted = rasp_to_graph.extract_rasp_graph(program)
             graph, sources, sink = extracted.graph, extracted.sources, extracted.sink
             basis_inference.infer_bases(graph, sink, vocab, max_seq_len)
-            widen_fraction_means(graph, max_seq_len)
+            unsettled = correct_mean_value_sets(graph, max_seq_len)
             expr_to_craft_graph.add_craft_components_to_rasp_graph(
                 graph,
                 bos_dir=bases.BasisDirection(rasp.tokens.label, COMPILER_BOS),
@@ -200,6 +245,7 @@ def run_tracr(
         residual_directions=residual_directions,
         variables=variables,
         output_name=names[sink[nodes.ID]],
+        unsettled_means=[names[label] for label in unsettled],
     )
 
 

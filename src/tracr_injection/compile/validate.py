@@ -3,8 +3,9 @@
 In: a `TeacherModel`, the RASP expression of each of its variables, and input sequences.
 Out: a `ValidationReport` listing every (input, variable, position) where the teacher's
 decoded final residual stream differs from the RASP evaluator (`causal_eval` for causal
-programs).  tracr's compiled models can be silently wrong (e.g. too small an
-`mlp_exactness`), so every fresh compile goes through here.
+programs): categorical variables must be equal, numerical ones within the tolerance their value
+grid allows (`compile.tolerance`).  tracr's compiled models can be silently wrong (e.g. too small
+an `mlp_exactness`), so every fresh compile goes through here.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 from tracr.rasp import causal_eval, rasp
 
 from tracr_injection.compile.teacher import TeacherModel
+from tracr_injection.compile.tolerance import within_tolerance
+from tracr_injection.compile.value_sets import fractions
 
-NUMERICAL_TOLERANCE = 1e-4
 BATCH_SIZE = 64
 
 
@@ -91,11 +93,20 @@ def random_inputs(vocab: Sequence[Any], max_seq_len: int, count: int, seed: int 
     return [[rng.choice(symbols) for _ in range(length)] for length in lengths]
 
 
-def values_agree(compiled: Any, expected: Any, encoding: str) -> bool:
-    """Equality, with a float tolerance for numerical variables."""
-    if encoding == "numerical" and compiled is not None and expected is not None:
-        return abs(float(compiled) - float(expected)) <= NUMERICAL_TOLERANCE
+def values_agree(compiled: Any, expected: Any, grid: Sequence[float] | None) -> bool:
+    """Equality for categorical variables (`grid` None); within the grid's tolerance for numerical ones."""
+    if grid is not None and compiled is not None and expected is not None:
+        return within_tolerance(float(compiled), float(expected), grid)
     return compiled == expected
+
+
+def value_grid(values: Sequence[Any], expr: rasp.SOp, max_seq_len: int) -> list[float]:
+    """The sorted values a numerical variable can take: tracr's value set, plus every k/n for a mean
+    (tracr lists only 0 and 1/n for a mean of 0/1 values, the RASP evaluator gives any share)."""
+    grid = {float(v) for v in values}
+    if isinstance(expr, rasp.Aggregate):
+        grid |= fractions(max_seq_len)
+    return sorted(grid)
 
 
 def validate_teacher(
@@ -105,6 +116,11 @@ def validate_teacher(
 ) -> ValidationReport:
     """Compare every variable in `expressions` at every position of every input."""
     variables = [v for v in teacher.config.variables if v.name in expressions]
+    grids = {
+        v.name: value_grid(v.values, expressions[v.name], teacher.config.max_seq_len)
+        for v in variables
+        if v.encoding == "numerical"
+    }
     mismatches: list[Mismatch] = []
     for start in range(0, len(inputs), BATCH_SIZE):
         batch = [list(tokens) for tokens in inputs[start : start + BATCH_SIZE]]
@@ -115,9 +131,9 @@ def validate_teacher(
             resid_PD = final_BPD[row, 1 : len(tokens) + 1]
             for var in variables:
                 expected = evaluator.evaluate(expressions[var.name], tokens)
-                compiled = teacher.decode_variable(resid_PD, var.name)
+                compiled = read_variable(teacher, resid_PD, var.name, var.name in grids)
                 for position, (got, want) in enumerate(zip(compiled, expected)):
-                    if not values_agree(got, want, var.encoding):
+                    if not values_agree(got, want, grids.get(var.name)):
                         mismatches.append(Mismatch(tokens, var.name, position, got, want))
     return ValidationReport(
         num_inputs=len(inputs),
@@ -125,3 +141,11 @@ def validate_teacher(
         variables=[v.name for v in variables],
         mismatches=mismatches,
     )
+
+
+def read_variable(teacher: TeacherModel, resid_PD: Any, name: str, numerical: bool) -> list[Any]:
+    """A variable's values at every position: the raw float for numerical variables (snapping to a
+    listed value first could move a right value onto a wrong neighbour), decoded for categorical ones."""
+    if numerical:
+        return resid_PD[:, teacher.config.variable(name).dims[0]].float().tolist()
+    return teacher.decode_variable(resid_PD, name)
