@@ -113,17 +113,24 @@ def possible_values(graph: nx.DiGraph, max_seq_len: int) -> dict[str, Values]:
     tracr's inferred value set, except for numerical means (every share k/n of 0/1 values) and
     what is computed from them (tracr's rules applied to these supersets).
     """
+    means = [label for label, node in graph.nodes.items() if is_mean(node[nodes.EXPR])]
+    affected = set(means).union(*(nx.descendants(graph, label) for label in means))
     possible: dict[str, Values] = {}
     for label in nx.topological_sort(graph):
-        expr = graph.nodes[label][nodes.EXPR]
+        expr, listed = graph.nodes[label][nodes.EXPR], graph.nodes[label].get(nodes.VALUE_SET)
         if isinstance(expr, rasp.SOp):
-            possible[label] = possible_values_of(expr, graph.nodes[label][nodes.VALUE_SET], possible, max_seq_len)
+            possible[label] = possible_values_of(expr, listed, possible, max_seq_len) if label in affected else listed
     return possible
+
+
+def is_mean(expr: Any) -> bool:
+    """Whether `expr` is a numerical Aggregate (tracr compiles it as a mean)."""
+    return isinstance(expr, rasp.Aggregate) and rasp.is_numerical(expr)
 
 
 def possible_values_of(expr: rasp.SOp, listed: set[Any], possible: dict[str, Values], max_seq_len: int) -> Values:
     """The superset of `expr`'s values from its inputs' supersets (see `possible_values`)."""
-    if isinstance(expr, rasp.Aggregate) and rasp.is_numerical(expr):
+    if is_mean(expr):
         inner = possible[expr.sop.label]
         if inner is None or not {float(x) for x in inner} <= {0.0, 1.0}:
             return None  # tracr rejects means of other values; nothing sound to list
@@ -190,7 +197,6 @@ def unsettled_means(graph: nx.DiGraph, unchecked: set[str], possible: dict[str, 
         label
         for label in upstream
         if label not in marked
-        and isinstance(graph.nodes[label][nodes.EXPR], rasp.Aggregate)
-        and rasp.is_numerical(graph.nodes[label][nodes.EXPR])
+        and is_mean(graph.nodes[label][nodes.EXPR])
         and (possible[label] is None or not possible[label] <= graph.nodes[label][nodes.VALUE_SET])
     )

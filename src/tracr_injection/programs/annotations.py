@@ -5,7 +5,9 @@ selected positions (e.g. "the share of openers among the brackets so far").  tra
 inference assumes such a mean only takes the values 0 and 1/n, which holds for "is any selected
 position 1" tests but not for fractions: an MLP that reads the mean discretises its input at the
 midpoints between the inferred values and so answers wrongly whenever k > 1.  A marked mean gets
-the value set {k/n : 0 <= k <= n <= max_seq_len} (`compile.value_sets`).
+the value set {k/n : 0 <= k <= n <= max_seq_len} (`compile.value_sets`).  The compiler finds such
+means by itself where it can list the values downstream of them; the mark is needed where it
+cannot, and its mismatch error then names the means to mark.
 """
 
 from __future__ import annotations
