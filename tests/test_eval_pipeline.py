@@ -149,7 +149,7 @@ def test_eval_baseline_sets_the_maps_decoding_beside_the_baselines_probe(evaluat
             }
         cells = " | ".join(f"{pct(row[s]['map'])} | {pct(row[s]['baseline_probe'])}" for s in table["splits"])
         assert f"| {var.name} | L{var.level} | {cells} |" in report
-    with pytest.raises(RunFolderError, match="not an inject run"):
+    with pytest.raises(RunFolderError, match="is not an inject run"):
         evaluate_target(base, settings=SETTINGS, progress=False, baseline=run)
     result = CliRunner().invoke(app, ["eval", str(run), "--baseline", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "evaluate it first" in result.output

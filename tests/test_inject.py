@@ -363,6 +363,8 @@ def test_same_seed_same_weights_and_exact_resume(tiny_llama, tmp_path):
         assert torch.allclose(value, weights["resumed"][key], atol=1e-6), key
     steps = [m["step"] for m in read_metrics(tmp_path / "resumed")]
     assert steps == list(range(1, 9))
+    lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if is_probe_line(m)] == [0, 8]  # the killed run's last probe (6) dropped
 
 
 def test_bad_checkpoints_are_clear_errors(tiny_llama, tmp_path):

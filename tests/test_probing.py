@@ -17,10 +17,17 @@ from transformers import AutoModelForCausalLM
 from tracr_injection.evaluate.decoding import evaluate_decoding
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig, train
-from tracr_injection.inject.lm import decoder_blocks, load_causal_lm
 from tracr_injection.inject.linear_decoding import LinearDecoder
+from tracr_injection.inject.lm import decoder_blocks, load_causal_lm
 from tracr_injection.inject.losses import AlignmentMap
-from tracr_injection.inject.probing import PLOT_NAME, PROBE_EXAMPLES, block_groups, is_probe_line, probe_data, term_gradient_norms
+from tracr_injection.inject.probing import (
+    PLOT_NAME,
+    PROBE_EXAMPLES,
+    block_groups,
+    is_probe_line,
+    probe_data,
+    term_gradient_norms,
+)
 from tracr_injection.inject.trainer import InjectionObjective, build_parts
 from tracr_injection.tasks import get_task
 
@@ -32,11 +39,17 @@ TERMS = ("task_ce", "alignment", "kl")
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A 6-block random Llama with SmolLM2's real tokenizer (blocks 4-5 come after the roll block 3)."""
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), load_tokenizer("smollm2"), num_hidden_layers=6)
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny-llama"), load_tokenizer("smollm2"), num_hidden_layers=6
+    )
 
 
 def probe_lines(out) -> list[dict]:
-    return [m for m in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()) if is_probe_line(m)]
+    return [
+        m
+        for m in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+        if is_probe_line(m)
+    ]
 
 
 def test_probes_are_logged_every_k_steps_with_the_expected_keys(tiny_llama, tmp_path):
@@ -63,21 +76,30 @@ def test_baseline_probes_log_gradient_norms_only(tiny_llama, tmp_path):
     train(tiny_config(tiny_llama, out, method="baseline", steps=2, probe_every=1), progress=False)
     probes = probe_lines(out)
     assert [p["step"] for p in probes] == [0, 1, 2]
-    assert set(probes[0]) == {"step", "seconds"} | {f"probe/grad/{t}/{g}" for t in ("task_ce", "kl") for g in ("early", "late")}
+    assert set(probes[0]) == {"step", "seconds"} | {
+        f"probe/grad/{t}/{g}" for t in ("task_ce", "kl") for g in ("early", "late")
+    }
     assert (out / PLOT_NAME).is_file()
 
 
 def test_probing_leaves_the_trained_weights_and_losses_unchanged(tiny_llama, tmp_path):
     for every in (0, 1):
-        train(tiny_config(tiny_llama, tmp_path / f"every-{every}", steps=4, probe_every=every), progress=False)
+        train(
+            tiny_config(tiny_llama, tmp_path / f"every-{every}", steps=4, probe_every=every), progress=False
+        )
     assert not probe_lines(tmp_path / "every-0") and len(probe_lines(tmp_path / "every-1")) == 5
-    lm = {e: AutoModelForCausalLM.from_pretrained(tmp_path / f"every-{e}" / "model").state_dict() for e in (0, 1)}
+    lm = {
+        e: AutoModelForCausalLM.from_pretrained(tmp_path / f"every-{e}" / "model").state_dict()
+        for e in (0, 1)
+    }
     for key, value in lm[0].items():
         assert torch.equal(value, lm[1][key]), key
     maps = {e: AlignmentMap.from_pretrained(tmp_path / f"every-{e}" / "map").state_dict() for e in (0, 1)}
     assert all(torch.equal(maps[0][k], maps[1][k]) for k in maps[0])
     strip = [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(tmp_path / "every-0")]
-    assert strip == [{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(tmp_path / "every-1")]
+    assert strip == [
+        {k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(tmp_path / "every-1")
+    ]
 
 
 def test_probe_decoding_is_evaluations_decoding_of_the_trained_run(tiny_llama, tmp_path):
@@ -102,7 +124,9 @@ def test_probe_decoding_is_evaluations_decoding_of_the_trained_run(tiny_llama, t
 
 
 def test_gradient_norms_are_a_plain_backward_of_each_term(tiny_llama, tmp_path):
-    config = tiny_config(tiny_llama, tmp_path / "unused", steps=2, probe_every=1, alignment_weight=0.7, kl_weight=1.3)
+    config = tiny_config(
+        tiny_llama, tmp_path / "unused", steps=2, probe_every=1, alignment_weight=0.7, kl_weight=1.3
+    )
     tokenizer = load_tokenizer(tiny_llama)
     model = load_causal_lm(tiny_llama)
     parts = build_parts(config, tokenizer, model, progress=False)

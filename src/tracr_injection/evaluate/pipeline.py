@@ -70,7 +70,7 @@ def evaluate_target(
     progress: bool = True,
     baseline: str | Path | None = None,
 ) -> Path:
-    """Evaluate a run folder (or a model on `task`) and write metrics.json, report.md and plots; returns the folder.
+    """Evaluate a run folder (or a model on `task`), write metrics.json, report.md and plots, return the folder.
 
     With `baseline` (an evaluated baseline run of the same task and layer map), metrics.json and the report
     also hold `baseline_comparison`: the run's map decoding beside the baseline's probe, per variable.
@@ -89,7 +89,7 @@ def read_baseline_metrics(baseline: str | Path, target: str | Path) -> dict[str,
     result folder), checked against the run's manifest: an inject run, the same teacher and layer map."""
     if not is_run_dir(target) or read_manifest(target)["method"] != "inject":
         raise RunFolderError(
-            f"--baseline sets an inject run's map beside a baseline's probe; {target} is not an inject run folder."
+            f"--baseline sets an inject run's map beside a baseline's probe; {target} is not an inject run."
         )
     manifest = read_manifest(target)
     candidates = (Path(baseline) / EVAL_DIR / METRICS_FILE, Path(baseline) / METRICS_FILE)
@@ -102,13 +102,13 @@ def read_baseline_metrics(baseline: str | Path, target: str | Path) -> dict[str,
     theirs = metrics["subject"]
     if theirs["teacher_program_hash"] != manifest["teacher_program_hash"]:
         raise TaskMismatchError(
-            f"Baseline {baseline} was evaluated on task {theirs['task']!r} with another teacher than the run's "
-            f"({manifest['task']!r}); pass a baseline run of the same task."
+            f"Baseline {baseline} was evaluated on task {theirs['task']!r} with another teacher than the "
+            f"run's ({manifest['task']!r}); pass a baseline run of the same task."
         )
     if theirs["layer_map"] != manifest["layer_mapping"] or "probe" not in metrics.get("decoding", {}):
         raise RunFolderError(
             f"Baseline {baseline} was probed at hidden states {theirs['layer_map']}, the run aligns "
-            f"{manifest['layer_mapping']} (or it has no probe decoding); pass a baseline trained like the run."
+            f"{manifest['layer_mapping']} (or has no probe decoding); pass a baseline trained like the run."
         )
     return metrics
 
@@ -119,17 +119,19 @@ def written_level(positions: list[int | None]) -> int:
 
 
 def baseline_comparison(metrics: dict[str, Any], baseline_metrics: dict[str, Any]) -> dict[str, Any]:
-    """Per teacher variable and split, the run's map decoding beside the baseline's probe decoding, both at the
-    level the variable is written; splits the teacher cannot represent are left out."""
+    """Per teacher variable and split, the run's map decoding beside the baseline's probe decoding, both at
+    the level the variable is written; splits the teacher cannot represent are left out."""
     ours, theirs = metrics["decoding"]["map"], baseline_metrics["decoding"]["probe"]
-    splits = [s for s, r in ours.items() if not r.get("skipped") and not theirs.get(s, {"skipped": 1}).get("skipped")]
+    splits = [s for s in ours if not ours[s]["skipped"] and s in theirs and not theirs[s]["skipped"]]
     variables: dict[str, Any] = {}
     for name, positions in ours[splits[0]]["positions"].items() if splits else ():
         level = written_level(positions)
-        variables[name] = {"level": level} | {
-            split: {"map": ours[split]["accuracy"][name][level], "baseline_probe": theirs[split]["accuracy"][name][level]}
-            for split in splits
-        }
+        variables[name] = {"level": level}
+        for split in splits:
+            variables[name][split] = {
+                "map": ours[split]["accuracy"][name][level],
+                "baseline_probe": theirs[split]["accuracy"][name][level],
+            }
     return {"baseline": baseline_metrics["subject"], "splits": splits, "variables": variables}
 
 

@@ -43,7 +43,12 @@ import torch
 from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
-from tracr_injection.inject.linear_decoding import LinearDecoder, accuracy_table, aligned_batches, decode_counts
+from tracr_injection.inject.linear_decoding import (
+    LinearDecoder,
+    accuracy_table,
+    aligned_batches,
+    decode_counts,
+)
 from tracr_injection.inject.lm import decoder_blocks
 from tracr_injection.inject.natural_text import KLCache
 from tracr_injection.tasks import TeacherCannotRepresentError, get_task
@@ -154,7 +159,9 @@ class Prober:
         self.metrics_file, self.plot_file = out / "metrics.jsonl", out / PLOT_NAME
         self.log, self.autocast = log, autocast
         layer_map = objective.parts.layer_map
-        self.groups = block_groups(objective.lm, layer_map[-1] if config.roll_block is None else config.roll_block)
+        self.groups = block_groups(
+            objective.lm, layer_map[-1] if config.roll_block is None else config.roll_block
+        )
         with untouched(objective, self.device):
             self.data = probe_data(config, tokenizer, teacher, kl_cache, with_map=objective.amap is not None)
 

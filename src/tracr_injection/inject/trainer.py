@@ -3,8 +3,9 @@
 In: a `TrainConfig`.  Out: a run folder with the trained LM (`model/`, a standard
 `save_pretrained` folder), the alignment map (`map/`), `manifest.json` (task, teacher hash,
 layer mapping, method, config, versions, accuracy before/after), `metrics.jsonl` (one line
-per step, appended as training goes) and `checkpoints/step-N/` (model, map, optimizer,
-scheduler, RNG states via Accelerate; the data position is the step number).  Hugging Face
+per step, appended as training goes, and the probe lines of `inject.probing`, drawn in `probes.png`)
+and `checkpoints/step-N/` (model, map, optimizer, scheduler, RNG states via Accelerate; the data
+position is the step number).  Hugging Face
 Accelerate runs the loop, so `accelerate launch` spreads it over processes, GPUs or nodes.
 """
 
@@ -70,7 +71,7 @@ class RunParts:
     tokenizer: Any
     amap: AlignmentMap | None
     data: TaskData
-    kl_cache: KLCache
+    kl_cache: KLCache | None  # None: an analysis's objective without the KL term (`InjectionObjective.terms`)
     layer_map: list[int]
     roll_block: int | None
     output_dims: list[int]
