@@ -235,7 +235,7 @@ def plot_probes(
     if not grad:
         return None
     panels = 2 if decode else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(7.2 * panels, 4.2), squeeze=False)
     if decode:
         ax = axes[0][0]
         variables = sorted({v for _, v in decode}, key=[v for _, v in decode].index)
@@ -254,17 +254,23 @@ def plot_probes(
         note = f" (skipped: {', '.join(skipped)})" if skipped else ""
         ax.set_title(f"decoding through the map{note}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax = axes[0][-1]
     term_colors = {"task_ce": "tab:blue", "alignment": "tab:orange", "kl": "tab:green"}
     for (term, group), points in grad.items():
-        steps, values = zip(*points)
-        ax.plot(steps, [max(v, 1e-12) for v in values], "-" if group == "early" else "--",
-                color=term_colors.get(term, "gray"), marker=".", label=f"{term}, {group} blocks")  # fmt: skip
+        positive = [
+            (step, value) for step, value in points if value > 0
+        ]  # 0: the term cannot reach the group
+        if positive:
+            steps, values = zip(*positive)
+            ax.plot(steps, values, "-" if group == "early" else "--", color=term_colors.get(term, "gray"),
+                    marker="o" if group == "early" else "x", label=f"{term}, {group} blocks")  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("gradient norm of the term")
-    ax.set_title("gradient norm per loss term (early: blocks 0..roll block; late: after)", fontsize=9)
+    ax.set_title(
+        "gradient norm per loss term (early: blocks 0..roll block; late: after; 0 not drawn)", fontsize=9
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
