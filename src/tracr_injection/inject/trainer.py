@@ -5,8 +5,8 @@ In: a `TrainConfig`.  Out: a run folder with the trained LM (`model/`, a standar
 layer mapping, method, config, versions, accuracy before/after), `metrics.jsonl` (one line
 per step, appended as training goes, and the probe lines of `inject.probing`, drawn in `probes.png`)
 and `checkpoints/step-N/` (model, map, optimizer, scheduler, RNG states via Accelerate; the data
-position is the step number).  Hugging Face
-Accelerate runs the loop, so `accelerate launch` spreads it over processes, GPUs or nodes.
+position is the step number).  Hugging Face Accelerate runs the loop, so `accelerate launch` spreads
+it over processes, GPUs or nodes.
 """
 
 from __future__ import annotations
