@@ -31,18 +31,18 @@ import torch
 from common import load_run, split_data
 
 from tracr_injection.evaluate.causal import edited_answer_logits
-from tracr_injection.inject.lm import decoder_blocks, hidden_states, logits_at
+from tracr_injection.inject.config import TrainConfig
+from tracr_injection.inject.lm import decoder_blocks, hidden_states
 from tracr_injection.inject.losses import (
-    alignment_loss,
+    alignment_dim_scales,
     answer_positions,
     detach_and_roll,
-    detach_and_roll_at,
     first_answer_positions,
     output_projector,
-    task_loss,
     teacher_inside,
 )
-from tracr_injection.inject.trainer import answers_hit
+from tracr_injection.inject.probing import block_groups, term_gradient_norms
+from tracr_injection.inject.trainer import InjectionObjective, RunParts, answers_hit
 
 CONDITIONS = ("plain", "roll", "roll_truth", "roll_empty", "plain_truth")
 
@@ -94,28 +94,29 @@ class Tally:
         }
 
 
+def run_objective(subject, data) -> InjectionObjective:
+    """The run's training objective (its recorded config) over the subject's model and map; no KL term."""
+    config = TrainConfig.from_record(subject.manifest["config"])
+    parts = RunParts(
+        model=subject.model, tokenizer=subject.tokenizer, amap=subject.amap, data=data, kl_cache=None,
+        layer_map=subject.layer_map, roll_block=subject.block, output_dims=subject.output_dims,
+        dim_levels=data.targets.dim_levels, teacher=subject.teacher,
+        dim_scales=alignment_dim_scales(subject.teacher.config, config.alignment_scales),
+    )  # fmt: skip
+    return InjectionObjective(config, parts)
+
+
 @torch.enable_grad()
-def early_gradient_norms(subject, data, projector_DD, batches: int, batch_size: int = 8) -> dict:
+def early_gradient_norms(subject, data, batches: int, batch_size: int = 8) -> dict:
     """Mean over batches of the gradient norms of the task loss (training roll) and of the alignment loss
-    on the parameters of blocks 0..roll block (the embeddings excluded)."""
-    model, amap = subject.model, subject.amap
-    blocks = decoder_blocks(model)
-    early = [p for block in blocks[: subject.block + 1] for p in block.parameters()]
+    (times its weight) on the blocks 0..roll block: the `early` group training's probes log."""
+    objective = run_objective(subject, data)
+    groups = block_groups(subject.model, subject.block)
     norms = {"task_ce": 0.0, "alignment": 0.0}
     for index in range(batches):
-        batch = data.collate(list(range(index * batch_size, (index + 1) * batch_size)))
-        b_idx, pos, target = answer_positions(batch["labels"])
-        with detach_and_roll_at(blocks[subject.block], projector_DD, first_answer_positions(batch["labels"])):
-            logits_NV, out = logits_at(
-                model, batch["input_ids"], batch["attention_mask"], b_idx, pos, output_hidden_states=True
-            )
-        align, _ = alignment_loss(
-            amap, out.hidden_states, subject.layer_map, batch["teacher_final"], data.targets.dim_levels,
-            batch["teacher_mask"],
-        )  # fmt: skip
-        for name, loss in (("task_ce", task_loss(logits_NV, target)), ("alignment", align)):
-            grads = torch.autograd.grad(loss, early, retain_graph=True, allow_unused=True)
-            norms[name] += float(torch.sqrt(sum(g.square().sum() for g in grads if g is not None))) / batches
+        terms, _ = objective.terms(data.collate(list(range(index * batch_size, (index + 1) * batch_size))))
+        for name, by_group in term_gradient_norms({k: terms[k] for k in norms}, groups).items():
+            norms[name] += by_group["early"] / batches
     return {k: round(v, 4) for k, v in norms.items()}
 
 
@@ -152,7 +153,7 @@ def answer_path(run: str, examples: int = 96, batch_size: int = 8, split: str = 
         "roll_block": subject.block,
         "output_variable": config.output_variable,
         "conditions": {c: t.summary() for c, t in tallies.items()},
-        "early_block_gradient_norms": early_gradient_norms(subject, data, projector_DD, batches=4),
+        "early_block_gradient_norms": early_gradient_norms(subject, data, batches=4),
         "map_output_accuracy": {
             k: {"overall": t.summary()["token_accuracy"], "by_step": t.summary()["accuracy_by_step"]}
             for k, t in read.items()

@@ -17,6 +17,7 @@ from PIL import Image
 
 from tracr_injection.evaluate.compare import CompareError, compare_runs
 from tracr_injection.evaluate.pipeline import EvalSettings, evaluate_target
+from tracr_injection.evaluate.report import pct
 from tracr_injection.evaluate.subject import RunFolderError, TaskMismatchError, load_subject
 from tracr_injection.experiments.budgets import SMOKE
 from tracr_injection.experiments.reproduce import (
@@ -31,6 +32,7 @@ from tracr_injection.experiments.reproduce import (
 )
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig, train
+from tracr_injection.inject.probing import is_probe_line
 
 SETTINGS = EvalSettings(
     max_examples=12, probe_examples=24, decoding_examples=8, causal_examples=8, interchange_pairs=8,
@@ -120,6 +122,39 @@ def test_baseline_is_probed_and_its_causal_subspace_comes_from_the_probe(evaluat
     assert metrics["subject"]["block"] == 3  # where inject would roll
 
 
+def test_eval_baseline_sets_the_maps_decoding_beside_the_baselines_probe(evaluated_runs, tmp_path):
+    from typer.testing import CliRunner
+
+    from tracr_injection.cli.main import app
+    from tracr_injection.tasks import get_task
+
+    run, base = evaluated_runs[("inject", 0)], evaluated_runs[("baseline", 0)]
+    folder = evaluate_target(run, out=tmp_path / "eval", settings=SETTINGS, progress=False, baseline=base)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    table = metrics["baseline_comparison"]
+    ours, theirs = metrics["decoding"]["map"], metrics_of(base)["decoding"]["probe"]
+    assert table["baseline"]["name"] == base.name and table["baseline"]["method"] == "baseline"
+    assert table["splits"] == [s for s in ours if not ours[s]["skipped"]] and "new_token" not in table["splits"]
+    report = (folder / "report.md").read_text()
+    assert "## Map decoding beside the baseline's probe" in report
+    variables = get_task("dyck").teacher().config.variables
+    assert list(table["variables"]) == [v.name for v in variables]
+    for var in variables:
+        row = table["variables"][var.name]
+        assert row["level"] == var.level
+        for split in table["splits"]:
+            assert row[split] == {
+                "map": ours[split]["accuracy"][var.name][var.level],
+                "baseline_probe": theirs[split]["accuracy"][var.name][var.level],
+            }
+        cells = " | ".join(f"{pct(row[s]['map'])} | {pct(row[s]['baseline_probe'])}" for s in table["splits"])
+        assert f"| {var.name} | L{var.level} | {cells} |" in report
+    with pytest.raises(RunFolderError, match="is not an inject run"):
+        evaluate_target(base, settings=SETTINGS, progress=False, baseline=run)
+    result = CliRunner().invoke(app, ["eval", str(run), "--baseline", str(tmp_path / "nothing")])
+    assert result.exit_code == 1 and "evaluate it first" in result.output
+
+
 def test_comparison_is_mean_and_std_over_seeds(evaluated_runs, tmp_path):
     out = compare_runs(list(evaluated_runs.values()), tmp_path / "cmp")
     table = (out / "comparison.md").read_text()
@@ -174,7 +209,7 @@ def test_reproduce_skips_finished_work_and_resumes_partial_runs(tiny_model, tmp_
     assert states == ["todo", "partial"]
     assert [run_state(r) for r in runs] == ["evaluated", "evaluated"]
     metrics = [json.loads(line) for line in (partial.out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # resumed at 3, not restarted
+    assert [m["step"] for m in metrics if not is_probe_line(m)] == [1, 2, 3, 4]  # resumed at 3, not restarted
     assert not any((r.out / "checkpoints").exists() for r in runs)  # trained runs keep no checkpoints
     assert (results / "comparison.md").is_file() and (results / "runs" / partial.name / "report.md").is_file()
     experiment = json.loads((results / "experiment.json").read_text())

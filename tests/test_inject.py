@@ -34,6 +34,7 @@ from tracr_injection.inject.losses import (
     task_loss,
     teacher_inside,
 )
+from tracr_injection.inject.probing import is_probe_line
 from tracr_injection.inject.trainer import CheckpointError, checked_roll_block, checkpoint_dirs, train
 
 pytestmark = pytest.mark.usefixtures("shared_cache")
@@ -269,7 +270,9 @@ def tiny_config(model: str, out, **kw) -> TrainConfig:
 
 
 def read_metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The training steps' lines of metrics.jsonl (probe lines left out: see test_probing)."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if not is_probe_line(line)]
 
 
 def test_inject_run_lowers_alignment_and_saves_a_loadable_run(tiny_llama, tmp_path):
@@ -360,6 +363,8 @@ def test_same_seed_same_weights_and_exact_resume(tiny_llama, tmp_path):
         assert torch.allclose(value, weights["resumed"][key], atol=1e-6), key
     steps = [m["step"] for m in read_metrics(tmp_path / "resumed")]
     assert steps == list(range(1, 9))
+    lines = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if is_probe_line(m)] == [0, 8]  # the killed run's last probe (6) dropped
 
 
 def test_bad_checkpoints_are_clear_errors(tiny_llama, tmp_path):

@@ -204,6 +204,9 @@ def train_command(
     subspace_forcing_steps: int | None = typer.Option(
         None, help="Inject: for the first N steps the rolled output subspace holds the teacher's output."
     ),
+    probe_every: int | None = typer.Option(
+        None, help="Log map decoding and per-term gradient norms every N steps (default 50; 0: off)."
+    ),
     kl_source: str | None = typer.Option(
         None, help="Natural text for the KL term: self (sampled from the model), a local folder, or hf:NAME:SPLIT."
     ),
@@ -339,6 +342,9 @@ def eval_command(
     add_readout_only: bool = typer.Option(
         False, "--add-readout", help="Only add the answer readout to a run evaluated before it existed."
     ),
+    baseline: Path | None = typer.Option(
+        None, help="An evaluated baseline run: per variable, this run's map decoding beside its post-hoc probe."
+    ),
 ) -> None:
     """Evaluate a run: accuracy in and out of distribution, kept language ability, decoding, readout, causal tests."""
     from tracr_injection.evaluate.pipeline import EvalSettings, add_readout, evaluate_target
@@ -355,7 +361,7 @@ def eval_command(
     if max_examples is not None:
         settings.max_examples = max_examples
     try:
-        folder = evaluate_target(target, task=task, out=out, settings=settings)
+        folder = evaluate_target(target, task=task, out=out, settings=settings, baseline=baseline)
     except (TracrInjectionError, ValueError) as err:
         fail(str(err))
     typer.echo((folder / "report.md").read_text())

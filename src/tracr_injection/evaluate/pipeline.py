@@ -3,7 +3,8 @@
 In: a run folder or a model name (+ task) and `EvalSettings`.  Out: `<run>/eval/metrics.json`
 (accuracy per split with breakdowns, kept language ability, decoding per variable per level via
 the learned map and via a post-hoc probe, the answer readout per split, causal tests, timings),
-`report.md` and PNG plots.
+`report.md` and PNG plots.  With a baseline run (`--baseline`), also per teacher variable the run's map
+decoding beside the baseline's post-hoc probe, both at the level the variable is written.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from tracr_injection.evaluate.decoding import LinearDecoder, evaluate_decoding, 
 from tracr_injection.evaluate.language import heldout_windows, language_metrics, run_lm_eval
 from tracr_injection.evaluate.readout import answer_readout, symbol_tokens
 from tracr_injection.evaluate.report import write_report
-from tracr_injection.evaluate.subject import PRETRAINED, RunFolderError, Subject, load_subject
+from tracr_injection.evaluate.subject import (
+    PRETRAINED,
+    RunFolderError,
+    Subject,
+    TaskMismatchError,
+    is_run_dir,
+    load_subject,
+    read_manifest,
+)
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import load_causal_lm
@@ -59,12 +68,71 @@ def evaluate_target(
     out: str | Path | None = None,
     settings: EvalSettings | None = None,
     progress: bool = True,
+    baseline: str | Path | None = None,
 ) -> Path:
-    """Evaluate a run folder (or a model on `task`) and write metrics.json, report.md and plots; returns the folder."""
+    """Evaluate a run folder (or a model on `task`), write metrics.json, report.md and plots, return the folder.
+
+    With `baseline` (an evaluated baseline run of the same task and layer map), metrics.json and the report
+    also hold `baseline_comparison`: the run's map decoding beside the baseline's probe, per variable.
+    """
+    baseline_metrics = read_baseline_metrics(baseline, target) if baseline is not None else None
     subject = load_subject(target, task)
     folder = Path(out) if out is not None else default_out(subject)
     metrics = evaluate_subject(subject, settings or EvalSettings(), folder, progress)
+    if baseline_metrics is not None:
+        metrics["baseline_comparison"] = baseline_comparison(metrics, baseline_metrics)
     return write_metrics(metrics, folder)
+
+
+def read_baseline_metrics(baseline: str | Path, target: str | Path) -> dict[str, Any]:
+    """The baseline's evaluation metrics (`BASELINE/eval/metrics.json`, or the `metrics.json` of a published
+    result folder), checked against the run's manifest: an inject run, the same teacher and layer map."""
+    if not is_run_dir(target) or read_manifest(target)["method"] != "inject":
+        raise RunFolderError(
+            f"--baseline sets an inject run's map beside a baseline's probe; {target} is not an inject run."
+        )
+    manifest = read_manifest(target)
+    candidates = (Path(baseline) / EVAL_DIR / METRICS_FILE, Path(baseline) / METRICS_FILE)
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise RunFolderError(
+            f"{baseline} has no {EVAL_DIR}/{METRICS_FILE}; evaluate it first: `tracr-inject eval {baseline}`."
+        )
+    metrics = json.loads(path.read_text())
+    theirs = metrics["subject"]
+    if theirs["teacher_program_hash"] != manifest["teacher_program_hash"]:
+        raise TaskMismatchError(
+            f"Baseline {baseline} was evaluated on task {theirs['task']!r} with another teacher than the "
+            f"run's ({manifest['task']!r}); pass a baseline run of the same task."
+        )
+    if theirs["layer_map"] != manifest["layer_mapping"] or "probe" not in metrics.get("decoding", {}):
+        raise RunFolderError(
+            f"Baseline {baseline} was probed at hidden states {theirs['layer_map']}, the run aligns "
+            f"{manifest['layer_mapping']} (or has no probe decoding); pass a baseline trained like the run."
+        )
+    return metrics
+
+
+def written_level(positions: list[int | None]) -> int:
+    """The level a variable is written at: the first whose decoding compared positions (None before it)."""
+    return next(i for i, count in enumerate(positions) if count is not None)
+
+
+def baseline_comparison(metrics: dict[str, Any], baseline_metrics: dict[str, Any]) -> dict[str, Any]:
+    """Per teacher variable and split, the run's map decoding beside the baseline's probe decoding, both at
+    the level the variable is written; splits the teacher cannot represent are left out."""
+    ours, theirs = metrics["decoding"]["map"], baseline_metrics["decoding"]["probe"]
+    splits = [s for s in ours if not ours[s]["skipped"] and s in theirs and not theirs[s]["skipped"]]
+    variables: dict[str, Any] = {}
+    for name, positions in ours[splits[0]]["positions"].items() if splits else ():
+        level = written_level(positions)
+        variables[name] = {"level": level}
+        for split in splits:
+            variables[name][split] = {
+                "map": ours[split]["accuracy"][name][level],
+                "baseline_probe": theirs[split]["accuracy"][name][level],
+            }
+    return {"baseline": baseline_metrics["subject"], "splits": splits, "variables": variables}
 
 
 def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:

@@ -185,6 +185,21 @@ def decoding_section(decoding: dict[str, Any], output_variable: str, plots: list
     return text + "".join(f"\n\n![{p}]({p})" for p in plots)
 
 
+def baseline_section(comparison: dict[str, Any]) -> str:
+    """Per teacher variable, the run's map decoding beside the baseline run's post-hoc probe, split by split."""
+    splits = comparison["splits"]
+    header = ["variable", "level"] + [f"{s}: {who}" for s in splits for who in ("map", "baseline probe")]
+    rows = [
+        [name, f"L{row['level']}", *(pct(row[s][who]) for s in splits for who in ("map", "baseline_probe"))]
+        for name, row in comparison["variables"].items()
+    ]
+    return (
+        f"## Map decoding beside the baseline's probe (baseline `{comparison['baseline']['name']}`)\n\n"
+        "Each variable at the level it is written: through this run's learned map, and through the ridge probe "
+        "fitted post hoc on the baseline run.\n\n" + markdown_table(header, rows)
+    )
+
+
 def readout_section(readout: dict[str, Any]) -> str:
     """Per decoder and split, at the answer positions: subspace right, LM right, and whom the LM follows."""
     rows = [
@@ -266,6 +281,7 @@ def write_report(metrics: dict[str, Any], folder: str | Path) -> Path:
         accuracy_section(metrics["accuracy"]) + "\n\n![accuracy.png](accuracy.png)",
         language_section(metrics["language"]),
         decoding_section(metrics["decoding"], output_variable, decoding_plots),
+        *([baseline_section(metrics["baseline_comparison"])] if "baseline_comparison" in metrics else []),
         *([readout_section(metrics["readout"])] if "readout" in metrics else []),
         causal_section(metrics["causal"], "noise.png"),
         example_section(metrics["example"], output_variable),

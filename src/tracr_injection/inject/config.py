@@ -29,6 +29,10 @@ class TrainConfig:
     teacher's output variable instead of the LM's own (`losses.teacher_inside`): the later layers learn
     to read the subspace before the early layers can fill it, which they learn from the alignment alone
     meanwhile. 0 (default, the paper's method) never forces it.
+    Every `probe_every` steps (and before the first, and after the last) the run measures how strongly the
+    program is injected on small fixed batches (`inject.probing`): the map's decoding of each teacher
+    variable and the gradient norm of each loss term on the blocks up to and after the roll block, as extra
+    lines of metrics.jsonl; 0 turns it off. It never changes the trained weights.
     """
 
     task: str = "dyck"
@@ -54,6 +58,7 @@ class TrainConfig:
     roll_block: int | None = None
     roll_align: str = "answer"
     subspace_forcing_steps: int = 0
+    probe_every: int = 50
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -75,6 +80,8 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if self.subspace_forcing_steps < 0:
             raise ValueError(f"subspace_forcing_steps must be >= 0, got {self.subspace_forcing_steps}")
+        if self.probe_every < 0:
+            raise ValueError(f"probe_every must be >= 0 (0: no probes), got {self.probe_every}")
 
     @property
     def injecting(self) -> bool:
@@ -87,7 +94,7 @@ class TrainConfig:
 
     def resume_key(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint (not the budget or bookkeeping)."""
-        free = {"steps", "out", "checkpoint_every", "keep_checkpoints", "eval_examples"}
+        free = {"steps", "out", "checkpoint_every", "keep_checkpoints", "eval_examples", "probe_every"}
         return {k: v for k, v in self.to_dict().items() if k not in free}
 
     @classmethod

@@ -3,9 +3,10 @@
 In: a `TrainConfig`.  Out: a run folder with the trained LM (`model/`, a standard
 `save_pretrained` folder), the alignment map (`map/`), `manifest.json` (task, teacher hash,
 layer mapping, method, config, versions, accuracy before/after), `metrics.jsonl` (one line
-per step, appended as training goes) and `checkpoints/step-N/` (model, map, optimizer,
-scheduler, RNG states via Accelerate; the data position is the step number).  Hugging Face
-Accelerate runs the loop, so `accelerate launch` spreads it over processes, GPUs or nodes.
+per step, appended as training goes, and the probe lines of `inject.probing`, drawn in `probes.png`)
+and `checkpoints/step-N/` (model, map, optimizer, scheduler, RNG states via Accelerate; the data
+position is the step number).  Hugging Face Accelerate runs the loop, so `accelerate launch` spreads
+it over processes, GPUs or nodes.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from tracr_injection.inject.losses import (
     teacher_inside,
 )
 from tracr_injection.inject.natural_text import KLCache, build_kl_cache, text_windows, topk_kl
+from tracr_injection.inject.probing import Prober
 
 STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"
@@ -69,7 +71,7 @@ class RunParts:
     tokenizer: Any
     amap: AlignmentMap | None
     data: TaskData
-    kl_cache: KLCache
+    kl_cache: KLCache | None  # None: an analysis's objective without the KL term (`InjectionObjective.terms`)
     layer_map: list[int]
     roll_block: int | None
     output_dims: list[int]
@@ -201,6 +203,23 @@ class InjectionObjective(torch.nn.Module):
 
         With `force_subspace` the rolled output subspace holds the teacher's output (`teacher_inside`).
         """
+        terms, metrics = self.terms(batch, kl_batch, force_subspace)
+        loss = sum(terms.values())
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+    def terms(
+        self,
+        batch: dict[str, torch.Tensor],
+        kl_batch: dict[str, torch.Tensor] | None = None,
+        force_subspace: bool = False,
+    ) -> tuple[dict[str, torch.Tensor], dict]:
+        """The loss terms as they enter the step's loss (weights applied), and the step's metrics.
+
+        Keys in order: `task_ce`, `alignment` (inject: m * the summed cosine loss) and `kl` (w * KL, when
+        w > 0 and `kl_batch` is given: analyses may leave it out). Separate so that gradient norms can be
+        taken per term (`inject.probing.term_gradient_norms`); `forward` sums them.
+        """
         config, parts = self.config, self.parts
         roll = contextlib.nullcontext()
         if config.injecting:
@@ -220,8 +239,8 @@ class InjectionObjective(torch.nn.Module):
                 output_hidden_states=config.injecting,
             )  # fmt: skip
         ce = task_loss(logits_NV, target)
+        terms = {"task_ce": ce}
         metrics = {"task_ce": ce.item()}
-        loss = ce
         if config.injecting:
             align, per_level = alignment_loss(
                 self.amap,
@@ -232,16 +251,15 @@ class InjectionObjective(torch.nn.Module):
                 batch["teacher_mask"],
                 self.dim_scales_D,
             )
-            loss = loss + config.alignment_weight * align
+            terms["alignment"] = config.alignment_weight * align
             metrics["alignment"] = align.item()
             metrics["subspace_forced"] = float(force_subspace)
             metrics.update({f"alignment_L{i}": v.item() for i, v in enumerate(per_level)})
-        if config.kl_weight > 0:
+        if config.kl_weight > 0 and kl_batch is not None:
             kl = topk_kl(self.lm(input_ids=kl_batch["input_ids"]).logits, kl_batch)
-            loss = loss + config.kl_weight * kl
+            terms["kl"] = config.kl_weight * kl
             metrics["kl"] = kl.item()
-        metrics["loss"] = loss.item()
-        return loss, metrics
+        return terms, metrics
 
 
 def answers_correct(model: Any, data: TaskData, count: int, batch_size: int = 16) -> torch.Tensor:
@@ -372,6 +390,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if accelerator.is_main_process:
         truncate_metrics(metrics_file, start)
     accelerator.init_trackers("tensorboard", config=tracker_config(config))
+    prober = make_prober(config, accelerator, accelerator.unwrap_model(objective), parts, tokenizer)
+    if prober is not None and start == 0:
+        prober.record(0)
     bar = tqdm(
         total=config.steps,
         initial=start,
@@ -406,6 +427,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             raise TracrInjectionError(
                 f"Non-finite loss at step {step + 1}: {metrics}; lower the learning rates."
             )
+        if prober is not None and prober.due(step + 1):
+            prober.record(step + 1)
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             save_checkpoint(accelerator, config, step + 1)
     bar.close()
@@ -437,6 +460,18 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     accelerator.wait_for_everyone()
     return manifest
+
+
+def make_prober(
+    config: TrainConfig, accelerator: Accelerator, objective: InjectionObjective, parts: RunParts, tokenizer: Any
+) -> Prober | None:
+    """The injection-strength probes of this run (`inject.probing`), on the main process, unless turned off."""
+    if not config.probe_every or not accelerator.is_main_process:
+        return None
+    return Prober(
+        config, objective, parts.teacher, tokenizer, parts.kl_cache, Path(config.out),
+        log=lambda values, step: accelerator.log(values, step=step), autocast=accelerator.autocast,
+    )  # fmt: skip
 
 
 def tracker_config(config: TrainConfig) -> dict[str, Any]:

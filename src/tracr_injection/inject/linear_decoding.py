@@ -1,0 +1,237 @@
+"""Reading a teacher's variables off LM hidden states through a linear decoder (shared by training and evaluation).
+
+In: an LM, a split's `TaskData` built with the teacher, the layer mapping (teacher level i <-> LM
+`hidden_states[layer_map[i]]`) and a `LinearDecoder` (an injected run's `AlignmentMap`, the same at every
+level, or a per-level probe).  Out: the hidden states and teacher residuals at real positions per aligned
+level (`aligned_batches`), and per variable and level the number of positions decoded right and compared
+(`decode_counts`, `accuracy_table`).  Training logs the map's decoding with these functions
+(`inject.probing`) and `evaluate.decoding` builds its evaluation on them, so both read a variable the same
+way.
+
+The map is trained with a cosine loss, so `A h` is right only up to a positive factor per position;
+decoding is scale-invariant: a categorical variable is the argmax over its dims (no threshold), a
+numerical one is its dim divided by the mapped value of tracr's constant `one` dim (1 at every position
+of every level), snapped to the nearest value the variable can take.  The truth is the teacher's own
+residual at that level, decoded exactly by `TeacherModel.decode_variable`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
+from tracr_injection.compile.teacher import TeacherConfig, TeacherModel, TeacherVariable
+from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.lm import hidden_states
+from tracr_injection.inject.losses import AlignmentMap
+from tracr_injection.tasks.targets import TeacherTargets
+
+ONE_LABEL = "one"  # tracr's residual dim that is 1 at every position
+FALLBACK_REFERENCE = "tokens"  # one-hot at every position: its dims sum to 1 where `one` is missing
+SCALE_FLOOR = 1e-3  # a reference scale below this fraction of the mapped vector's norm decodes to None
+MAP, PROBE = "map", "probe"
+
+
+class DecodingError(TracrInjectionError, ValueError):
+    """Decoding cannot run as asked (no teacher targets, a mismatched layer map, a level too early)."""
+
+
+# ------------------------------------------------------------------------------------------ decoders
+
+
+@dataclasses.dataclass
+class LinearDecoder:
+    """Per aligned level, an affine map from LM hidden states [N, d_lm] to teacher residuals [N, d_teacher].
+
+    `kind` is "map" (an injected run's one map, the same at every level) or "probe" (ridge regression
+    per level, `ridge` holding the strength chosen at each level).
+    """
+
+    kind: str
+    weight_LTD: torch.Tensor
+    bias_LT: torch.Tensor
+    ridge: list[float] | None = None
+
+    def __call__(self, level: int, hidden_ND: torch.Tensor) -> torch.Tensor:
+        """Map hidden states of aligned level `level` into the teacher's residual space."""
+        return hidden_ND.float() @ self.weight_LTD[level].T + self.bias_LT[level]
+
+    def rows(self, dims: Sequence[int], level: int = -1) -> torch.Tensor:
+        """Its rows [K, d_lm] for teacher dims `dims` at `level` (default: the last): the subspace read."""
+        return self.weight_LTD[level][list(dims)]
+
+    @classmethod
+    def from_map(cls, amap: AlignmentMap, num_levels: int) -> LinearDecoder:
+        """An injected run's alignment map as a decoder, the same map at every level."""
+        weight_TD = amap.linear.weight.detach().float().cpu().clone()
+        bias_T = amap.linear.bias.detach().float().cpu().clone()
+        return cls(MAP, weight_TD.expand(num_levels, -1, -1), bias_T.expand(num_levels, -1))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the decoder to one safetensors file (so a run's evaluation need not refit its probe)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"weight_LTD": self.weight_LTD.contiguous(), "bias_LT": self.bias_LT.contiguous()}
+        save_file(tensors, str(path), {"kind": self.kind, "ridge": json.dumps(self.ridge)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LinearDecoder:
+        """Read a decoder written by `save`."""
+        try:
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata()
+            tensors = load_file(str(path))
+            return cls(
+                metadata["kind"], tensors["weight_LTD"], tensors["bias_LT"], json.loads(metadata["ridge"])
+            )
+        except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ArtifactError(
+                f"Cannot load a linear decoder from {path} ({err}); refit the probe."
+            ) from err
+
+
+# ----------------------------------------------------------------------------------- hidden states
+
+
+@dataclasses.dataclass
+class AlignedBatch:
+    """LM hidden states and teacher residuals at the real positions of some examples, per aligned level.
+
+    `hidden_LND[i]` is `hidden_states[layer_map[i]]` (float32) and `targets_LNT[i]` the teacher's residual
+    after i blocks, both [N real positions, width] in the same order.
+    """
+
+    hidden_LND: torch.Tensor
+    targets_LNT: torch.Tensor
+
+
+def require_targets(data: TaskData) -> TeacherTargets:
+    """The split's stored teacher targets, or a clear error when `data` was built without the teacher."""
+    if data.targets is None:
+        raise DecodingError(
+            "Decoding needs teacher targets: build the TaskData with teacher=the task's teacher."
+        )
+    return data.targets
+
+
+def aligned_batches(
+    model: Any, data: TaskData, layer_map: Sequence[int], positions: Sequence[int], batch_size: int = 16
+) -> Iterator[AlignedBatch]:
+    """Batches of examples `positions` of `data`: only the aligned hidden states, only at real positions."""
+    targets = require_targets(data)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(positions), batch_size):
+            batch = data.collate(positions[start : start + batch_size])
+            real_BP = batch["teacher_mask"] & batch["attention_mask"].bool()
+            with torch.no_grad():
+                ids_BP, mask_BP = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                states = hidden_states(model, ids_BP, mask_BP, up_to=max(layer_map))
+                hidden_LND = torch.stack([states[i][real_BP.to(device)].float().cpu() for i in layer_map])
+            final_BPT = batch["teacher_final"]
+            targets_LNT = torch.stack(
+                [targets.at_level(final_BPT, level)[real_BP] for level in range(len(layer_map))]
+            )
+            yield AlignedBatch(hidden_LND, targets_LNT)
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------- decoding
+
+
+def reference_dims(config: TeacherConfig) -> list[int]:
+    """Residual dims whose sum is 1 at every real position: tracr's `one`, else the one-hot `tokens` dims."""
+    if ONE_LABEL in config.residual_labels:
+        return [config.residual_labels.index(ONE_LABEL)]
+    names = [v.name for v in config.variables if v.encoding == "categorical"]
+    if FALLBACK_REFERENCE in names:
+        return list(config.variable(FALLBACK_REFERENCE).dims)
+    raise DecodingError(
+        f"Teacher {config.program_name!r} has neither a {ONE_LABEL!r} residual dim nor a categorical "
+        f"{FALLBACK_REFERENCE!r} variable, so numerical variables have no reference scale to decode against."
+    )
+
+
+def reference_scale(mapped_NT: torch.Tensor, reference: Sequence[int]) -> torch.Tensor:
+    """Per position, the factor scaling the mapped vector: the reference dims' sum (1 in the teacher).
+
+    NaN where it is not above `SCALE_FLOOR` times the vector's norm (tiny or negative: nothing to decode).
+    """
+    scale_N = mapped_NT[:, list(reference)].sum(-1)
+    usable_N = scale_N > SCALE_FLOOR * mapped_NT.norm(dim=-1)
+    return scale_N.masked_fill(~usable_N, math.nan)
+
+
+def decode_mapped(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: TeacherVariable) -> list[Any]:
+    """Values of `var` read off mapped vectors: argmax (categorical) or dim / scale snapped to `var.values`.
+
+    A numerical value at a position without a usable scale decodes to None.
+    """
+    part_NK = mapped_NT[:, var.dims]
+    if var.encoding == "categorical":
+        return [var.values[i] for i in part_NK.argmax(-1).tolist()]
+    value_N = part_NK[:, 0].double() / scale_N.double()
+    values_V = torch.tensor(var.values, dtype=torch.float64)
+    nearest_N = (value_N[:, None] - values_V[None, :]).abs().argmin(-1)
+    return [None if math.isnan(v) else var.values[i] for v, i in zip(value_N.tolist(), nearest_N.tolist())]
+
+
+def empty_table(config: TeacherConfig) -> dict[str, list[int | None]]:
+    """Per variable and level a zero counter, None at levels before the variable is written."""
+    return {
+        v.name: [None if level < v.level else 0 for level in range(config.num_levels)]
+        for v in config.variables
+    }
+
+
+def count_batch(
+    batch: AlignedBatch,
+    decoder: LinearDecoder,
+    teacher: TeacherModel,
+    hits: dict[str, list[int | None]],
+    totals: dict[str, list[int | None]],
+) -> None:
+    """Add one batch's correct decodes and compared positions (truth not None) per variable and level."""
+    config = teacher.config
+    reference = reference_dims(config)
+    for level in range(config.num_levels):
+        mapped_NT = decoder(level, batch.hidden_LND[level])
+        scale_N = reference_scale(mapped_NT, reference)
+        for var in config.variables:
+            if level < var.level:
+                continue
+            truth = teacher.decode_variable(batch.targets_LNT[level], var.name)
+            decoded = decode_mapped(mapped_NT, scale_N, var)
+            compared = [(d, t) for d, t in zip(decoded, truth) if t is not None]
+            hits[var.name][level] += sum(d == t for d, t in compared)
+            totals[var.name][level] += len(compared)
+
+
+def decode_counts(
+    batches: Iterable[AlignedBatch], decoder: LinearDecoder, teacher: TeacherModel
+) -> tuple[dict[str, list[int | None]], dict[str, list[int | None]]]:
+    """(correct, compared) per variable and level over `batches`; None before a variable is written."""
+    hits, totals = empty_table(teacher.config), empty_table(teacher.config)
+    for batch in batches:
+        count_batch(batch, decoder, teacher, hits, totals)
+    return hits, totals
+
+
+def accuracy_table(
+    hits: dict[str, list[int | None]], totals: dict[str, list[int | None]]
+) -> dict[str, list[float | None]]:
+    """Correct / compared per variable and level (None where not written or nothing was compared)."""
+    return {name: [None if not t else h / t for h, t in zip(hits[name], totals[name])] for name in totals}

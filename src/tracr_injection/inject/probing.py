@@ -1,0 +1,280 @@
+"""Injection strength measured during training: map decoding per teacher variable and gradient norms per loss term.
+
+In: the training objective (LM + map), its config, the task's teacher and tokenizer.  Out: every
+`probe_every` steps (and at step 0 and the last step) one extra line of metrics.jsonl, also logged to
+TensorBoard, and `probes.png` in the run folder.  A probe line holds `step` (the weights after that many
+updates), `seconds` (the probe's wall time) and keys under `probe/`:
+
+- `probe/decode/{split}/{variable}`: the map's decoding accuracy of each teacher variable at the level it is
+  written (`TeacherVariable.level`), on the real positions of a fixed batch of each split the teacher can
+  represent (the in-distribution eval split and every OOD split; `PROBE_EXAMPLES` examples, the first ones
+  evaluation's decoding draws), read exactly as `tracr-inject eval` reads it (`inject.linear_decoding`).
+  Inject runs only: a baseline has no map.
+- `probe/grad/{term}/{group}`: the gradient norm of each loss term as it enters the loss (weight included:
+  `task_ce`, `alignment`, `kl`; `InjectionObjective.terms`) on the parameters of the decoder blocks
+  `0..roll block` (`early`: everything the task loss reaches only through the injected subspace under
+  detach-and-roll, the roll block itself included) and of the blocks after it (`late`). Embeddings, the
+  final norm and the head are in neither group (SmolLM2 ties the embedding to the head). Measured under the
+  training step's own edit (detach-and-roll, subspace forcing while it lasts) on the first `batch_size`
+  examples of the in-distribution batch and the first `kl_batch_size` KL windows, so the norms are on the
+  scale gradient clipping sees. A baseline is split where an inject run would roll.
+
+A probe runs in eval mode under a forked RNG and takes gradients with `torch.autograd.grad` (nothing is
+written to `.grad`), so the same config and seed train the same weights with probes on or off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from tracr_injection.compile.teacher import TeacherModel
+from tracr_injection.inject.config import TrainConfig
+from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.linear_decoding import (
+    LinearDecoder,
+    accuracy_table,
+    aligned_batches,
+    decode_counts,
+)
+from tracr_injection.inject.lm import decoder_blocks
+from tracr_injection.inject.natural_text import KLCache
+from tracr_injection.tasks import TeacherCannotRepresentError, get_task
+
+PROBE_EXAMPLES = 32  # per split: the first examples of evaluation's seed-0 decoding draw
+PREFIX = "probe/"
+PLOT_NAME = "probes.png"
+
+
+@dataclasses.dataclass
+class ProbeData:
+    """The fixed probe batches: per split the decoding data, why other splits are skipped, and the gradient batches."""
+
+    decode: dict[str, TaskData]
+    skipped: dict[str, str]
+    gradient: dict[str, torch.Tensor]
+    kl: dict[str, torch.Tensor]
+
+
+def probe_data(
+    config: TrainConfig, tokenizer: Any, teacher: TeacherModel, kl_cache: KLCache, with_map: bool
+) -> ProbeData:
+    """Fixed batches drawn once: the eval split and every OOD split the teacher represents (teacher targets
+    computed here, cached on disk), the gradient batch from the eval split and the first KL windows."""
+    task = get_task(config.task)
+    names = [config.eval_split] + [s.name for s in task.splits if s.kind == "ood"]
+    decode, skipped = {}, {}
+    for split in names if with_map else []:
+        try:
+            decode[split] = TaskData(
+                config.task, split, tokenizer, config.model, teacher=teacher,
+                max_examples=PROBE_EXAMPLES, seed=0, progress=False,
+            )  # fmt: skip
+        except TeacherCannotRepresentError as err:
+            skipped[split] = str(err)
+    in_distribution = decode.get(config.eval_split)
+    if in_distribution is None:  # a baseline: no teacher targets needed
+        in_distribution = TaskData(
+            config.task, config.eval_split, tokenizer, config.model,
+            max_examples=PROBE_EXAMPLES, seed=0, progress=False,
+        )  # fmt: skip
+    gradient = in_distribution.collate(list(range(min(config.batch_size, len(in_distribution)))))
+    kl = kl_cache.batch(list(range(min(config.kl_batch_size, len(kl_cache)))))
+    return ProbeData(decode, skipped, gradient, kl)
+
+
+def block_groups(model: Any, roll_block: int) -> dict[str, list[torch.nn.Parameter]]:
+    """Parameters of the decoder blocks 0..`roll_block` (`early`) and of the blocks after it (`late`)."""
+    blocks = decoder_blocks(model)
+    return {
+        "early": [p for block in blocks[: roll_block + 1] for p in block.parameters()],
+        "late": [p for block in blocks[roll_block + 1 :] for p in block.parameters()],
+    }
+
+
+def term_gradient_norms(
+    terms: dict[str, torch.Tensor], groups: dict[str, list[torch.nn.Parameter]]
+) -> dict[str, dict[str, float]]:
+    """Per loss term and parameter group, the L2 norm of the term's gradient (autograd.grad: `.grad` untouched)."""
+    params = [p for group in groups.values() for p in group]
+    norms: dict[str, dict[str, float]] = {}
+    for name, term in terms.items():
+        grads = iter(torch.autograd.grad(term, params, retain_graph=True, allow_unused=True))
+        norms[name] = {}
+        for group, members in groups.items():
+            squares = [g.float().square().sum() for g in (next(grads) for _ in members) if g is not None]
+            norms[name][group] = math.sqrt(float(sum(squares))) if squares else 0.0
+    return norms
+
+
+def written_level_accuracy(
+    model: Any, decoder: LinearDecoder, teacher: TeacherModel, layer_map: list[int], data: TaskData
+) -> dict[str, float | None]:
+    """Per teacher variable, the decoder's accuracy at the level the variable is written, over `data`."""
+    batches = aligned_batches(model, data, layer_map, list(range(len(data))))
+    table = accuracy_table(*decode_counts(batches, decoder, teacher))
+    return {var.name: table[var.name][var.level] for var in teacher.config.variables}
+
+
+@contextlib.contextmanager
+def untouched(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode and a forked RNG for the block; training flag and RNG state restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        module.train(was_training)
+
+
+class Prober:
+    """Takes the probes of one run and writes them (main process only; see the module docstring)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        objective: Any,
+        teacher: TeacherModel,
+        tokenizer: Any,
+        kl_cache: KLCache,
+        out: Path,
+        log: Callable[[dict[str, float], int], None],
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ):
+        self.config, self.objective, self.teacher = config, objective, teacher
+        self.device = next(objective.parameters()).device
+        self.metrics_file, self.plot_file = out / "metrics.jsonl", out / PLOT_NAME
+        self.log, self.autocast = log, autocast
+        layer_map = objective.parts.layer_map
+        self.groups = block_groups(
+            objective.lm, layer_map[-1] if config.roll_block is None else config.roll_block
+        )
+        with untouched(objective, self.device):
+            self.data = probe_data(config, tokenizer, teacher, kl_cache, with_map=objective.amap is not None)
+
+    def due(self, step: int) -> bool:
+        """Whether a probe is taken after `step` updates: 0, every `probe_every`-th and the last."""
+        every = self.config.probe_every
+        return every > 0 and (step % every == 0 or step == self.config.steps)
+
+    def measure(self, step: int) -> dict[str, Any]:
+        """The probe record of the weights after `step` updates (see the module docstring for its keys)."""
+        began = time.perf_counter()
+        record: dict[str, Any] = {"step": step}
+        objective = self.objective
+        with untouched(objective, self.device):
+            if objective.amap is not None:
+                decoder = LinearDecoder.from_map(objective.amap, self.teacher.config.num_levels)
+                layer_map = objective.parts.layer_map
+                for split, data in self.data.decode.items():
+                    accuracy = written_level_accuracy(objective.lm, decoder, self.teacher, layer_map, data)
+                    record.update({f"{PREFIX}decode/{split}/{name}": a for name, a in accuracy.items()})
+            batch = {k: v.to(self.device) for k, v in self.data.gradient.items()}
+            kl_batch = {k: v.to(self.device) for k, v in self.data.kl.items()}
+            forced = step < self.config.subspace_forcing_steps
+            with torch.enable_grad(), self.autocast():
+                terms, _ = objective.terms(batch, kl_batch, force_subspace=forced)
+            for term, by_group in term_gradient_norms(terms, self.groups).items():
+                record.update({f"{PREFIX}grad/{term}/{group}": norm for group, norm in by_group.items()})
+        record["seconds"] = time.perf_counter() - began
+        return record
+
+    def record(self, step: int) -> dict[str, Any]:
+        """Measure after `step` updates, append the line to metrics.jsonl, log it and redraw probes.png."""
+        record = self.measure(step)
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.log({k: v for k, v in record.items() if k.startswith(PREFIX) and v is not None}, step)
+        plot_probes(
+            read_probe_lines(self.metrics_file), self.plot_file, self.data.skipped, self.config.eval_split
+        )
+        return record
+
+
+def is_probe_line(record: dict[str, Any]) -> bool:
+    """Whether a metrics.jsonl record is a probe line (not a training step's)."""
+    return any(key.startswith(PREFIX) for key in record)
+
+
+def read_probe_lines(metrics_file: Path) -> list[dict[str, Any]]:
+    """The probe lines of a run's metrics.jsonl, in order."""
+    lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    return [line for line in lines if is_probe_line(line)]
+
+
+def probe_series(records: list[dict[str, Any]], kind: str) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(split, variable) for `decode`, (term, group) for `grad` -> [(step, value)], None values left out."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key.startswith(f"{PREFIX}{kind}/") and value is not None:
+                first, second = key[len(f"{PREFIX}{kind}/") :].split("/", 1)
+                series.setdefault((first, second), []).append((record["step"], value))
+    return series
+
+
+def plot_probes(
+    records: list[dict[str, Any]], path: Path, skipped: dict[str, str], in_distribution: str
+) -> Path | None:
+    """Decoding accuracy per variable vs step (ID solid, OOD dashed) and gradient norm per term and block group
+    (log scale) in one PNG; None when there is nothing to draw."""
+    decode, grad = probe_series(records, "decode"), probe_series(records, "grad")
+    if not grad:
+        return None
+    panels = 2 if decode else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7.2 * panels, 4.2), squeeze=False)
+    if decode:
+        ax = axes[0][0]
+        variables = sorted({v for _, v in decode}, key=[v for _, v in decode].index)
+        ood = sorted({s for s, _ in decode if s != in_distribution})
+        styles = {in_distribution: "-", **{s: ("--", ":", "-.")[i % 3] for i, s in enumerate(ood)}}
+        colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variables)}
+        for (split, var), points in decode.items():
+            steps, values = zip(*points)
+            label = var if split == in_distribution else None
+            ax.plot(steps, values, styles[split], color=colors[var], marker=".", label=label)
+        for split, style in styles.items():
+            ax.plot([], [], style, color="gray", label=f"split: {split}")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("step")
+        ax.set_ylabel("map decoding accuracy (level written)")
+        note = f" (skipped: {', '.join(skipped)})" if skipped else ""
+        ax.set_title(f"decoding through the map{note}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax = axes[0][-1]
+    term_colors = {"task_ce": "tab:blue", "alignment": "tab:orange", "kl": "tab:green"}
+    for (term, group), points in grad.items():
+        positive = [
+            (step, value) for step, value in points if value > 0
+        ]  # 0: the term cannot reach the group
+        if positive:
+            steps, values = zip(*positive)
+            ax.plot(steps, values, "-" if group == "early" else "--", color=term_colors.get(term, "gray"),
+                    marker="o" if group == "early" else "x", label=f"{term}, {group} blocks")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient norm of the term")
+    ax.set_title(
+        "gradient norm per loss term (early: blocks 0..roll block; late: after; 0 not drawn)", fontsize=9
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
