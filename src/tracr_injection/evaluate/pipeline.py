@@ -59,9 +59,11 @@ def evaluate_target(
     out: str | Path | None = None,
     settings: EvalSettings | None = None,
     progress: bool = True,
+    base_model: str | None = None,
 ) -> Path:
-    """Evaluate a run folder (or a model on `task`) and write metrics.json, report.md and plots; returns the folder."""
-    subject = load_subject(target, task)
+    """Evaluate a run folder (or a model on `task`) and write metrics.json, report.md and plots; returns the folder.
+    `base_model` points a run at the model it started from when its recorded folder is not on this machine."""
+    subject = load_subject(target, task, base_model)
     folder = Path(out) if out is not None else default_out(subject)
     metrics = evaluate_subject(subject, settings or EvalSettings(), folder, progress)
     return write_metrics(metrics, folder)
@@ -75,9 +77,9 @@ def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:
     return folder
 
 
-def add_readout(run_dir: str | Path, progress: bool = True) -> Path:
+def add_readout(run_dir: str | Path, progress: bool = True, base_model: str | None = None) -> Path:
     """Add the answer readout to a run evaluated before it existed (same settings, the saved probe)."""
-    subject = load_subject(run_dir)
+    subject = load_subject(run_dir, base_model=base_model)
     folder = default_out(subject)
     path = folder / METRICS_FILE
     if not path.is_file():
