@@ -139,13 +139,13 @@ def test_comparison_is_mean_and_std_over_seeds(evaluated_runs, tmp_path):
     assert Image.open(out / "comparison.png").size[0] > 300
 
 
-def test_a_moved_run_folder_is_evaluated_anywhere_without_the_teacher_cache(tiny_model, tmp_path, monkeypatch):
+def test_a_moved_run_is_evaluated_anywhere_without_the_teacher_cache(tiny_model, tmp_path, monkeypatch):
     from typer.testing import CliRunner
     from transformers import AutoModelForCausalLM
 
     from tracr_injection.cli.main import app
 
-    here, there, elsewhere, empty_cache = (tmp_path / name for name in ("here", "there", "elsewhere", "empty"))
+    here, there, elsewhere, empty_cache = (tmp_path / n for n in ("here", "there", "elsewhere", "empty"))
     shutil.copytree(tiny_model, here / "tiny")
     monkeypatch.chdir(here)
     train(tiny_train_config("./tiny", Path("run"), "inject"), progress=False)  # the model as typed: relative
@@ -263,8 +263,8 @@ def test_reproduce_skips_finished_work_and_resumes_partial_runs(tiny_model, tmp_
 
     committed = {p: p.read_bytes() for p in sorted((tmp_path / "results").rglob("*")) if p.is_file()}
     fresh_args = ["reproduce", "--task", "dyck", "--seeds", "1", "--budget", "smoke", "--method", "baseline",
-                  "--model", tiny_model, "--runs-root", str(tmp_path / "fresh"), "--results", str(tmp_path / "results"),
-                  "--fresh"]  # fmt: skip
+                  "--model", tiny_model, "--runs-root", str(tmp_path / "fresh"),
+                  "--results", str(tmp_path / "results"), "--fresh"]  # fmt: skip
     for attempt in (1, 2):
         result = CliRunner().invoke(app, fresh_args)
         assert result.exit_code == 0, result.output

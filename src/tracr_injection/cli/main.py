@@ -340,7 +340,7 @@ def eval_command(
         False, "--add-readout", help="Only add the answer readout to a run evaluated before it existed."
     ),
     base_model: str | None = typer.Option(
-        None, help="The model a run started from, when the folder its manifest records is not on this machine."
+        None, help="The model a run started from, when the folder its manifest records is not here."
     ),
 ) -> None:
     """Evaluate a run: accuracy in and out of distribution, kept language ability, decoding, readout, causal tests."""
@@ -395,8 +395,10 @@ def reproduce_command(
     ),
     status: bool = typer.Option(False, "--status", help="Only show what is done and what is left."),
     fresh: bool = typer.Option(
-        False, "--fresh", help="Train and evaluate everything anew in a new folder RUNS_ROOT/<budget>-<time>/ "
-        "(runs and results); --results is left untouched and named as the reference to compare with.",
+        False,
+        "--fresh",
+        help="Train and evaluate everything anew in a new folder RUNS_ROOT/<budget>-<time>/ (runs and "
+        "results); --results is left untouched and named as the reference to compare with.",
     ),
 ) -> None:
     """Train and evaluate baseline and inject runs (or one method) for each seed, then compare (re-run it to

@@ -61,8 +61,8 @@ def evaluate_target(
     progress: bool = True,
     base_model: str | None = None,
 ) -> Path:
-    """Evaluate a run folder (or a model on `task`) and write metrics.json, report.md and plots; returns the folder.
-    `base_model` points a run at the model it started from when its recorded folder is not on this machine."""
+    """Evaluate a run folder (or a model on `task`) and write metrics.json, report.md and plots; returns the
+    folder.  `base_model` points a run at the model it started from when its recorded folder is not here."""
     subject = load_subject(target, task, base_model)
     folder = Path(out) if out is not None else default_out(subject)
     metrics = evaluate_subject(subject, settings or EvalSettings(), folder, progress)

@@ -19,9 +19,9 @@ from typing import Any
 
 from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.compile.teacher import TeacherModel
+from tracr_injection.hub import ModelNotFoundError, model_fingerprint, model_folder
 from tracr_injection.inject.lm import layer_mapping, load_causal_lm, num_blocks
 from tracr_injection.inject.losses import AlignmentMap
-from tracr_injection.hub import ModelNotFoundError, model_fingerprint, model_folder
 from tracr_injection.inject.trainer import MANIFEST_NAME, TEACHER_DIR
 
 PRETRAINED = "pretrained"  # the method name of an untrained model
@@ -175,7 +175,6 @@ def load_run(run_dir: Path, task: str | None = None, base_model: str | None = No
     """A finished run: its trained LM, map (inject), teacher, base model and the layer mapping it was
     trained with."""
     from tracr_injection.hub import load_tokenizer
-    from tracr_injection.tasks import get_task
 
     manifest = read_manifest(run_dir)
     if task is not None and task != manifest["task"]:

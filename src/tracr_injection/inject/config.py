@@ -94,7 +94,8 @@ class TrainConfig:
 
     def command(self) -> str:
         """The `tracr-inject train` command that trains exactly this config (defaults left out)."""
-        flags = [f"--task {self.task}", f"--method {self.method}", f"--model {self.model}", f"--seed {self.seed}"]
+        flags = [f"--task {self.task}", f"--method {self.method}", f"--model {shlex.quote(str(self.model))}"]
+        flags.append(f"--seed {self.seed}")
         spelled = {"out", "task", "method", "model", "seed"}
         defaults = TrainConfig().to_dict()
         for key, value in self.to_dict().items():
@@ -102,7 +103,7 @@ class TrainConfig:
                 flags += alignment_scale_flags(value)
             elif key not in spelled and value != defaults[key] and value is not None:
                 flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
-        return f"tracr-inject train {' '.join(flags)} --out {self.out}"
+        return f"tracr-inject train {' '.join(flags)} --out {shlex.quote(str(self.out))}"
 
     @classmethod
     def from_record(cls, values: dict[str, Any]) -> TrainConfig:

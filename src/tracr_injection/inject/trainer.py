@@ -330,9 +330,7 @@ def load_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: Path)
     try:
         state = json.loads((folder / STATE_NAME).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CorruptCheckpointError(
-            f"Checkpoint {folder} is unreadable ({err})."
-        ) from err
+        raise CorruptCheckpointError(f"Checkpoint {folder} is unreadable ({err}).") from err
     recorded, expected = TrainConfig.from_record(state.get("config", {})).resume_key(), config.resume_key()
     if recorded != expected:
         diff = {k for k, v in expected.items() if recorded[k] != v}
@@ -343,7 +341,8 @@ def load_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: Path)
     try:
         accelerator.load_state(str(folder))
     except Exception as err:  # safetensors/torch raise many types for a damaged file
-        raise CorruptCheckpointError(f"Checkpoint {folder} is corrupt ({type(err).__name__}: {err}).") from err
+        why = f"{type(err).__name__}: {err}"
+        raise CorruptCheckpointError(f"Checkpoint {folder} is corrupt ({why}).") from err
     return int(state["step"])
 
 
@@ -378,11 +377,8 @@ def resume_hint_on_failure(config: TrainConfig, show: bool) -> Iterator[None]:
         if show and not isinstance(err, TracrInjectionError):
             last = checkpoint_dirs(Path(config.out))
             start = f"its last checkpoint, {last[-1].name}" if last else "step 0 (no checkpoint yet)"
-            print(
-                f"\nTraining stopped ({type(err).__name__}); resume it from {start} with:\n  {resume_command(config)}",
-                file=sys.stderr,
-                flush=True,
-            )
+            stopped = f"Training stopped ({type(err).__name__}); resume it from {start} with:"
+            print(f"\n{stopped}\n  {resume_command(config)}", file=sys.stderr, flush=True)
         raise
 
 
@@ -464,7 +460,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             kl_batch = {k: v.to(accelerator.device) for k, v in kl_batch.items()}
             with accelerator.autocast():
-                loss, metrics = objective(batch, kl_batch, force_subspace=step < config.subspace_forcing_steps)
+                forced = step < config.subspace_forcing_steps
+                loss, metrics = objective(batch, kl_batch, force_subspace=forced)
             accelerator.backward(loss)
             metrics["grad_norm"] = float(
                 accelerator.clip_grad_norm_(objective.parameters(), config.max_grad_norm)
@@ -472,12 +469,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            metrics.update(step=step + 1, lr_lm=scheduler.get_last_lr()[0], seconds=time.perf_counter() - began)
+            seconds = time.perf_counter() - began
+            metrics.update(step=step + 1, lr_lm=scheduler.get_last_lr()[0], seconds=seconds)
             if accelerator.is_main_process:
                 with metrics_file.open("a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 accelerator.log(metrics, step=step + 1)
-                bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("task_ce", "alignment", "kl") if k in metrics})
+                shown = ("task_ce", "alignment", "kl")
+                bar.set_postfix({k: f"{metrics[k]:.3f}" for k in shown if k in metrics})
                 bar.update(1)
             if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
                 raise TracrInjectionError(
