@@ -9,12 +9,14 @@ import csv
 import json
 import shutil
 import statistics
+import warnings
 from pathlib import Path
 
 import pytest
 from conftest import save_tiny_llama
 from PIL import Image
 
+from tracr_injection.compile.compiler import artifact_dir
 from tracr_injection.evaluate.compare import CompareError, compare_runs
 from tracr_injection.evaluate.pipeline import EvalSettings, evaluate_target
 from tracr_injection.evaluate.report import pct
@@ -107,6 +109,10 @@ def test_readout_is_added_to_a_run_evaluated_before_it_existed(evaluated_runs, t
 
     run = tmp_path / "old-run"
     shutil.copytree(evaluated_runs[("inject", 0)], run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["base_model"]  # written before runs recorded the base model's folder and kept the teacher
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(run / "teacher")
     path = run / "eval" / "metrics.json"
     metrics = json.loads(path.read_text())
     expected = metrics.pop("readout")
@@ -172,6 +178,58 @@ def test_comparison_is_mean_and_std_over_seeds(evaluated_runs, tmp_path):
     assert Image.open(out / "comparison.png").size[0] > 300
 
 
+def test_a_moved_run_is_evaluated_anywhere_without_the_teacher_cache(tiny_model, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from tracr_injection.cli.main import app
+
+    here, there, elsewhere, empty_cache = (tmp_path / n for n in ("here", "there", "elsewhere", "empty"))
+    shutil.copytree(tiny_model, here / "tiny")
+    monkeypatch.chdir(here)
+    train(tiny_train_config("./tiny", Path("run"), "inject"), progress=False)  # the model as typed: relative
+    manifest = json.loads((here / "run" / "manifest.json").read_text())
+    assert manifest["model"] == "./tiny" and manifest["base_model"]["path"] == str(here / "tiny")
+    assert json.loads((here / "run" / "teacher" / "teacher.json").read_text())["program_hash"] == (
+        manifest["teacher_program_hash"]
+    )
+    cached = artifact_dir("dyck_trigger", manifest["teacher_program_hash"]) / "model.safetensors"
+    assert (here / "run" / "teacher" / "model.safetensors").samefile(cached)  # a hard link: no space used
+    evaluate_target("run", settings=SETTINGS, progress=False)
+
+    shutil.copytree(here / "run", there / "run", ignore=shutil.ignore_patterns("eval"))
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("TRACR_INJECTION_CACHE", str(empty_cache))
+    evaluate_target(there / "run", settings=SETTINGS, progress=False)
+    assert not (empty_cache / "teachers").exists()  # the run's own teacher copy, nothing compiled
+    moved, original = metrics_of(there / "run"), metrics_of(here / "run")
+    for part in ("accuracy", "language", "decoding", "readout", "causal"):
+        assert moved[part] == original[part], part
+
+    # On a machine without the base model's folder: a clear error naming --base-model, then the flag
+    (here / "tiny").rename(tmp_path / "tiny-moved")
+    with pytest.raises(RunFolderError, match=r"started from model './tiny' \(at .*here/tiny\).*--base-model"):
+        load_subject(there / "run")
+    result = CliRunner().invoke(app, ["eval", str(there / "run")])
+    assert result.exit_code == 1 and "--base-model" in result.output
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same model: no fingerprint warning
+        assert load_subject(there / "run", base_model=str(tmp_path / "tiny-moved")).base_model == str(
+            tmp_path / "tiny-moved"
+        )
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-moved")
+    for weight in other.parameters():
+        weight.data.add_(0.01)  # same config, other weights
+    other.save_pretrained(tmp_path / "other")
+    with pytest.warns(UserWarning, match="is not the model run .* was trained from"):
+        load_subject(there / "run", base_model=str(tmp_path / "other"))
+    result = CliRunner().invoke(
+        app, ["eval", str(there / "run"), "--add-readout", "--base-model", str(tmp_path / "tiny-moved")]
+    )
+    assert result.exit_code == 0, result.output
+
+
 def test_bad_input_gives_clear_errors(evaluated_runs, tmp_path, tiny_model):
     with pytest.raises(TaskMismatchError, match="trained on task 'dyck', not 'count'"):
         load_subject(evaluated_runs[("inject", 0)], task="count")
@@ -235,6 +293,28 @@ def test_reproduce_skips_finished_work_and_resumes_partial_runs(tiny_model, tmp_
               model=tiny_model, progress=False, on_run=lambda run, state: states.append(state))  # fmt: skip
     assert states == ["published", "published"] and not (tmp_path / "runs").exists()
     assert "baseline (n=1)" in (results / "comparison.md").read_text()
+
+    # --fresh (the README's main job) trains and evaluates again, each time in a new folder, and leaves the
+    # committed results alone as the reference.
+    from typer.testing import CliRunner
+
+    from tracr_injection.cli.main import app
+
+    committed = {p: p.read_bytes() for p in sorted((tmp_path / "results").rglob("*")) if p.is_file()}
+    fresh_args = ["reproduce", "--task", "dyck", "--seeds", "1", "--budget", "smoke", "--method", "baseline",
+                  "--model", tiny_model, "--runs-root", str(tmp_path / "fresh"),
+                  "--results", str(tmp_path / "results"), "--fresh"]  # fmt: skip
+    for attempt in (1, 2):
+        result = CliRunner().invoke(app, fresh_args)
+        assert result.exit_code == 0, result.output
+        assert "dyck-baseline-s0: todo" in result.output and "| metric | baseline (n=1) |" in result.output
+        assert f"Compare with the committed reference: {results / 'comparison.md'}" in result.output
+        assert len(list((tmp_path / "fresh").iterdir())) == attempt
+    for root in (tmp_path / "fresh").iterdir():
+        assert root.name.startswith("smoke-")
+        assert (root / "smoke" / "dyck-baseline-s0" / "eval" / "metrics.json").is_file()
+        assert (root / "results" / "smoke" / "comparison.md").is_file()
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "results").rglob("*")) if p.is_file()} == committed
 
     # A run published before a config field existed (at its default now) still counts as done ...
     manifest_path = runs[0].published / "manifest.json"

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 import tracr_injection.inject as inject_module
 from tracr_injection.cli.main import app
 from tracr_injection.experiments.budgets import BUDGETS, TASKS
-from tracr_injection.experiments.reproduce import plan_runs, train_command
+from tracr_injection.experiments.reproduce import plan_runs
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_recorded_train_commands_rebuild_the_planned_configs(budget, tmp_path, t
     runs = plan_runs(list(TASKS), 2, BUDGETS[budget], tmp_path / "runs", "some/model")
     runner = CliRunner()
     for run in runs:
-        args = shlex.split(train_command(run))
+        args = shlex.split(run.config.command())
         assert args[0] == "tracr-inject"
         result = runner.invoke(app, args[1:])
         assert result.exit_code == 0, result.output
@@ -79,7 +79,7 @@ def test_planned_alignment_scales_reach_the_inject_runs_and_their_recorded_comma
     runs = plan_runs(["dyck_frac"], 1, BUDGETS["cpu"], tmp_path, "m", alignment_scales={"dyck_open_frac": 5.0})
     baseline, inject = runs
     assert baseline.config.alignment_scales == {} and inject.config.alignment_scales == {"dyck_open_frac": 5.0}
-    command = train_command(inject)
+    command = inject.config.command()
     assert "--alignment-scale dyck_open_frac=5.0" in command
     result = CliRunner().invoke(app, shlex.split(command)[1:])
     assert result.exit_code == 0, result.output

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -378,6 +379,54 @@ def test_bad_checkpoints_are_clear_errors(tiny_llama, tmp_path):
         weights.write_bytes(b"not a tensor file")
     with pytest.raises(CheckpointError, match="corrupt"):
         train(tiny_config(tiny_llama, out, steps=4, checkpoint_every=2), resume=True, progress=False)
+
+
+def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(tiny_llama, tmp_path):
+    train(tiny_config(tiny_llama, tmp_path / "full", steps=6), progress=False)
+    out = tmp_path / "run"
+    train(tiny_config(tiny_llama, out, steps=5, checkpoint_every=2), progress=False)  # "killed" after step 5
+    assert [d.name for d in checkpoint_dirs(out)] == ["step-2", "step-4"]
+    for weights in (out / "checkpoints" / "step-4").glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a write cut short
+    with pytest.warns(UserWarning, match=r"(?s)step-4 is corrupt.*Resuming from step-2 instead"):
+        train(tiny_config(tiny_llama, out, steps=6, checkpoint_every=2), resume=True, progress=False)
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, 7))
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model").state_dict()
+    resumed = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    for key, value in full.items():
+        assert torch.allclose(value, resumed[key], atol=1e-6), key
+
+
+def test_an_interrupted_run_prints_the_command_that_resumes_it(tiny_llama, tmp_path, monkeypatch, capsys):
+    import tracr_injection.inject.trainer as trainer_module
+    from typer.testing import CliRunner
+
+    from tracr_injection.cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tiny_llama, "run", steps=6, checkpoint_every=2, lr_map=5e-3)
+    real_positions = trainer_module.batch_positions
+
+    def interrupt_in_step_5(step, *args):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_positions(step, *args)
+
+    monkeypatch.setattr(trainer_module, "batch_positions", interrupt_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, progress=False)
+    monkeypatch.setattr(trainer_module, "batch_positions", real_positions)
+    printed = capsys.readouterr().err
+    assert "Training stopped (KeyboardInterrupt); resume it from its last checkpoint, step-4" in printed
+    hint = printed.strip().splitlines()[-1].strip()
+    assert hint == f"cd {tmp_path} && {config.command()} --resume"
+    before = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in before] == [1, 2, 3, 4]
+    result = CliRunner().invoke(app, shlex.split(hint.split(" && ")[1])[1:])
+    assert result.exit_code == 0, result.output
+    after = read_metrics(tmp_path / "run")
+    assert after[:4] == before and [m["step"] for m in after] == list(range(1, 7))  # resumed, not restarted
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["config"] == config.to_dict()
 
 
 @pytest.mark.slow

@@ -345,13 +345,16 @@ def eval_command(
     baseline: Path | None = typer.Option(
         None, help="An evaluated baseline run: per variable, this run's map decoding beside its post-hoc probe."
     ),
+    base_model: str | None = typer.Option(
+        None, help="The model a run started from, when the folder its manifest records is not here."
+    ),
 ) -> None:
     """Evaluate a run: accuracy in and out of distribution, kept language ability, decoding, readout, causal tests."""
     from tracr_injection.evaluate.pipeline import EvalSettings, add_readout, evaluate_target
 
     if add_readout_only:
         try:
-            folder = add_readout(target)
+            folder = add_readout(target, base_model=base_model)
         except (TracrInjectionError, ValueError) as err:
             fail(str(err))
         typer.echo(folder)
@@ -361,7 +364,9 @@ def eval_command(
     if max_examples is not None:
         settings.max_examples = max_examples
     try:
-        folder = evaluate_target(target, task=task, out=out, settings=settings, baseline=baseline)
+        folder = evaluate_target(
+            target, task=task, out=out, settings=settings, baseline=baseline, base_model=base_model
+        )
     except (TracrInjectionError, ValueError) as err:
         fail(str(err))
     typer.echo((folder / "report.md").read_text())
@@ -397,18 +402,25 @@ def reproduce_command(
         None, help="VAR=FACTOR for the inject runs, as in `train` (repeatable; use its own --runs-root/--results)."
     ),
     status: bool = typer.Option(False, "--status", help="Only show what is done and what is left."),
+    fresh: bool = typer.Option(
+        False,
+        "--fresh",
+        help="Train and evaluate everything anew in a new folder RUNS_ROOT/<budget>-<time>/ (runs and "
+        "results); --results is left untouched and named as the reference to compare with.",
+    ),
 ) -> None:
     """Train and evaluate baseline and inject runs (or one method) for each seed, then compare (re-run it to
     continue)."""
     from tracr_injection.experiments.budgets import METHODS, TASKS, get_budget
     from tracr_injection.experiments.reproduce import (
         DONE_STATES,
-        alignment_scale_flags,
+        fresh_root,
         plan_runs,
         reproduce,
         run_state,
         status_rows,
     )
+    from tracr_injection.inject.config import alignment_scale_flags
     from tracr_injection.tasks import task_names
 
     tasks = list(TASKS) if task == "all" else [task]
@@ -417,8 +429,12 @@ def reproduce_command(
         fail(f"Unknown task {task!r}: use all or one of {', '.join(task_names())}")
     if not set(methods) <= set(METHODS):
         fail(f"--method must be baseline, inject or both, got {method!r}")
+    reference = results / budget / "comparison.md"
     try:
         scales = parse_alignment_scales(alignment_scale or [])
+        if fresh and not status:
+            runs_root = fresh_root(runs_root, get_budget(budget).name)
+            results = runs_root / "results"
         plan = (tasks, seeds, get_budget(budget), runs_root, model, results, methods, scales)
         if status:
             rows = status_rows(plan_runs(*plan))
@@ -432,11 +448,15 @@ def reproduce_command(
         command += "" if runs_root == Path("runs/reproduce") else f" --runs-root {runs_root}"
         command += "" if results == Path("results") else f" --results {results}"
         command += "".join(f" {flag}" for flag in alignment_scale_flags(scales))
-        folder = reproduce(
-            tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, methods=methods,
-            alignment_scales=scales, command=command,
-            on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
-        )  # fmt: skip
+        try:
+            folder = reproduce(
+                tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, methods=methods,
+                alignment_scales=scales, command=command,
+                on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            typer.echo(f"Interrupted; continue where it stopped with:\n  {command}", err=True)
+            raise typer.Exit(130) from None
     except (TracrInjectionError, ValueError) as err:
         fail(str(err))
     for run in plan_runs(*plan):
@@ -450,4 +470,6 @@ def reproduce_command(
             f"{100 * manifest[f'{split}_accuracy_after']:.1f}% after ({manifest['eval_examples']} examples)"
         )
     typer.echo((folder / "comparison.md").read_text())
+    if fresh and reference.is_file():
+        typer.echo(f"Compare with the committed reference: {reference}")
     typer.echo(folder)

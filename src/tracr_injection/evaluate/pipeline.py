@@ -69,14 +69,16 @@ def evaluate_target(
     settings: EvalSettings | None = None,
     progress: bool = True,
     baseline: str | Path | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Evaluate a run folder (or a model on `task`), write metrics.json, report.md and plots, return the folder.
 
-    With `baseline` (an evaluated baseline run of the same task and layer map), metrics.json and the report
+    `base_model` points a run at the model it started from when its recorded folder is not here.  With
+    `baseline` (an evaluated baseline run of the same task and layer map), metrics.json and the report
     also hold `baseline_comparison`: the run's map decoding beside the baseline's probe, per variable.
     """
     baseline_metrics = read_baseline_metrics(baseline, target) if baseline is not None else None
-    subject = load_subject(target, task)
+    subject = load_subject(target, task, base_model)
     folder = Path(out) if out is not None else default_out(subject)
     metrics = evaluate_subject(subject, settings or EvalSettings(), folder, progress)
     if baseline_metrics is not None:
@@ -143,9 +145,9 @@ def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:
     return folder
 
 
-def add_readout(run_dir: str | Path, progress: bool = True) -> Path:
+def add_readout(run_dir: str | Path, progress: bool = True, base_model: str | None = None) -> Path:
     """Add the answer readout to a run evaluated before it existed (same settings, the saved probe)."""
-    subject = load_subject(run_dir)
+    subject = load_subject(run_dir, base_model=base_model)
     folder = default_out(subject)
     path = folder / METRICS_FILE
     if not path.is_file():

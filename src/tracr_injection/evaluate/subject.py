@@ -1,23 +1,28 @@
 """What an evaluation looks at: a finished run folder, or a plain model evaluated untrained.
 
-In: a run folder written by `inject.trainer.train` (manifest.json, model/, map/ for inject runs)
-or a model name/folder plus the task to evaluate it on.  Out: a `Subject` holding the LM, its
-tokenizer, the alignment map (inject runs only), the layer mapping and the intervention block,
-with clear errors for an unfinished run, a run of another task, or a missing model.
+In: a run folder written by `inject.trainer.train` (manifest.json, model/, map/ for inject runs,
+teacher/) or a model name/folder plus the task to evaluate it on.  Out: a `Subject` holding the LM,
+its tokenizer, the base model's folder, the teacher, the alignment map (inject runs only), the layer
+mapping and the intervention block, with clear errors for an unfinished run, a run of another task,
+or a missing model.  A run folder is evaluated from any directory and on any machine: the base model
+is found by the absolute folder recorded in the manifest (or as typed, or `base_model` when given) and
+checked against its recorded fingerprint, and the teacher is the copy in the run folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.compile.teacher import TeacherModel
+from tracr_injection.hub import ModelNotFoundError, model_fingerprint, model_folder
 from tracr_injection.inject.lm import layer_mapping, load_causal_lm, num_blocks
 from tracr_injection.inject.losses import AlignmentMap
-from tracr_injection.inject.trainer import MANIFEST_NAME
+from tracr_injection.inject.trainer import MANIFEST_NAME, TEACHER_DIR
 
 PRETRAINED = "pretrained"  # the method name of an untrained model
 
@@ -36,7 +41,9 @@ class Subject:
 
     `layer_map[i]` is the hidden-state index aligned with teacher level i; `block` is the block whose
     output the causal tests edit (the run's detach-and-roll block, or where it would be).
-    `base_model` names the original model the run started from (the reference for kept ability).
+    `base_model` is the original model the run started from (the reference for kept ability): for a run,
+    its folder on this machine; `tokenizer_name` is the model name the run was trained with (it keys the
+    cached teacher targets).
     """
 
     name: str
@@ -66,7 +73,7 @@ class Subject:
             "name": self.name,
             "task": self.task,
             "method": self.method,
-            "base_model": self.base_model,
+            "base_model": self.manifest.get("model", self.base_model),  # as typed, not this machine's folder
             "seed": self.seed,
             "run_dir": str(self.run_dir) if self.run_dir else None,
             "layer_map": self.layer_map,
@@ -99,10 +106,15 @@ def is_run_dir(target: str | Path) -> bool:
     return path.is_dir() and not (path / "config.json").is_file()
 
 
-def load_subject(target: str | Path, task: str | None = None) -> Subject:
-    """A run folder (task from its manifest) or a model name/folder (`task` required) ready to evaluate."""
+def load_subject(target: str | Path, task: str | None = None, base_model: str | None = None) -> Subject:
+    """A run folder (task from its manifest) or a model name/folder (`task` required) ready to evaluate;
+    `base_model` points a run at the model it started from when the recorded folder is not on this machine."""
     if is_run_dir(target):
-        return load_run(Path(target), task)
+        return load_run(Path(target), task, base_model)
+    if base_model is not None:
+        raise TaskMismatchError(
+            f"{target!r} is a model, not a run folder: --base-model only applies to run folders (omit it)."
+        )
     if task is None:
         raise TaskMismatchError(
             f"{target!r} is a model, not a run folder: say which task to evaluate it on (--task dyck|count|sum|...)."
@@ -110,10 +122,59 @@ def load_subject(target: str | Path, task: str | None = None) -> Subject:
     return load_pretrained(str(target), task)
 
 
-def load_run(run_dir: Path, task: str | None = None) -> Subject:
-    """A finished run: its trained LM, map (inject) and the layer mapping it was trained with."""
-    from tracr_injection.hub import load_tokenizer
+def run_base_model(run_dir: Path, manifest: dict[str, Any], override: str | None = None) -> str:
+    """The folder of the model the run started from (`override` when given), with a warning when it is not
+    the model the run recorded (another fingerprint: kept-language metrics would compare against it)."""
+    record = manifest.get("base_model") or {"name": manifest["model"]}  # runs from before the record
+    folder = model_folder(override) if override is not None else recorded_base_model(run_dir, record)
+    recorded = record.get("fingerprint")
+    if recorded and (found := model_fingerprint(folder)) != recorded:
+        warnings.warn(
+            f"Base model {folder} is not the model run {run_dir} was trained from (fingerprint {found}, "
+            f"recorded {recorded}); kept-language metrics compare the run against it.",
+            stacklevel=2,
+        )
+    return str(folder)
+
+
+def recorded_base_model(run_dir: Path, record: dict[str, str]) -> Path:
+    """The absolute folder recorded at training if it is on this machine, else the name as typed then
+    (resolved from here: the bundled 'smollm2' on another machine, a cached hub id, a relative folder)."""
+    path = record.get("path")
+    if path and (Path(path) / "config.json").is_file():
+        return Path(path)
+    try:
+        return model_folder(record["name"])
+    except ModelNotFoundError as err:
+        where = f" (at {path})" if path else ""
+        raise RunFolderError(
+            f"Run {run_dir} started from model {record['name']!r}{where}, which is not on this machine; "
+            "pass --base-model FOLDER, the model it was trained from."
+        ) from err
+
+
+def run_teacher(run_dir: Path, manifest: dict[str, Any]) -> TeacherModel:
+    """The teacher the run was trained with: its copy in the run folder, else (runs from before the copy)
+    the task's teacher from the cache, compiled when missing, with a warning if it is another program."""
     from tracr_injection.tasks import get_task
+
+    if (run_dir / TEACHER_DIR).is_dir():
+        return TeacherModel.from_pretrained(run_dir / TEACHER_DIR)
+    teacher = get_task(manifest["task"]).teacher()
+    recorded = manifest.get("teacher_program_hash")
+    if recorded and teacher.config.program_hash != recorded:
+        warnings.warn(
+            f"Run {run_dir} was trained with teacher {recorded[:16]}, but the task's teacher is now "
+            f"{teacher.config.program_hash[:16]}; its map decodes against the new one.",
+            stacklevel=2,
+        )
+    return teacher
+
+
+def load_run(run_dir: Path, task: str | None = None, base_model: str | None = None) -> Subject:
+    """A finished run: its trained LM, map (inject), teacher, base model and the layer mapping it was
+    trained with."""
+    from tracr_injection.hub import load_tokenizer
 
     manifest = read_manifest(run_dir)
     if task is not None and task != manifest["task"]:
@@ -124,6 +185,7 @@ def load_run(run_dir: Path, task: str | None = None) -> Subject:
     model_dir = run_dir / "model"
     if not (model_dir / "config.json").is_file():
         raise RunFolderError(f"{run_dir} has a manifest but no model/ folder; the run folder is incomplete.")
+    base = run_base_model(run_dir, manifest, base_model)
     model = load_causal_lm(model_dir)
     amap = AlignmentMap.from_pretrained(run_dir / "map") if manifest["method"] == "inject" else None
     layer_map = list(manifest["layer_mapping"])
@@ -135,8 +197,8 @@ def load_run(run_dir: Path, task: str | None = None) -> Subject:
         model=model,
         tokenizer=load_tokenizer(model_dir),
         tokenizer_name=str(manifest["model"]),
-        base_model=str(manifest["model"]),
-        teacher=get_task(manifest["task"]).teacher(),
+        base_model=base,
+        teacher=run_teacher(run_dir, manifest),
         amap=amap,
         layer_map=layer_map,
         block=layer_map[-1] if block is None else int(block),

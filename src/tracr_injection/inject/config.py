@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,19 @@ class TrainConfig:
         free = {"steps", "out", "checkpoint_every", "keep_checkpoints", "eval_examples", "probe_every"}
         return {k: v for k, v in self.to_dict().items() if k not in free}
 
+    def command(self) -> str:
+        """The `tracr-inject train` command that trains exactly this config (defaults left out)."""
+        flags = [f"--task {self.task}", f"--method {self.method}", f"--model {shlex.quote(str(self.model))}"]
+        flags.append(f"--seed {self.seed}")
+        spelled = {"out", "task", "method", "model", "seed"}
+        defaults = TrainConfig().to_dict()
+        for key, value in self.to_dict().items():
+            if key == "alignment_scales":
+                flags += alignment_scale_flags(value)
+            elif key not in spelled and value != defaults[key] and value is not None:
+                flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
+        return f"tracr-inject train {' '.join(flags)} --out {shlex.quote(str(self.out))}"
+
     @classmethod
     def from_record(cls, values: dict[str, Any]) -> TrainConfig:
         """The config a manifest or checkpoint recorded; fields added since it was written take their defaults."""
@@ -114,3 +129,8 @@ class TrainConfig:
             values.update(loaded)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def alignment_scale_flags(scales: Mapping[str, float]) -> list[str]:
+    """`--alignment-scale VAR=FACTOR` per entry, as `train` and `reproduce` take them."""
+    return [f"--alignment-scale {shlex.quote(f'{name}={factor}')}" for name, factor in scales.items()]

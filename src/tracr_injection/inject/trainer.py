@@ -1,12 +1,14 @@
 """The injection training loop (and the baseline: the same loop with alignment and detach-and-roll off).
 
 In: a `TrainConfig`.  Out: a run folder with the trained LM (`model/`, a standard
-`save_pretrained` folder), the alignment map (`map/`), `manifest.json` (task, teacher hash,
-layer mapping, method, config, versions, accuracy before/after), `metrics.jsonl` (one line
-per step, appended as training goes, and the probe lines of `inject.probing`, drawn in `probes.png`)
-and `checkpoints/step-N/` (model, map, optimizer, scheduler, RNG states via Accelerate; the data
-position is the step number).  Hugging Face Accelerate runs the loop, so `accelerate launch` spreads
-it over processes, GPUs or nodes.
+`save_pretrained` folder), the alignment map (`map/`), the teacher (`teacher/`: its variable
+layout and weights, so the folder is evaluated anywhere without the teacher cache),
+`manifest.json` (task, teacher hash, the base model's absolute folder and fingerprint, layer
+mapping, method, config, versions, accuracy before/after), `metrics.jsonl` (one line per step,
+appended as training goes, and the probe lines of `inject.probing`, drawn in `probes.png`) and
+`checkpoints/step-N/` (model, map, optimizer, scheduler, RNG states via Accelerate; the data
+position is the step number).  Hugging Face Accelerate runs the loop, so `accelerate launch`
+spreads it over processes, GPUs or nodes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import shlex
 import shutil
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +34,8 @@ from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
 from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
-from tracr_injection.compile.teacher import TeacherModel
+from tracr_injection.compile.teacher import CONFIG_NAME, WEIGHTS_NAME, TeacherModel
+from tracr_injection.hub import model_fingerprint, model_folder
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData, batch_positions
 from tracr_injection.inject.lm import (
@@ -57,10 +64,15 @@ from tracr_injection.inject.probing import Prober
 STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"
 METRICS_NAME = "metrics.jsonl"
+TEACHER_DIR = "teacher"
 
 
 class CheckpointError(ArtifactError):
     """A checkpoint that is corrupt or belongs to another configuration."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files cannot be read back (a write cut short, a damaged disk)."""
 
 
 @dataclasses.dataclass
@@ -336,9 +348,7 @@ def load_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: Path)
     try:
         state = json.loads((folder / STATE_NAME).read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(
-            f"Checkpoint {folder} is unreadable ({err}); delete it to resume from an earlier one."
-        ) from err
+        raise CorruptCheckpointError(f"Checkpoint {folder} is unreadable ({err}).") from err
     recorded, expected = TrainConfig.from_record(state.get("config", {})).resume_key(), config.resume_key()
     if recorded != expected:
         diff = {k for k, v in expected.items() if recorded[k] != v}
@@ -349,8 +359,70 @@ def load_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: Path)
     try:
         accelerator.load_state(str(folder))
     except Exception as err:  # safetensors/torch raise many types for a damaged file
-        raise CheckpointError(f"Checkpoint {folder} is corrupt ({type(err).__name__}: {err}).") from err
+        why = f"{type(err).__name__}: {err}"
+        raise CorruptCheckpointError(f"Checkpoint {folder} is corrupt ({why}).") from err
     return int(state["step"])
+
+
+def load_last_good_checkpoint(accelerator: Accelerator, config: TrainConfig, out: Path) -> int:
+    """Restore the newest checkpoint that loads and return its step: a corrupt one is skipped with a warning
+    naming it (every checkpoint is a full state, so the previous one is as good a start, just earlier)."""
+    found = checkpoint_dirs(out)
+    for index in range(len(found) - 1, -1, -1):
+        try:
+            return load_checkpoint(accelerator, config, found[index])
+        except CorruptCheckpointError as err:
+            if index == 0:
+                raise CorruptCheckpointError(
+                    f"{err} No earlier checkpoint loads; delete {out / 'checkpoints'} to start the run over."
+                ) from err
+            warnings.warn(f"{err} Resuming from {found[index - 1].name} instead.", stacklevel=2)
+    raise AssertionError("unreachable: called without checkpoints")
+
+
+def resume_command(config: TrainConfig) -> str:
+    """What to run to continue this run where its last checkpoint left it (relative paths: from here)."""
+    return f"cd {shlex.quote(os.getcwd())} && {config.command()} --resume"
+
+
+@contextlib.contextmanager
+def resume_hint_on_failure(config: TrainConfig, show: bool) -> Iterator[None]:
+    """If training stops on an interruption or a crash, print the command that resumes it (then re-raise).
+    Not for our own errors (a non-finite loss): resuming would meet them again."""
+    try:
+        yield
+    except BaseException as err:
+        if show and not isinstance(err, TracrInjectionError):
+            last = checkpoint_dirs(Path(config.out))
+            start = f"its last checkpoint, {last[-1].name}" if last else "step 0 (no checkpoint yet)"
+            stopped = f"Training stopped ({type(err).__name__}); resume it from {start} with:"
+            print(f"\n{stopped}\n  {resume_command(config)}", file=sys.stderr, flush=True)
+        raise
+
+
+def base_model_record(name: str) -> dict[str, str]:
+    """The base model as typed, its absolute folder and its fingerprint: what `eval` needs to find the
+    model a run started from from any directory, and to tell whether the one it found is the same."""
+    folder = model_folder(name)
+    return {"name": str(name), "path": str(folder), "fingerprint": model_fingerprint(folder)}
+
+
+def save_teacher(teacher: TeacherModel, folder: Path) -> None:
+    """Put the teacher artifact into the run folder: hard links to the cached files when the cache is on the
+    same disk (no space used), else a copy; a teacher that is not in the cache is written afresh."""
+    from tracr_injection.compile.compiler import artifact_dir
+
+    source = artifact_dir(teacher.config.program_name, teacher.config.program_hash)
+    if not all((source / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME)):
+        teacher.save_pretrained(folder)
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            os.link(source / name, folder / name)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copy2(source / name, folder / name)
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -384,7 +456,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
     start = 0
     if resume and checkpoint_dirs(out):
-        start = load_checkpoint(accelerator, config, checkpoint_dirs(out)[-1])
+        start = load_last_good_checkpoint(accelerator, config, out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = out / METRICS_NAME
     if accelerator.is_main_process:
@@ -400,38 +472,41 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         disable=not (progress and accelerator.is_main_process),
     )
     rank, world = accelerator.process_index, accelerator.num_processes
-    for step in range(start, config.steps):
-        began = time.perf_counter()
-        batch = parts.data.collate(batch_positions(step, config.batch_size, len(parts.data), rank, world))
-        kl_rows = batch_positions(step, config.kl_batch_size, len(parts.kl_cache), rank, world)
-        kl_batch = parts.kl_cache.batch(kl_rows)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        kl_batch = {k: v.to(accelerator.device) for k, v in kl_batch.items()}
-        with accelerator.autocast():
-            loss, metrics = objective(batch, kl_batch, force_subspace=step < config.subspace_forcing_steps)
-        accelerator.backward(loss)
-        metrics["grad_norm"] = float(
-            accelerator.clip_grad_norm_(objective.parameters(), config.max_grad_norm)
-        )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics.update(step=step + 1, lr_lm=scheduler.get_last_lr()[0], seconds=time.perf_counter() - began)
-        if accelerator.is_main_process:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            accelerator.log(metrics, step=step + 1)
-            bar.set_postfix({k: f"{metrics[k]:.3f}" for k in ("task_ce", "alignment", "kl") if k in metrics})
-            bar.update(1)
-        if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
-            raise TracrInjectionError(
-                f"Non-finite loss at step {step + 1}: {metrics}; lower the learning rates."
+    with resume_hint_on_failure(config, show=accelerator.is_main_process), bar:  # the bar closes first
+        for step in range(start, config.steps):
+            began = time.perf_counter()
+            batch = parts.data.collate(batch_positions(step, config.batch_size, len(parts.data), rank, world))
+            kl_rows = batch_positions(step, config.kl_batch_size, len(parts.kl_cache), rank, world)
+            kl_batch = parts.kl_cache.batch(kl_rows)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            kl_batch = {k: v.to(accelerator.device) for k, v in kl_batch.items()}
+            with accelerator.autocast():
+                forced = step < config.subspace_forcing_steps
+                loss, metrics = objective(batch, kl_batch, force_subspace=forced)
+            accelerator.backward(loss)
+            metrics["grad_norm"] = float(
+                accelerator.clip_grad_norm_(objective.parameters(), config.max_grad_norm)
             )
-        if prober is not None and prober.due(step + 1):
-            prober.record(step + 1)
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save_checkpoint(accelerator, config, step + 1)
-    bar.close()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - began
+            metrics.update(step=step + 1, lr_lm=scheduler.get_last_lr()[0], seconds=seconds)
+            if accelerator.is_main_process:
+                with metrics_file.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                accelerator.log(metrics, step=step + 1)
+                shown = ("task_ce", "alignment", "kl")
+                bar.set_postfix({k: f"{metrics[k]:.3f}" for k in shown if k in metrics})
+                bar.update(1)
+            if not all(math.isfinite(metrics[k]) for k in ("loss", "grad_norm")):
+                raise TracrInjectionError(
+                    f"Non-finite loss at step {step + 1}: {metrics}; lower the learning rates."
+                )
+            if prober is not None and prober.due(step + 1):
+                prober.record(step + 1)
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                save_checkpoint(accelerator, config, step + 1)
     accelerator.end_training()
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(objective).lm
@@ -440,6 +515,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         "task": config.task,
         "method": config.method,
         "model": config.model,
+        "base_model": base_model_record(config.model),
         "teacher_program_hash": parts.teacher.config.program_hash,
         "layer_mapping": parts.layer_map,
         "roll_block": parts.roll_block if config.injecting else None,
@@ -457,6 +533,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         tokenizer.save_pretrained(out / "model")
         if parts.amap is not None:
             accelerator.unwrap_model(objective).amap.save_pretrained(out / "map")
+        save_teacher(parts.teacher, out / TEACHER_DIR)
         (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     accelerator.wait_for_everyone()
     return manifest
