@@ -29,9 +29,13 @@ class TrainConfig:
     teacher's output variable instead of the LM's own (`losses.teacher_inside`): the later layers learn
     to read the subspace before the early layers can fill it, which they learn from the alignment alone
     meanwhile. 0 (default, the paper's method) never forces it.
+    `teacher` names the registered program that teaches the task, one of the task's teachers
+    (`Task.teacher_program`); None (default, and what a record written before the field existed
+    means) is the task's own program.
     """
 
     task: str = "dyck"
+    teacher: str | None = None
     method: str = "inject"
     model: str = "smollm2"
     out: str = "runs/dyck-inject"
