@@ -137,6 +137,21 @@ def test_a_config_recorded_before_a_field_existed_still_matches():
     assert TrainConfig.from_record(recorded).resume_key() != TrainConfig(alignment_scales={"v": 2.0}).resume_key()
 
 
+def test_a_config_recorded_before_the_teacher_field_means_the_tasks_own_teacher():
+    recorded = TrainConfig().to_dict()
+    del recorded["teacher"]
+    config = TrainConfig.from_record(recorded)
+    assert config.teacher is None and config.resume_key() == TrainConfig().resume_key()
+    assert config.resume_key() != TrainConfig(teacher="dyck_authors_trigger").resume_key()
+
+
+def test_a_teacher_the_task_cannot_use_fails_before_anything_is_loaded(tmp_path):
+    config = TrainConfig(teacher="count_trigger", model=str(tmp_path / "absent"), out=str(tmp_path / "run"))
+    with pytest.raises(TracrInjectionError, match="Task 'dyck' cannot be taught by 'count_trigger'"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
 def test_output_projector_is_the_orthogonal_projector_onto_the_output_rows():
     torch.manual_seed(0)
     amap = AlignmentMap(8, 5)

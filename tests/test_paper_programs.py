@@ -15,7 +15,7 @@ import random
 import numpy as np
 import pytest
 from tracr.compiler import compiling
-from tracr.rasp import causal_eval
+from tracr.rasp import causal_eval, rasp
 
 from tracr_injection import compile_program
 from tracr_injection.compile.fingerprint import walk as rasp_walk
@@ -24,6 +24,7 @@ from tracr_injection.programs.registry import get_program
 from tracr_injection.programs.paper_registry import (
     count_input,
     dyck_input,
+    dyck_prompt_input,
     sum_input,
 )
 
@@ -82,6 +83,68 @@ def test_dyck_hand_written(make):
     masked = make(mask_non_trigger=True)
     assert run(masked, ["(", F, ")", T]) == [F, F, F, "yes"]
     assert run(masked, [")", "(", T]) == [F, F, "no"]
+
+
+def authors_shuffle_dyck(pairs):
+    """The authors' `shuffle_dyck` (language-model-repair, compile_model/compile_dyck.py), transcribed
+    as they wrote it (subtraction via the `-` operator, OR chains over counts and differences)."""
+    all_diffs, all_negs = [], []
+    for left, right in pairs:
+        starts = rasp.Select(rasp.tokens, rasp.tokens, lambda x, y, left=left: x == left)
+        ends = rasp.Select(rasp.tokens, rasp.tokens, lambda x, y, right=right: x == right)
+        start_counts, end_counts = rasp.SelectorWidth(starts), rasp.SelectorWidth(ends)
+        diffs = (start_counts - end_counts).named(f"{left + right}_diffs")
+        all_diffs.append(diffs)
+        negs = rasp.SelectorWidth(rasp.Select(diffs, rasp.tokens, lambda x, y: x < 0))
+        all_negs.append(negs.named(f"{left + right}_negative_counters"))
+    current_negs = all_negs[0]
+    for negs in all_negs[1:]:
+        current_negs = rasp.SequenceMap(lambda x, y: 1 if (x != 0 or y != 0) else 0, current_negs, negs)
+    current_diffs = all_diffs[0]
+    for diffs in all_diffs[1:]:
+        current_diffs = rasp.SequenceMap(lambda x, y: 1 if (x != 0 or y != 0) else 0, current_diffs, diffs)
+    result = rasp.SequenceMap(lambda x, y: x == 0 and y == 0, current_negs, current_diffs)
+    return rasp.SequenceMap(lambda x, y: x if y == "compute" else False, result, rasp.tokens)
+
+
+def named(program, name):
+    """The SOp called `name` in `program`'s graph."""
+    return next(e for e in rasp_walk(program) if e.name == name)
+
+
+@pytest.mark.parametrize("pairs", [("()",), ("()", "[]"), P.DYCK_PAIRS])
+def test_dyck_authors_matches_the_authors_program_and_the_reference(pairs):
+    """Verdict at every position equals the authors' (True -> "yes"); per-type differences and
+    negative counts equal theirs; at the trigger the verdict is the reference's."""
+    prog, theirs = P.make_dyck_authors_trigger(pairs, max_seq_len=40), authors_shuffle_dyck(pairs)
+    rng = random.Random(7)
+    cases = [dyck_input(rng, 30, pairs) for _ in range(150)]
+    cases += [dyck_prompt_input(rng, 40, pairs) for _ in range(150)]
+    for toks in cases:
+        out = run(prog, toks)
+        assert out == ["yes" if v else "no" for v in run(theirs, toks)], toks
+        assert out[-1] == P.dyck_reference(toks[:-1], pairs), toks
+        for pair in pairs:
+            stem = f"dyck_{P.PAIR_NAMES[pair]}"
+            assert run(named(prog, f"{stem}_diff"), toks) == run(named(theirs, f"{pair}_diffs"), toks)
+            negatives = run(named(prog, f"{stem}_negatives"), toks)
+            assert negatives == run(named(theirs, f"{pair}_negative_counters"), toks)
+
+
+def test_dyck_authors_hand_written():
+    prog = P.make_dyck_authors_trigger(max_seq_len=12)
+    assert run(prog, list("([)]") + [T]) == ["no"] * 4 + ["yes"]  # shuffle-Dyck allows crossing
+    assert run(prog, [F, "{", F, "[", "]", F, "}", F, T])[-1] == "yes"
+    assert run(prog, list(")(") + [T])[-1] == "no"  # balanced counts, but ")" came first
+    assert run(prog, list("([{}]") + [T])[-1] == "no"  # almost balanced: last symbol dropped
+    assert run(prog, [T]) == ["yes"]
+    tokens = ["(", ")", ")", "(", "[", F, T]
+    assert run(named(prog, "dyck_round_diff"), tokens) == [1, 0, -1, 0, 0, 0, 0]
+    assert run(named(prog, "dyck_round_negatives"), tokens) == [0, 0, 1, 1, 1, 1, 1]
+    assert run(named(prog, "dyck_square_diff"), tokens) == [0, 0, 0, 0, 1, 1, 1]
+    assert run(named(prog, "dyck_any_negative"), tokens) == [False, False, True, True, True, True, True]
+    assert run(named(prog, "dyck_any_nonzero"), tokens) == [True, False, True, False, True, True, True]
+    assert run(prog, tokens)[-1] == "no"
 
 
 @pytest.mark.parametrize("max_count", [9, 99])
@@ -166,6 +229,16 @@ def test_dyck_compiled(mask):
     inputs += [dyck_input(rng, n) for _ in range(100)]
     model = check_compiled(prog, P.dyck_vocab(), n, inputs)
     assert model.model_config.num_layers == (4 if mask else 3)
+
+
+def test_dyck_authors_compiled():
+    n = 12
+    prog = P.make_dyck_authors_trigger(max_seq_len=n)
+    rng = random.Random(8)
+    inputs = random_symbols(rng, P.dyck_vocab(), n, 100)
+    inputs += [dyck_input(rng, n) for _ in range(50)] + [dyck_prompt_input(rng, n) for _ in range(50)]
+    model = check_compiled(prog, P.dyck_vocab(), n, inputs)
+    assert model.model_config.num_layers == 11
 
 
 def test_dyck_frac_counter_is_the_share_of_openers():

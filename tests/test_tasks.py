@@ -30,6 +30,8 @@ from tracr_injection.tasks import (
     task_names,
     teacher_inputs,
 )
+from tracr_injection.programs.registry import get_program
+from tracr_injection.tasks.base import UnknownTeacherError
 from tracr_injection.tasks.bridge import describe_split, export_bridged
 from tracr_injection.tasks.targets import TeacherTargets, precompute_targets
 
@@ -61,6 +63,23 @@ def test_dyck_frac_is_dyck_with_another_teacher():
     assert frac.split_names == dyck.split_names
     for split in ("test", "almost_balanced"):
         assert [e.prompt_text for e in frac.examples(split)] == [e.prompt_text for e in dyck.examples(split)]
+
+
+def test_dyck_can_be_taught_by_the_authors_program():
+    dyck = get_task("dyck")
+    assert dyck.teacher_program() == dyck.teacher_program("dyck_trigger") == "dyck_trigger"
+    assert dyck.teacher_program("dyck_authors_trigger") == "dyck_authors_trigger"
+    with pytest.raises(UnknownTeacherError, match="'count_trigger'; its teachers: dyck_trigger, dyck_auth"):
+        dyck.teacher_program("count_trigger")
+
+
+def test_every_teacher_of_a_task_reads_the_same_symbols():
+    """Splits say what the teacher can represent from its symbols and length, so a task's other
+    teachers must read exactly the default teacher's symbols."""
+    for name in task_names():
+        task = get_task(name)
+        for program in task.teachers:
+            assert get_program(program).vocab == get_program(task.program).vocab, (name, program)
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -178,6 +178,9 @@ def data_command(
 @app.command("train")
 def train_command(
     task: str | None = typer.Option(None, help="Task name (default: dyck)."),
+    teacher: str | None = typer.Option(
+        None, help="Program that teaches the task (default: the task's own; dyck also: dyck_authors_trigger)."
+    ),
     method: str | None = typer.Option(None, help="inject (alignment + detach-and-roll) or baseline."),
     model: str | None = typer.Option(
         None, help="'smollm2' (default, offline), a local folder or a cached hub id."

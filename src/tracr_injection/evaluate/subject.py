@@ -160,7 +160,7 @@ def run_teacher(run_dir: Path, manifest: dict[str, Any]) -> TeacherModel:
 
     if (run_dir / TEACHER_DIR).is_dir():
         return TeacherModel.from_pretrained(run_dir / TEACHER_DIR)
-    teacher = get_task(manifest["task"]).teacher()
+    teacher = get_task(manifest["task"]).teacher(manifest.get("config", {}).get("teacher"))
     recorded = manifest.get("teacher_program_hash")
     if recorded and teacher.config.program_hash != recorded:
         warnings.warn(

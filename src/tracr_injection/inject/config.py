@@ -35,9 +35,13 @@ class TrainConfig:
     program is injected on small fixed batches (`inject.probing`): the map's decoding of each teacher
     variable and the gradient norm of each loss term on the blocks up to and after the roll block, as extra
     lines of metrics.jsonl; 0 turns it off. It never changes the trained weights.
+    `teacher` names the registered program that teaches the task, one of the task's teachers
+    (`Task.teacher_program`); None (default, and what a record written before the field existed
+    means) is the task's own program.
     """
 
     task: str = "dyck"
+    teacher: str | None = None
     method: str = "inject"
     model: str = "smollm2"
     out: str = "runs/dyck-inject"

@@ -97,7 +97,7 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
     from tracr_injection.tasks import get_task
 
     task = get_task(config.task)
-    teacher = task.teacher()
+    teacher = task.teacher(config.teacher)
     dim_scales = alignment_dim_scales(teacher.config, config.alignment_scales)
     levels = teacher.config.num_levels
     layer_map = layer_mapping(levels, num_blocks(model), config.layer_strategy)
@@ -427,6 +427,9 @@ def save_teacher(teacher: TeacherModel, folder: Path) -> None:
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) one training run; returns the manifest."""
+    from tracr_injection.tasks import get_task
+
+    get_task(config.task).teacher_program(config.teacher)  # a teacher the task cannot use fails first
     out = Path(config.out)
     if not resume and checkpoint_dirs(out):
         raise TracrInjectionError(
@@ -516,6 +519,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         "method": config.method,
         "model": config.model,
         "base_model": base_model_record(config.model),
+        "teacher_program": parts.teacher.config.program_name,
         "teacher_program_hash": parts.teacher.config.program_hash,
         "layer_mapping": parts.layer_map,
         "roll_block": parts.roll_block if config.injecting else None,

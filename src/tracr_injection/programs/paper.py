@@ -62,6 +62,7 @@ __all__ = [
     "sum_vocab",
     "make_dyck_trigger",
     "make_dyck_frac_trigger",
+    "make_dyck_authors_trigger",
     "make_count_trigger",
     "make_sum_trigger",
     "dyck_reference",
@@ -272,6 +273,99 @@ def make_dyck_frac_trigger(pairs: Sequence[str] = DYCK_PAIRS, mask_non_trigger: 
         lambda s, t: (t in closers and s == "lt") or (t == TRIGGER and s == "gt"), share, rasp.tokens
     ).named("dyck_bad")
     return _dyck_verdict(bad, closers, mask_non_trigger)
+
+
+PAIR_NAMES = {"()": "round", "[]": "square", "{}": "curly", "<>": "angle"}
+"""Readable variable-name stems of the bracket types (other pairs are named by position)."""
+
+
+def make_dyck_authors_trigger(pairs: Sequence[str] = DYCK_PAIRS, max_seq_len: int = 112) -> rasp.SOp:
+    """Shuffle-Dyck-k recogniser built as the paper's authors built theirs: per-type differences.
+
+    Follows ``shuffle_dyck`` in ``compile_model/compile_dyck.py`` of
+    github.com/tvergara/language-model-repair (commit 6b1983f): for every bracket type a categorical
+    count of its openers and of its closers so far, their difference, and a count of the positions so
+    far where that difference was negative; then "some type has a negative count > 0" and "some type
+    has a difference != 0", and the verdict "neither", kept only at the trigger.  Unlike
+    :func:`make_dyck_trigger` (total opener and closer counts), the verdict on an almost-balanced
+    string rests on per-type differences of 0 or 1, values a model trained on short strings has seen.
+
+    Output ``dyck_verdict`` (categorical): ``"yes"`` at a ``TRIGGER`` whose preceding brackets are
+    shuffle-balanced, ``"no"`` at every other position (the authors' ``False``).
+
+    Variables (``{t}`` = the type's stem, e.g. ``round`` for ``()``; N = ``max_seq_len``):
+
+    * ``dyck_{t}_opens`` / ``dyck_{t}_closes`` (SelectorWidth, 0..N): openers / closers of the
+      type so far (the authors' ``start_counts`` / ``end_counts``).
+    * ``dyck_{t}_opens_num`` / ``dyck_{t}_closes_num`` (numerical): the same counts times
+      ``2**-b`` (the smallest power of two with ``2**b > N``); ``dyck_{t}_diff_num`` (numerical,
+      linear): their difference, in (-1, 1).
+    * ``dyck_{t}_diff`` (categorical, -N..N): openers minus closers (the authors' ``diffs``).
+    * ``dyck_{t}_below`` / ``dyck_{t}_nonzero`` (bool): difference < 0 / != 0 here.
+    * ``dyck_{t}_negatives`` (SelectorWidth, 0..N): positions so far where the difference was
+      negative (the authors' ``negative_counters``); ``dyck_{t}_negative`` (bool): that count > 0.
+    * ``dyck_any_negative`` / ``dyck_any_nonzero`` (bool): over the types (``..._{k}``: over the
+      first k+1 types); the authors' ``aggregated_negatives`` / ``aggregated_diffs``.
+    * ``dyck_balanced`` (bool): neither (the authors' ``unfiltered_result``).
+
+    Departures that keep the model small at the task's N=112 (tracr pads every layer's MLP to the
+    widest and every head to the widest key space); the first three cost 2, 1 and 1 blocks:
+
+    * The authors subtract the categorical counts with a categorical SequenceMap, (N+1)**2 hidden
+      units per type (~38k in one layer, padded into every layer: about 1e9 parameters at N=112,
+      estimated).  Here the counts are copied to numerical scalars, subtracted linearly and made
+      categorical again (2 units per value).  The
+      power-of-two scale makes every difference exact in float32 and keeps tracr's discretising MLP
+      (slope ``mlp_exactness``) far from float32's limits.
+    * The negative counter selects on ``dyck_{t}_below`` instead of on the difference itself (a
+      key space of 2, not 2N+1: the wider one made the model three times larger).
+    * The flags are Maps before the ORs: the authors' first OR is a SequenceMap over two counts
+      ((N+1)**2 units) or two differences ((2N+1)**2 units).
+    * The verdict is ``"yes"``/``"no"`` instead of True/False, as :func:`make_dyck_trigger`'s.
+
+    Depth: 11 blocks (the authors' at N=40: 7).  At N=40: residual width 711 (theirs: 684).
+    """
+    pairs = _check_pairs(pairs)
+    scale = 2.0 ** -max(1, max_seq_len).bit_length()
+    negatives, nonzero = [], []
+    for i, (opener, closer) in enumerate(pairs):
+        stem = f"dyck_{PAIR_NAMES.get(opener + closer, f'pair{i}')}"
+        opens = _count_of(opener, f"{stem}_opens")
+        closes = _count_of(closer, f"{stem}_closes")
+        opens_num = rasp.numerical(rasp.Map(lambda k: k * scale, opens)).named(f"{stem}_opens_num")
+        closes_num = rasp.numerical(rasp.Map(lambda k: k * scale, closes)).named(f"{stem}_closes_num")
+        diff_num = rasp.numerical(rasp.LinearSequenceMap(opens_num, closes_num, 1, -1))
+        diff_num = diff_num.named(f"{stem}_diff_num")
+        diff = rasp.categorical(rasp.Map(lambda x: round(x / scale), diff_num)).named(f"{stem}_diff")
+        # simplify=False: rasp.Map would fold a Map of a Map into one Map of diff_num, which drops
+        # the categorical difference from the model.
+        below = rasp.Map(lambda d: d < 0, diff, simplify=False).named(f"{stem}_below")
+        negative_select = rasp.Select(below, rasp.tokens, lambda k, q: k).named(f"{stem}_negatives_select")
+        negative_count = rasp.SelectorWidth(negative_select).named(f"{stem}_negatives")
+        negatives.append(rasp.Map(lambda n: n > 0, negative_count).named(f"{stem}_negative"))
+        nonzero.append(rasp.Map(lambda d: d != 0, diff, simplify=False).named(f"{stem}_nonzero"))
+    any_negative = _any(negatives, "dyck_any_negative")
+    any_nonzero = _any(nonzero, "dyck_any_nonzero")
+    balanced = rasp.SequenceMap(lambda n, z: not n and not z, any_negative, any_nonzero)
+    balanced = balanced.named("dyck_balanced")
+    return rasp.SequenceMap(lambda b, t: "yes" if b and t == TRIGGER else "no", balanced, rasp.tokens).named(
+        "dyck_verdict"
+    )
+
+
+def _count_of(symbol: str, name: str) -> rasp.SOp:
+    """Categorical count of ``symbol`` at or before each position (causal ``SelectorWidth``)."""
+    select = rasp.Select(rasp.tokens, rasp.tokens, lambda k, q: k == symbol).named(f"{name}_select")
+    return rasp.SelectorWidth(select).named(name)
+
+
+def _any(flags: list[rasp.SOp], name: str) -> rasp.SOp:
+    """OR of boolean SOps folded left with SequenceMaps (intermediates ``{name}_{k}``, the last ``name``)."""
+    out = flags[0]
+    for k, flag in enumerate(flags[1:], start=1):
+        label = name if k == len(flags) - 1 else f"{name}_{k}"
+        out = rasp.SequenceMap(lambda a, b: a or b, out, flag).named(label)
+    return out
 
 
 def dyck_reference(tokens: Sequence[str], pairs: Sequence[str] = DYCK_PAIRS) -> str:

@@ -55,6 +55,22 @@ def dyck_input(rng: random.Random, max_len: int, pairs: tuple[str, ...] = paper.
             return tokens
 
 
+def dyck_prompt_input(
+    rng: random.Random, max_len: int, pairs: tuple[str, ...] = paper.DYCK_PAIRS
+) -> list[str]:
+    """Shaped like a bridged task prompt, at most `max_len` long: fillers, a random, balanced or
+    almost-balanced (balanced, last symbol dropped) bracket string of any length that fits, fillers,
+    the trigger."""
+    while True:
+        head, tail = [F] * rng.randint(0, 10), [F] * rng.randint(0, 3)
+        room = max_len - len(head) - len(tail) - 1
+        kind = rng.choice(["random", "balanced", "almost_balanced"])
+        body = dyck_string(rng, pairs, rng.randint(0, max(0, room)), kind != "random")
+        body = body[:-1] if kind == "almost_balanced" else body
+        if len(body) <= room:
+            return head + body + tail + [T]
+
+
 def count_input(rng: random.Random, max_len: int, max_count: int) -> list[str]:
     """x/y/filler string, trigger, the answer digits (sometimes cut short)."""
     while True:
@@ -77,27 +93,46 @@ def sum_input(rng: random.Random, max_len: int, max_digits: int) -> list[str]:
 
 SUM_DIGITS = 3
 
-def dyck_spec(name: str, make: Callable[[], Any], description: str) -> ProgramSpec:
-    """A Shuffle-Dyck recogniser over ()[]{} (built by `make`), validated on task-shaped inputs too."""
+def dyck_spec(
+    name: str,
+    build: Callable[[int], Any],
+    description: str,
+    max_seq_len: int = 40,
+    sampler: Callable[[random.Random, int], list[str]] = dyck_input,
+) -> ProgramSpec:
+    """A Shuffle-Dyck recogniser over ()[]{} (`build(max_seq_len)`), validated on task-shaped inputs too."""
     return ProgramSpec(
         name=name,
-        build=lambda n: make(),
+        build=build,
         vocab=frozenset(paper.dyck_vocab()),
-        max_seq_len=40,
+        max_seq_len=max_seq_len,
         causal=True,
         description=description,
-        sample_inputs=lambda n, count, rng: [dyck_input(rng, n) for _ in range(count)],
+        sample_inputs=lambda n, count, rng: [sampler(rng, n) for _ in range(count)],
     )
 
 
 register(
-    dyck_spec("dyck_trigger", paper.make_dyck_trigger, "Shuffle-Dyck over ()[]{}: yes/no at the trigger (paper task 1)")
+    dyck_spec(
+        "dyck_trigger",
+        lambda n: paper.make_dyck_trigger(),
+        "Shuffle-Dyck over ()[]{}: yes/no at the trigger (paper task 1)",
+    )
 )
 register(
     dyck_spec(
         "dyck_frac_trigger",
-        paper.make_dyck_frac_trigger,
+        lambda n: paper.make_dyck_frac_trigger(),
         "Shuffle-Dyck over ()[]{} with a numerical counter (share of openers): yes/no at the trigger",
+    )
+)
+register(
+    dyck_spec(
+        "dyck_authors_trigger",
+        lambda n: paper.make_dyck_authors_trigger(max_seq_len=n),
+        "Shuffle-Dyck over ()[]{} as the authors built it (per-type differences): yes/no at the trigger",
+        max_seq_len=112,
+        sampler=lambda rng, n: dyck_input(rng, n) if rng.random() < 0.5 else dyck_prompt_input(rng, n),
     )
 )
 register(

@@ -23,6 +23,10 @@ class UnknownSplitError(TracrInjectionError):
     """A split name the task does not define."""
 
 
+class UnknownTeacherError(TracrInjectionError, ValueError):
+    """A program that is not one of the task's teachers."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Segment:
     """A piece of prompt or answer text.
@@ -125,9 +129,10 @@ class SplitSpec:
 class Task:
     """A task: program, prompt format (inside the samplers), splits and answer conventions.
 
-    `program` names a registered program compiled at `teacher_max_len`; `end_output` is the
-    program output expected where the LM must predict the end-of-sequence token after the
-    answer (None: not checked).
+    `program` names a registered program compiled at `teacher_max_len` (the default teacher);
+    `teachers` names other registered programs that can teach the task instead (same symbols, same
+    outputs at the answer positions); `end_output` is the program output expected where the LM must
+    predict the end-of-sequence token after the answer (None: not checked).
     """
 
     name: str
@@ -137,6 +142,7 @@ class Task:
     splits: list[SplitSpec]
     end_output: str | None = None
     append_eos: bool = True
+    teachers: tuple[str, ...] = ()
     _cache: dict[str, list[Example]] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -174,11 +180,23 @@ class Task:
             self._cache[split] = spec.generate(exclude)
         return self._cache[split]
 
-    def teacher(self, **compile_kwargs: Any) -> Any:
-        """The compiled teacher of this task's program (cached on disk after the first compile)."""
+    def teacher_program(self, program: str | None = None) -> str:
+        """The program that teaches this task: `program` if it is one of the task's teachers, the
+        default (`self.program`) for None."""
+        if program is None or program == self.program:
+            return self.program
+        if program not in self.teachers:
+            raise UnknownTeacherError(
+                f"Task {self.name!r} cannot be taught by {program!r}; its teachers: "
+                f"{', '.join((self.program, *self.teachers))} (the first is the default)."
+            )
+        return program
+
+    def teacher(self, program: str | None = None, **compile_kwargs: Any) -> Any:
+        """The compiled teacher (`teacher_program(program)`; cached on disk after the first compile)."""
         from tracr_injection.programs.registry import get_program
 
-        return get_program(self.program).compile(self.teacher_max_len, **compile_kwargs)
+        return get_program(self.teacher_program(program)).compile(self.teacher_max_len, **compile_kwargs)
 
 
 def export_jsonl(examples: Iterable[Example], path: str | Path) -> Path:

@@ -5,7 +5,10 @@ lengths 5-30, half uniform random strings, half random shuffle-balanced strings.
 `almost_balanced` (a balanced string of length 16-90 with its last symbol dropped: always
 no), `new_token` (a fourth pair `<>` appears: outside the program's vocabulary), `length`
 (lengths 31-90).  `dyck_frac` is the same task (same prompts and splits) taught by the teacher
-whose counter is numerical (`programs.paper.make_dyck_frac_trigger`).
+whose counter is numerical (`programs.paper.make_dyck_frac_trigger`).  `dyck` can also be taught by
+`dyck_authors_trigger` (`TrainConfig.teacher`, `tracr-inject train --teacher`), the authors' teacher
+built on per-type differences (`programs.paper.make_dyck_authors_trigger`); it has the same symbols,
+so the same splits are within its reach.
 """
 
 from __future__ import annotations
@@ -59,11 +62,13 @@ def with_new_token(rng: random.Random) -> Example:
 
 TRAIN_LENGTHS = (5, 30)
 
-def dyck_task(name: str, program: str, description: str) -> Task:
-    """The Shuffle-Dyck task (prompts, splits, seeds) taught with the teacher compiled from `program`."""
+def dyck_task(name: str, program: str, description: str, teachers: tuple[str, ...] = ()) -> Task:
+    """The Shuffle-Dyck task (prompts, splits, seeds) taught with the teacher compiled from `program`
+    (or one of `teachers`)."""
     return Task(
         name=name,
         program=program,
+        teachers=teachers,
         teacher_max_len=112,
         description=description,
         splits=[
@@ -110,7 +115,14 @@ def dyck_task(name: str, program: str, description: str) -> Task:
     )
 
 
-register_task(dyck_task("dyck", "dyck_trigger", "Shuffle-Dyck over ()[]{}: yes/no (paper task 1)"))
+register_task(
+    dyck_task(
+        "dyck",
+        "dyck_trigger",
+        "Shuffle-Dyck over ()[]{}: yes/no (paper task 1)",
+        teachers=("dyck_authors_trigger",),
+    )
+)
 register_task(
     dyck_task(
         "dyck_frac",
