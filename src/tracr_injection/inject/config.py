@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import yaml
 METHODS = ("inject", "baseline")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ROLL_ALIGN = ("answer", "position")
+KL_REDUCTIONS = ("token_mean", "window_sum")
 
 
 @dataclasses.dataclass
@@ -29,6 +31,10 @@ class TrainConfig:
     teacher's output variable instead of the LM's own (`losses.teacher_inside`): the later layers learn
     to read the subspace before the early layers can fill it, which they learn from the alignment alone
     meanwhile. 0 (default, the paper's method) never forces it.
+    `max_grad_norm` clips the gradient norm; 0 turns clipping off (the authors' setting; the norm is
+    still logged).  `kl_reduction` weighs the KL term: `"token_mean"` (default) averages it over every
+    natural-text token, `"window_sum"` sums it over each window's tokens and averages over windows, as
+    the authors' `kl_div(..., reduction="batchmean")` does (`kl_window_len` times the token mean).
     """
 
     task: str = "dyck"
@@ -45,6 +51,7 @@ class TrainConfig:
     alignment_weight: float = 1.0
     alignment_scales: dict[str, float] = dataclasses.field(default_factory=dict)
     kl_weight: float = 1.0
+    kl_reduction: str = "token_mean"
     kl_source: str = "self"
     kl_windows: int = 256
     kl_window_len: int = 30
@@ -71,6 +78,10 @@ class TrainConfig:
             raise ValueError(
                 f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
             )
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
         if self.subspace_forcing_steps < 0:
@@ -80,6 +91,11 @@ class TrainConfig:
     def injecting(self) -> bool:
         """Whether the alignment term and detach-and-roll are on."""
         return self.method == "inject"
+
+    @property
+    def clip_norm(self) -> float:
+        """The norm gradients are clipped to: `max_grad_norm`, or infinity (no clipping) when it is 0."""
+        return self.max_grad_norm if self.max_grad_norm > 0 else math.inf
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for the manifest and checkpoints)."""
