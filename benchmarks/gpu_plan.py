@@ -506,9 +506,8 @@ def print_schedule(plan: dict[str, Any], sizes: dict[str, Any]) -> None:
     print(
         f"GPU plan ({'smoke' if plan['smoke'] else 'full budget'}): {len(runs)} runs at once: {', '.join(runs)}"
     )
-    print(
-        f"  steps per run: {plan['steps_per_run']} of {plan['full_budget_steps']} (the rest does not fit one call)"
-    )
+    cut = " (the rest does not fit one call)" if plan["steps_per_run"] < plan["full_budget_steps"] else ""
+    print(f"  steps per run: {plan['steps_per_run']} of {plan['full_budget_steps']}{cut}")
     for key in ("estimated_step_s", "estimated_train_s", "training_window_s", "full_budget_estimated_s"):
         if key in plan:
             print(f"  {key}: {plan[key]}")
@@ -524,6 +523,10 @@ def run(args: argparse.Namespace) -> None:
     print_schedule(plan, sizes)
     if args.dry_run:
         return
+    if not args.smoke and device_name() == "cpu":
+        raise SystemExit(
+            "error: no CUDA device here: `run` is for the GPU; use --dry-run or --smoke on a CPU."
+        )
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-plan-"))
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TRACR_INJECTION_CACHE", str(work / "cache"))  # the teacher every run shares
