@@ -194,6 +194,9 @@ def train_command(
         None, help="VAR=FACTOR: stretch a teacher variable's dims in the alignment cosine (repeatable)."
     ),
     kl_weight: float | None = typer.Option(None, help="Weight of the KL term on natural text."),
+    kl_reduction: str | None = typer.Option(
+        None, help="token_mean (default: KL averaged over tokens) or window_sum (the authors' sum per window)."
+    ),
     warmup_steps: int | None = typer.Option(None, help="Linear learning-rate warm-up steps."),
     layer_strategy: str | None = typer.Option(
         None, help="Teacher level -> LM hidden state: identity (level i <-> hidden state i) or strided."
@@ -215,7 +218,7 @@ def train_command(
     ),
     mixed_precision: str | None = typer.Option(None, help="no, bf16 or fp16 (where the device supports it)."),
     weight_decay: float | None = typer.Option(None, help="AdamW weight decay."),
-    max_grad_norm: float | None = typer.Option(None, help="Gradient-norm clipping."),
+    max_grad_norm: float | None = typer.Option(None, help="Gradient-norm clipping (0: off)."),
     kl_windows: int | None = typer.Option(None, help="Natural-text windows in the KL cache."),
     kl_window_len: int | None = typer.Option(None, help="Tokens per natural-text window."),
     kl_batch_size: int | None = typer.Option(None, help="Natural-text windows per step."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 METHODS = ("inject", "baseline")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ROLL_ALIGN = ("answer", "position")
+KL_REDUCTIONS = ("token_mean", "window_sum")
 
 
 @dataclasses.dataclass
@@ -38,6 +40,10 @@ class TrainConfig:
     `teacher` names the registered program that teaches the task, one of the task's teachers
     (`Task.teacher_program`); None (default, and what a record written before the field existed
     means) is the task's own program.
+    `max_grad_norm` clips the gradient norm; 0 turns clipping off (the authors' setting; the norm is
+    still logged).  `kl_reduction` weighs the KL term: `"token_mean"` (default) averages it over every
+    natural-text token, `"window_sum"` sums it over each window's tokens and averages over windows, as
+    the authors' `kl_div(..., reduction="batchmean")` does (`kl_window_len` times the token mean).
     """
 
     task: str = "dyck"
@@ -55,6 +61,7 @@ class TrainConfig:
     alignment_weight: float = 1.0
     alignment_scales: dict[str, float] = dataclasses.field(default_factory=dict)
     kl_weight: float = 1.0
+    kl_reduction: str = "token_mean"
     kl_source: str = "self"
     kl_windows: int = 256
     kl_window_len: int = 30
@@ -82,6 +89,10 @@ class TrainConfig:
             raise ValueError(
                 f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
             )
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
         if self.subspace_forcing_steps < 0:
@@ -93,6 +104,11 @@ class TrainConfig:
     def injecting(self) -> bool:
         """Whether the alignment term and detach-and-roll are on."""
         return self.method == "inject"
+
+    @property
+    def clip_norm(self) -> float:
+        """The norm gradients are clipped to: `max_grad_norm`, or infinity (no clipping) when it is 0."""
+        return self.max_grad_norm if self.max_grad_norm > 0 else math.inf
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for the manifest and checkpoints)."""

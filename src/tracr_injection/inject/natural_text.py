@@ -514,8 +514,12 @@ def topk_of_logits(logits_BTV: torch.Tensor, top_k: int) -> tuple[torch.Tensor, 
 # --------------------------------------------------------------------------------------------------
 
 
-def topk_kl(student_logits_BTV: torch.Tensor, cache_batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """KL(original ‖ student) over the original's top-k tokens plus one tail bucket, mean over positions.
+def topk_kl(
+    student_logits_BTV: torch.Tensor, cache_batch: dict[str, torch.Tensor], reduction: str = "token_mean"
+) -> torch.Tensor:
+    """KL(original ‖ student) over the original's top-k tokens plus one tail bucket, mean over positions
+    (`reduction="token_mean"`) or summed over each window's T positions and averaged over windows
+    (`"window_sum"`, the authors' `batchmean`: T times the token mean).
 
     A lower bound of the exact KL (merging tokens can only lower it), exact at k = V; differentiable
     in the student logits.
@@ -526,7 +530,12 @@ def topk_kl(student_logits_BTV: torch.Tensor, cache_batch: dict[str, torch.Tenso
     log_q_tail_BT = logq_BTV.scatter(-1, ids_BTK, MASKED_LOGIT).logsumexp(dim=-1)
     head_BT = _plogp_ratio(logp_BTK, logq_BTK).sum(dim=-1)
     tail_BT = _plogp_ratio(log_tail_BT, log_q_tail_BT)
-    return (head_BT + tail_BT).mean()
+    kl_BT = head_BT + tail_BT
+    if reduction == "window_sum":
+        return kl_BT.sum(dim=-1).mean()
+    if reduction != "token_mean":
+        raise ValueError(f"reduction must be token_mean or window_sum, got {reduction!r}")
+    return kl_BT.mean()
 
 
 def _cache_tensors_for(

@@ -268,7 +268,7 @@ class InjectionObjective(torch.nn.Module):
             metrics["subspace_forced"] = float(force_subspace)
             metrics.update({f"alignment_L{i}": v.item() for i, v in enumerate(per_level)})
         if config.kl_weight > 0 and kl_batch is not None:
-            kl = topk_kl(self.lm(input_ids=kl_batch["input_ids"]).logits, kl_batch)
+            kl = topk_kl(self.lm(input_ids=kl_batch["input_ids"]).logits, kl_batch, config.kl_reduction)
             terms["kl"] = config.kl_weight * kl
             metrics["kl"] = kl.item()
         return terms, metrics
@@ -488,7 +488,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 loss, metrics = objective(batch, kl_batch, force_subspace=forced)
             accelerator.backward(loss)
             metrics["grad_norm"] = float(
-                accelerator.clip_grad_norm_(objective.parameters(), config.max_grad_norm)
+                accelerator.clip_grad_norm_(objective.parameters(), config.clip_norm)
             )
             optimizer.step()
             scheduler.step()
