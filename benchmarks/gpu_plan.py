@@ -456,10 +456,13 @@ def run_summary(run: Any, process: dict[str, Any]) -> dict[str, Any]:
     """A run's steps trained, measured seconds per step and the accuracy its manifest recorded."""
     from statistics import median
 
+    from tracr_injection.inject.probing import is_probe_line
+
     lines = (
         (run.out / "metrics.jsonl").read_text().splitlines() if (run.out / "metrics.jsonl").is_file() else []
     )
-    seconds = [json.loads(line)["seconds"] for line in lines if line]
+    records = [json.loads(line) for line in lines if line]
+    seconds = [record["seconds"] for record in records if not is_probe_line(record)]
     manifest = (
         json.loads((run.out / "manifest.json").read_text()) if (run.out / "manifest.json").is_file() else {}
     )
