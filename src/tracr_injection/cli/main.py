@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import typer
@@ -47,7 +47,7 @@ console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # soft wrap: the message stays one line however long
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print `error: message` as one line on stderr and exit with status 1."""
     errors.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(1)

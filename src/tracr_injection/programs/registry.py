@@ -48,11 +48,11 @@ class ProgramSpec:
 
     def compile(self, max_seq_len: int | None = None, **kwargs: Any) -> Any:
         """Compile (or load from cache) this program's teacher; see `compile_program`."""
-        from tracr_injection.compile.compiler import compile_program
-
         length = self.max_seq_len if max_seq_len is None else max_seq_len
         if length < 1:
             raise ValueError(f"max_seq_len (--max-len) must be >= 1, got {length}.")
+        from tracr_injection.compile.compiler import compile_program
+
         kwargs.setdefault(
             "validation_inputs",
             self.validation_inputs(length, count=256 if not self.uniform_random_inputs else 64),
