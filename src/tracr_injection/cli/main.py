@@ -1,4 +1,9 @@
-"""`tracr-inject`: compile and inspect teachers from the command line."""
+"""`tracr-inject`: compile and inspect teachers, train, evaluate and compare runs from the command line.
+
+Every error caused by the user's input (an error of this package, a bad value, an unknown program or
+task name) is one `error: ...` line on stderr and exit status 1 (`UserErrorGroup`); anything else is
+a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,38 +12,52 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from tracr_injection.compile.errors import TracrInjectionError
 from tracr_injection.compile.teacher import TeacherModel
+from tracr_injection.programs.registry import UnknownNameError
+
+USER_ERRORS = (TracrInjectionError, UnknownNameError, ValueError)  # ValueError: a bad argument value
+
+
+class UserErrorGroup(TyperGroup):
+    """The command group: runs a command and turns a `USER_ERRORS` exception into one `error:` line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as err:
+            fail(str(err))
+
 
 app = typer.Typer(
-    help="Distil RASP programs, compiled by tracr, into pre-trained causal LMs.", no_args_is_help=True
+    help="Distil RASP programs, compiled by tracr, into pre-trained causal LMs.",
+    no_args_is_help=True,
+    cls=UserErrorGroup,
 )
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # soft wrap: the message stays one line however long
 
 
-def fail(message: str) -> None:
-    """Print an error and exit with status 1."""
-    console.print(f"[bold red]error:[/] {message}")
+def fail(message: str) -> NoReturn:
+    """Print `error: message` as one line on stderr and exit with status 1."""
+    errors.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(1)
 
 
 def compile_registered(name: str, max_len: int | None, cache_dir: Path | None, force: bool) -> TeacherModel:
-    """Compile (or load from cache) the registered program `name`, turning our errors into CLI errors."""
+    """Compile (or load from cache) the registered program `name`."""
     from tracr_injection.programs.registry import get_program
 
-    try:
-        spec = get_program(name)
-        return spec.compile(max_len, cache_dir=cache_dir, use_cache=not force)
-    except KeyError as err:
-        fail(str(err.args[0]))
-    except TracrInjectionError as err:
-        fail(str(err))
-    raise AssertionError("unreachable")
+    return get_program(name).compile(max_len, cache_dir=cache_dir, use_cache=not force)
 
 
 @app.command("compile")
@@ -78,10 +97,12 @@ def inspect_command(
 ) -> None:
     """Show a teacher's blocks, heads, width, parameters and every variable with its dims and values."""
     if Path(target).is_dir():
-        try:
-            teacher = TeacherModel.from_pretrained(target)
-        except TracrInjectionError as err:
-            fail(str(err))
+        teacher = TeacherModel.from_pretrained(target)
+    elif "/" in target or Path(target).exists():
+        fail(
+            f"{target} is not a folder: pass a teacher artifact folder (`tracr-inject compile` prints one) "
+            "or a registered program name (`tracr-inject programs`)."
+        )
     else:
         teacher = compile_registered(target, max_len, cache_dir, force=False)
     console.print(summary_table(teacher))
@@ -148,31 +169,26 @@ def data_command(
     from tracr_injection.tasks.bridge import describe_split, export_bridged
     from tracr_injection.tasks.targets import precompute_targets
 
-    try:
-        task = get_task(task_name)
-        bridge = TokenBridge(load_tokenizer(tokenizer), task)
-        info = describe_split(task, split, bridge)
-        examples = task.examples(split)
-        console.print(split_summary(task_name, info))
-        for index in range(min(show, len(examples))):
-            console.print(alignment_table(bridge(examples[index]), f"{task_name}/{split} example {index}"))
-        if export is not None:
-            export_bridged(examples, bridge, export)
-            console.print(f"wrote {len(examples)} examples to {export}")
-        if targets is not None:
-            bridged = bridge.bridge_all(examples)
-            teacher_inputs(bridged, task, split, task.teacher_max_len)
-            manifest = precompute_targets(
-                task.teacher(), bridged, targets, task=task_name, split=split, tokenizer=tokenizer
-            )
-            console.print(
-                f"teacher targets: {manifest.num_examples} examples, {manifest.bytes_on_disk / 2**20:.1f} MiB, "
-                f"{manifest.seconds:.1f} s, teacher answers correct {100 * manifest.answer_accuracy:.2f}%"
-            )
-    except KeyError as err:
-        fail(str(err.args[0]))
-    except TracrInjectionError as err:
-        fail(str(err))
+    task = get_task(task_name)
+    bridge = TokenBridge(load_tokenizer(tokenizer), task)
+    info = describe_split(task, split, bridge)
+    examples = task.examples(split)
+    console.print(split_summary(task_name, info))
+    for index in range(min(show, len(examples))):
+        console.print(alignment_table(bridge(examples[index]), f"{task_name}/{split} example {index}"))
+    if export is not None:
+        export_bridged(examples, bridge, export)
+        console.print(f"wrote {len(examples)} examples to {export}")
+    if targets is not None:
+        bridged = bridge.bridge_all(examples)
+        teacher_inputs(bridged, task, split, task.teacher_max_len)
+        manifest = precompute_targets(
+            task.teacher(), bridged, targets, task=task_name, split=split, tokenizer=tokenizer
+        )
+        console.print(
+            f"teacher targets: {manifest.num_examples} examples, {manifest.bytes_on_disk / 2**20:.1f} MiB, "
+            f"{manifest.seconds:.1f} s, teacher answers correct {100 * manifest.answer_accuracy:.2f}%"
+        )
 
 
 @app.command("train")
@@ -240,15 +256,12 @@ def train_command(
     from tracr_injection.inject import TrainConfig, train
 
     overrides = {f.name: flags[f.name] for f in dataclasses.fields(TrainConfig) if f.name in flags}
-    try:
-        if alignment_scale:
-            overrides["alignment_scales"] = parse_alignment_scales(alignment_scale)
-        cfg = TrainConfig.load(config, **overrides)
-        if out is None and config is None:
-            cfg.out = f"runs/{cfg.task}-{cfg.method}-s{cfg.seed}"
-        manifest = train(cfg, resume=resume)
-    except (TracrInjectionError, ValueError) as err:
-        fail(str(err))
+    if alignment_scale:
+        overrides["alignment_scales"] = parse_alignment_scales(alignment_scale)
+    cfg = TrainConfig.load(config, **overrides)
+    if out is None and config is None:
+        cfg.out = f"runs/{cfg.task}-{cfg.method}-s{cfg.seed}"
+    manifest = train(cfg, resume=resume)  # checks the task, model, kl_top_k and a resumed checkpoint first
     split = cfg.eval_split
     console.print(
         f"[bold]{cfg.method}[/] on {cfg.task}: {split} accuracy {100 * manifest[f'{split}_accuracy_before']:.1f}% "
@@ -359,22 +372,15 @@ def eval_command(
     from tracr_injection.evaluate.pipeline import EvalSettings, add_readout, evaluate_target
 
     if add_readout_only:
-        try:
-            folder = add_readout(target, base_model=base_model)
-        except (TracrInjectionError, ValueError) as err:
-            fail(str(err))
-        typer.echo(folder)
+        typer.echo(add_readout(target, base_model=base_model))
         return
 
     settings = EvalSettings(lm_eval_tasks=lm_eval.split(",") if lm_eval else [])
     if max_examples is not None:
         settings.max_examples = max_examples
-    try:
-        folder = evaluate_target(
-            target, task=task, out=out, settings=settings, baseline=baseline, base_model=base_model
-        )
-    except (TracrInjectionError, ValueError) as err:
-        fail(str(err))
+    folder = evaluate_target(
+        target, task=task, out=out, settings=settings, baseline=baseline, base_model=base_model
+    )
     typer.echo((folder / "report.md").read_text())
     typer.echo(folder)
 
@@ -387,10 +393,7 @@ def compare_command(
     """One table over runs, grouped by task and method (mean ± std over seeds), as Markdown, CSV and a plot."""
     from tracr_injection.evaluate.compare import compare_runs
 
-    try:
-        folder = compare_runs(runs, out)
-    except (TracrInjectionError, ValueError) as err:
-        fail(str(err))
+    folder = compare_runs(runs, out)
     typer.echo((folder / "comparison.md").read_text())
     typer.echo(folder)
 
@@ -436,35 +439,32 @@ def reproduce_command(
     if not set(methods) <= set(METHODS):
         fail(f"--method must be baseline, inject or both, got {method!r}")
     reference = results / budget / "comparison.md"
+    scales = parse_alignment_scales(alignment_scale or [])
+    if fresh and not status:
+        runs_root = fresh_root(runs_root, get_budget(budget).name)
+        results = runs_root / "results"
+    plan = (tasks, seeds, get_budget(budget), runs_root, model, results, methods, scales)
+    if status:
+        rows = status_rows(plan_runs(*plan))
+        table = Table(*rows[0].keys(), title=f"reproduce --budget {budget}")
+        for row in rows:
+            table.add_row(*("" if v is None else str(v) for v in row.values()))
+        console.print(table)
+        return
+    command = f"tracr-inject reproduce --task {task} --seeds {seeds} --budget {budget} --model {model}"
+    command += "" if method == "both" else f" --method {method}"
+    command += "" if runs_root == Path("runs/reproduce") else f" --runs-root {runs_root}"
+    command += "" if results == Path("results") else f" --results {results}"
+    command += "".join(f" {flag}" for flag in alignment_scale_flags(scales))
     try:
-        scales = parse_alignment_scales(alignment_scale or [])
-        if fresh and not status:
-            runs_root = fresh_root(runs_root, get_budget(budget).name)
-            results = runs_root / "results"
-        plan = (tasks, seeds, get_budget(budget), runs_root, model, results, methods, scales)
-        if status:
-            rows = status_rows(plan_runs(*plan))
-            table = Table(*rows[0].keys(), title=f"reproduce --budget {budget}")
-            for row in rows:
-                table.add_row(*("" if v is None else str(v) for v in row.values()))
-            console.print(table)
-            return
-        command = f"tracr-inject reproduce --task {task} --seeds {seeds} --budget {budget} --model {model}"
-        command += "" if method == "both" else f" --method {method}"
-        command += "" if runs_root == Path("runs/reproduce") else f" --runs-root {runs_root}"
-        command += "" if results == Path("results") else f" --results {results}"
-        command += "".join(f" {flag}" for flag in alignment_scale_flags(scales))
-        try:
-            folder = reproduce(
-                tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, methods=methods,
-                alignment_scales=scales, command=command,
-                on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
-            )  # fmt: skip
-        except KeyboardInterrupt:
-            typer.echo(f"Interrupted; continue where it stopped with:\n  {command}", err=True)
-            raise typer.Exit(130) from None
-    except (TracrInjectionError, ValueError) as err:
-        fail(str(err))
+        folder = reproduce(
+            tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, methods=methods,
+            alignment_scales=scales, command=command,
+            on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        typer.echo(f"Interrupted; continue where it stopped with:\n  {command}", err=True)
+        raise typer.Exit(130) from None
     for run in plan_runs(*plan):
         if run_state(run) not in DONE_STATES:
             console.print(f"{run.name}: {run_state(run)} (another process is on it, or it stopped; run again)")

@@ -29,6 +29,8 @@ class CompareError(TracrInjectionError, ValueError):
 def load_metrics(path: str | Path) -> dict[str, Any]:
     """metrics.json of an evaluated run folder (`<run>/eval/`) or of an evaluation folder."""
     path = Path(path)
+    if not path.exists():
+        raise CompareError(f"{path} does not exist; pass run folders evaluated by `tracr-inject eval`.")
     for candidate in (path / "eval" / "metrics.json", path / "metrics.json"):
         if candidate.is_file():
             return json.loads(candidate.read_text())
@@ -149,8 +151,8 @@ def plot_comparison(tables: dict[str, tuple[list[str], dict]], path: Path) -> Pa
 def compare_runs(paths: Sequence[str | Path], out: str | Path) -> Path:
     """Write comparison.md, comparison.csv and comparison.png for these runs into `out`; returns `out`."""
     out = Path(out)
+    groups = group_runs(paths)  # before creating `out`: bad runs leave nothing behind
     out.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(paths)
     tables = {task: task_table(methods) for task, methods in sorted(groups.items())}
     sections = ["# Inject vs baseline (mean ± std over seeds; rates in %)"]
     csv_rows = []

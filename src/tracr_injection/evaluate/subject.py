@@ -20,6 +20,7 @@ from typing import Any
 from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.hub import ModelNotFoundError, model_fingerprint, model_folder
+from tracr_injection.hub.models import in_local_hf_cache, is_smollm2
 from tracr_injection.inject.lm import layer_mapping, load_causal_lm, num_blocks
 from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.inject.trainer import MANIFEST_NAME, TEACHER_DIR
@@ -114,6 +115,10 @@ def load_subject(target: str | Path, task: str | None = None, base_model: str | 
     if base_model is not None:
         raise TaskMismatchError(
             f"{target!r} is a model, not a run folder: --base-model only applies to run folders (omit it)."
+        )
+    if task is None and not (Path(target).exists() or is_smollm2(target) or in_local_hf_cache(str(target))):
+        raise RunFolderError(
+            f"{target} does not exist: pass a run folder written by `tracr-inject train` (or a model with --task)."
         )
     if task is None:
         raise TaskMismatchError(
@@ -213,8 +218,8 @@ def load_pretrained(model_name: str, task: str, layer_strategy: str = "identity"
     from tracr_injection.hub import load_tokenizer
     from tracr_injection.tasks import get_task
 
+    teacher = get_task(task).teacher()  # an unknown task fails before the model loads
     model = load_causal_lm(model_name)
-    teacher = get_task(task).teacher()
     layer_map = layer_mapping(teacher.config.num_levels, num_blocks(model), layer_strategy)
     return Subject(
         name=Path(model_name).name,

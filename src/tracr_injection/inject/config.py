@@ -1,20 +1,42 @@
-"""Training configuration: one dataclass, loadable from YAML, overridable by flags."""
+"""Training configuration: one dataclass, loadable from YAML, overridable by flags.
+
+In: YAML text and/or keyword values.  Out: a `TrainConfig` whose every field has its declared type
+and a sensible range, or a `ConfigError` naming the field (or file) and what it takes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import shlex
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tracr_injection.compile.errors import TracrInjectionError
+
 METHODS = ("inject", "baseline")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ROLL_ALIGN = ("answer", "position")
 KL_REDUCTIONS = ("token_mean", "window_sum")
+AT_LEAST_ONE = (
+    "steps", "batch_size", "kl_windows", "kl_window_len", "kl_batch_size", "kl_top_k", "checkpoint_every",
+    "keep_checkpoints", "eval_examples",
+)  # fmt: skip
+NOT_NEGATIVE = (
+    "lr_lm", "lr_map", "weight_decay", "warmup_steps", "alignment_weight", "kl_weight", "roll_block",
+    "subspace_forcing_steps", "seed", "max_grad_norm", "probe_every",
+)  # fmt: skip
+
+
+class ConfigError(TracrInjectionError, ValueError):
+    """A training configuration (YAML file or values) with a missing file, bad syntax, unknown key,
+    wrong type or value out of range."""
 
 
 @dataclasses.dataclass
@@ -81,24 +103,23 @@ class TrainConfig:
     eval_examples: int = 200
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.roll_align not in ROLL_ALIGN:
-            raise ValueError(f"roll_align must be one of {ROLL_ALIGN}, got {self.roll_align!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(
-                f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
-            )
-        if self.kl_reduction not in KL_REDUCTIONS:
-            raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}")
-        if self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm must be >= 0 (0 turns clipping off), got {self.max_grad_norm}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be >= 1")
-        if self.subspace_forcing_steps < 0:
-            raise ValueError(f"subspace_forcing_steps must be >= 0, got {self.subspace_forcing_steps}")
-        if self.probe_every < 0:
-            raise ValueError(f"probe_every must be >= 0 (0: no probes), got {self.probe_every}")
+        for name, hint in field_types().items():
+            if not has_type(getattr(self, name), hint):
+                raise ConfigError(f"{name} must be {type_name(hint)}, got {getattr(self, name)!r}.")
+        choices_of = {
+            "method": METHODS, "roll_align": ROLL_ALIGN, "mixed_precision": MIXED_PRECISION,
+            "kl_reduction": KL_REDUCTIONS,
+        }  # fmt: skip
+        for name, choices in choices_of.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+        for name, low in [(n, 1) for n in AT_LEAST_ONE] + [(n, 0) for n in NOT_NEGATIVE]:
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"{name} must be >= {low}, got {value!r}.")
+        for name, factor in self.alignment_scales.items():
+            if factor <= 0:
+                raise ConfigError(f"alignment_scales: the factor of {name!r} must be > 0, got {factor!r}.")
 
     @property
     def injecting(self) -> bool:
@@ -140,13 +161,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> TrainConfig:
         """Config from a YAML file (optional), then `overrides` (flags) that are not None."""
-        values: dict[str, Any] = {}
-        if path is not None:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-            unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
-            if unknown:
-                raise ValueError(f"Unknown keys in {path}: {sorted(unknown)}")
-            values.update(loaded)
+        values = read_yaml(Path(path)) if path is not None else {}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -154,3 +169,76 @@ class TrainConfig:
 def alignment_scale_flags(scales: Mapping[str, float]) -> list[str]:
     """`--alignment-scale VAR=FACTOR` per entry, as `train` and `reproduce` take them."""
     return [f"--alignment-scale {shlex.quote(f'{name}={factor}')}" for name, factor in scales.items()]
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The TrainConfig fields a YAML file sets (an empty file sets none), with YAML 1.1's string-typed
+    exponent floats such as `1e-5` read as numbers; a `ConfigError` for anything else."""
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"Cannot read the config file {path}: {err.strerror or err}.") from err
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"{path} is not valid YAML{line}: {problem}; fix the file.") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{path} must hold a mapping of TrainConfig fields (e.g. `steps: 300`), "
+            f"not a {type(loaded).__name__}."
+        )
+    hints = field_types()
+    unknown = sorted(map(str, set(loaded) - set(hints)))
+    if unknown:
+        raise ConfigError(f"Unknown keys in {path}: {', '.join(unknown)}; valid keys: {', '.join(hints)}.")
+    values = {name: as_float(value) if hints[name] is float else value for name, value in loaded.items()}
+    try:
+        TrainConfig(**values)  # checked alone, so that an error names the file
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    return values
+
+
+def as_float(value: Any) -> Any:
+    """A string YAML left unparsed (`1e-5`: YAML 1.1 wants `1.0e-5`) as a float; anything else unchanged."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """TrainConfig's field names and their (evaluated) type hints, in declaration order."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def has_type(value: Any, hint: Any) -> bool:
+    """Whether `value` fits `hint` (int, float, str, X | None, dict[str, float]); an int counts as a float,
+    a bool as neither."""
+    if isinstance(hint, types.UnionType):
+        return any(has_type(value, arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            return False
+        key, item = typing.get_args(hint)
+        return all(has_type(k, key) and has_type(v, item) for k, v in value.items())
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return hint is bool
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def type_name(hint: Any) -> str:
+    """`int | None` -> "an integer or null", for error messages."""
+    if isinstance(hint, types.UnionType):
+        return " or ".join(type_name(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is dict:
+        return "a mapping of names to numbers"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    return names[hint]

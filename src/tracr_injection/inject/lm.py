@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.hub import ModelNotFoundError, resolve_model
 
 if TYPE_CHECKING:
@@ -104,6 +105,26 @@ def load_causal_lm(
             f"Cannot load the weights of {source!r}: {error}. Pass a folder holding config.json and its "
             f"weights (model.safetensors or pytorch_model.bin), e.g. one written by `save_pretrained`."
         ) from error
+    except SafetensorError as error:
+        damaged = ", ".join(map(str, damaged_safetensors(Path(source)))) or source
+        raise ArtifactError(f"{damaged} is damaged or truncated ({error}); re-train or restore it.") from error
+
+
+def damaged_safetensors(folder: Path) -> list[Path]:
+    """The safetensors files in `folder` whose header does not cover the file (truncated or overwritten)."""
+    damaged = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except SafetensorError:
+            damaged.append(path)
+    return damaged
+
+
+def vocab_size(name_or_path: str | Path | None) -> int:
+    """The width of the model's logits (its config's vocab_size), read without loading the weights."""
+    return int(_load_config(str(resolve_model(name_or_path))).get_text_config().vocab_size)
 
 
 def _load_config(source: str) -> Any:

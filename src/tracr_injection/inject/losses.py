@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -58,8 +59,11 @@ class AlignmentMap(nn.Module):
             state = load_file(str(directory / MAP_WEIGHTS))
             amap = cls(shape["d_lm"], shape["d_teacher"])
             amap.load_state_dict(state)
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise ArtifactError(f"Cannot load the alignment map from {directory}: {err}") from err
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
+            raise ArtifactError(
+                f"Cannot load the alignment map from {directory} ({err}): {MAP_WEIGHTS} or {MAP_CONFIG} is "
+                "missing or damaged; re-train or restore it."
+            ) from err
         return amap
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.compile.teacher import CONFIG_NAME, WEIGHTS_NAME, TeacherModel
 from tracr_injection.hub import model_fingerprint, model_folder
-from tracr_injection.inject.config import TrainConfig
+from tracr_injection.inject.config import ConfigError, TrainConfig
 from tracr_injection.inject.data import TaskData, batch_positions
 from tracr_injection.inject.lm import (
     decoder_blocks,
@@ -46,6 +46,7 @@ from tracr_injection.inject.lm import (
     load_causal_lm,
     logits_at,
     num_blocks,
+    vocab_size,
 )
 from tracr_injection.inject.losses import (
     AlignmentMap,
@@ -343,8 +344,9 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) ->
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: Path) -> int:
-    """Restore a checkpoint and return its step; clear errors for a mismatched or corrupt one."""
+def checkpoint_state(config: TrainConfig, folder: Path) -> dict[str, Any]:
+    """The checkpoint's trainer state (step and config); a CheckpointError when it is unreadable or was
+    written by a run with another configuration."""
     try:
         state = json.loads((folder / STATE_NAME).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -356,6 +358,12 @@ def load_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: Path)
             f"Checkpoint {folder} was written by a run with a different configuration ({sorted(diff)}); "
             "use another --out or the same settings."
         )
+    return state
+
+
+def load_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: Path) -> int:
+    """Restore a checkpoint and return its step; clear errors for a mismatched or corrupt one."""
+    state = checkpoint_state(config, folder)
     try:
         accelerator.load_state(str(folder))
     except Exception as err:  # safetensors/torch raise many types for a damaged file
@@ -425,16 +433,40 @@ def save_teacher(teacher: TeacherModel, folder: Path) -> None:
             shutil.copy2(source / name, folder / name)
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) one training run; returns the manifest."""
+def check_before_loading(config: TrainConfig, resume: bool) -> None:
+    """Reject, before the LM loads or targets are computed, what would fail (or overwrite a run) later:
+    an --out holding checkpoints without --resume or a finished run, an unknown task or split, a model
+    not on this machine, a KL top-k wider than the vocabulary, or a checkpoint of another configuration."""
     from tracr_injection.tasks import get_task
 
-    get_task(config.task).teacher_program(config.teacher)  # a teacher the task cannot use fails first
     out = Path(config.out)
     if not resume and checkpoint_dirs(out):
         raise TracrInjectionError(
             f"{out} already holds checkpoints; pass --resume to continue or choose another --out."
         )
+    if (out / MANIFEST_NAME).is_file() and not checkpoint_dirs(out):
+        raise TracrInjectionError(
+            f"{out} already holds a finished run ({MANIFEST_NAME}); choose another --out or delete the folder."
+        )
+    task = get_task(config.task)
+    task.teacher_program(config.teacher)  # a teacher the task cannot use
+    for split in (config.train_split, config.eval_split):
+        task.split_spec(split)
+    vocab = vocab_size(config.model)
+    if config.kl_top_k > vocab:
+        raise ConfigError(
+            f"kl_top_k {config.kl_top_k} is more than the vocabulary of {config.model!r} ({vocab} tokens); "
+            f"pass --kl-top-k {vocab} or less."
+        )
+    if resume and checkpoint_dirs(out):
+        with contextlib.suppress(CorruptCheckpointError):  # a corrupt last one falls back when loading
+            checkpoint_state(config, checkpoint_dirs(out)[-1])
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) one training run; returns the manifest."""
+    check_before_loading(config, resume)
+    out = Path(config.out)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         cpu=not torch.cuda.is_available(),
@@ -579,5 +611,5 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
-        "tracr_injection": getattr(tracr_injection, "__version__", "0.1.0"),
+        "tracr_injection": tracr_injection.__version__,
     }

@@ -20,6 +20,13 @@ T = TypeVar("T")
 InputSampler = Callable[[int, int, random.Random], list[list[Any]]]
 
 
+class UnknownNameError(KeyError):
+    """A program or task name that is not registered; its message lists the registered ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError would quote it
+
+
 @dataclasses.dataclass(frozen=True)
 class ProgramSpec:
     """A named RASP program ready to compile."""
@@ -41,9 +48,11 @@ class ProgramSpec:
 
     def compile(self, max_seq_len: int | None = None, **kwargs: Any) -> Any:
         """Compile (or load from cache) this program's teacher; see `compile_program`."""
+        length = self.max_seq_len if max_seq_len is None else max_seq_len
+        if length < 1:
+            raise ValueError(f"max_seq_len (--max-len) must be >= 1, got {length}.")
         from tracr_injection.compile.compiler import compile_program
 
-        length = max_seq_len or self.max_seq_len
         kwargs.setdefault(
             "validation_inputs",
             self.validation_inputs(length, count=256 if not self.uniform_random_inputs else 64),
@@ -67,10 +76,10 @@ class Registry(Generic[T]):
         return item
 
     def get(self, name: str) -> T:
-        """The item called `name`, or a KeyError listing the known names."""
+        """The item called `name`, or an `UnknownNameError` (a KeyError) listing the known names."""
         self._load_builtins()
         if name not in self._items:
-            raise KeyError(f"Unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
+            raise UnknownNameError(f"Unknown {self.kind} {name!r}; registered: {', '.join(self.names())}")
         return self._items[name]
 
     def names(self) -> list[str]:
