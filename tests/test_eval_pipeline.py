@@ -316,6 +316,13 @@ def test_reproduce_skips_finished_work_and_resumes_partial_runs(tiny_model, tmp_
         assert (root / "results" / "smoke" / "comparison.md").is_file()
     assert {p: p.read_bytes() for p in sorted((tmp_path / "results").rglob("*")) if p.is_file()} == committed
 
+    # A published run carries what a reader needs to check its training curves: every step's losses and
+    # the probe lines, and the probe curves.
+    for run in runs:
+        lines = (run.published / "metrics.jsonl").read_text().splitlines()
+        assert lines == (run.out / "metrics.jsonl").read_text().splitlines() and len(lines) >= run.config.steps
+        assert (run.published / "probes.png").is_file()
+
     # A run published before a config field existed (at its default now) still counts as done ...
     manifest_path = runs[0].published / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
