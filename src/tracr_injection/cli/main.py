@@ -213,6 +213,23 @@ def train_command(
     probe_every: int | None = typer.Option(
         None, help="Log map decoding and per-term gradient norms every N steps (default 50; 0: off)."
     ),
+    alignment_balance: str | None = typer.Option(
+        None, help="none (default) or early_grad: scale the alignment so its early-block gradient is m x the task's."
+    ),
+    balance_every: int | None = typer.Option(None, help="early_grad: measure the gradient norms every N steps."),
+    balance_cap: float | None = typer.Option(None, help="early_grad: the most the balance multiplies m by."),
+    alignment_first_steps: int | None = typer.Option(
+        None, help="Inject: the first N steps train the alignment (and KL) alone, no task loss and no roll."
+    ),
+    map_init: str | None = typer.Option(
+        None, help="default (random) or lstsq: the map starts at the least-squares fit on the first examples."
+    ),
+    clip_per_term: bool | None = typer.Option(
+        None, "--clip-per-term/--no-clip-per-term", help="Clip each loss term's gradient on its own, then sum."
+    ),
+    alignment_variable_weighting: str | None = typer.Option(
+        None, help="residual (default: one cosine) or equal: every teacher variable the same mean norm in it."
+    ),
     kl_source: str | None = typer.Option(
         None, help="Natural text for the KL term: self (sampled from the model), a local folder, or hf:NAME:SPLIT."
     ),

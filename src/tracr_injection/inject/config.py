@@ -15,6 +15,9 @@ METHODS = ("inject", "baseline")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ROLL_ALIGN = ("answer", "position")
 KL_REDUCTIONS = ("token_mean", "window_sum")
+ALIGNMENT_BALANCES = ("none", "early_grad")
+MAP_INITS = ("default", "lstsq")
+VARIABLE_WEIGHTINGS = ("residual", "equal")
 
 
 @dataclasses.dataclass
@@ -44,6 +47,19 @@ class TrainConfig:
     still logged).  `kl_reduction` weighs the KL term: `"token_mean"` (default) averages it over every
     natural-text token, `"window_sum"` sums it over each window's tokens and averages over windows, as
     the authors' `kl_div(..., reduction="batchmean")` does (`kl_window_len` times the token mean).
+
+    Levers that let the alignment shape the early blocks (defaults: the paper's method, and what a record
+    written before they existed means; `inject.levers` explains each):
+    `alignment_balance="early_grad"` rescales the alignment term so that its gradient norm on the blocks
+    up to the roll block is `alignment_weight` times the task term's there (measured every
+    `balance_every` steps, smoothed, never below 1x and at most `balance_cap` times the fixed weight).
+    `alignment_first_steps` N: the first N steps train the alignment (and KL) alone, no task loss and no
+    detach-and-roll; the LM's learning-rate warm-up starts again at step N.  `map_init="lstsq"` starts the
+    map at the ridge least-squares fit of the teacher targets on the LM's hidden states of the run's first
+    examples (all aligned levels jointly).  `clip_per_term` clips each term's gradient to `max_grad_norm`
+    on its own, then sums (instead of clipping the sum).  `alignment_variable_weighting="equal"` stretches
+    each teacher variable's dims so that every variable has the same mean squared norm in the targets
+    (1, a one-hot's), on top of `alignment_scales`.
     """
 
     task: str = "dyck"
@@ -72,6 +88,13 @@ class TrainConfig:
     roll_align: str = "answer"
     subspace_forcing_steps: int = 0
     probe_every: int = 50
+    alignment_balance: str = "none"
+    balance_every: int = 10
+    balance_cap: float = 100.0
+    alignment_first_steps: int = 0
+    map_init: str = "default"
+    clip_per_term: bool = False
+    alignment_variable_weighting: str = "residual"
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -99,6 +122,36 @@ class TrainConfig:
             raise ValueError(f"subspace_forcing_steps must be >= 0, got {self.subspace_forcing_steps}")
         if self.probe_every < 0:
             raise ValueError(f"probe_every must be >= 0 (0: no probes), got {self.probe_every}")
+        self.check_levers()
+
+    def check_levers(self) -> None:
+        """The alignment levers' fields: known choices and sane numbers."""
+        for field, choices in (
+            ("alignment_balance", ALIGNMENT_BALANCES),
+            ("map_init", MAP_INITS),
+            ("alignment_variable_weighting", VARIABLE_WEIGHTINGS),
+        ):
+            if getattr(self, field) not in choices:
+                raise ValueError(f"{field} must be one of {choices}, got {getattr(self, field)!r}")
+        if self.balance_every < 1 or self.balance_cap < 1:
+            raise ValueError(
+                f"balance_every must be >= 1 and balance_cap >= 1, got {self.balance_every}, {self.balance_cap}"
+            )
+        if self.alignment_first_steps < 0:
+            raise ValueError(f"alignment_first_steps must be >= 0, got {self.alignment_first_steps}")
+        inject_only = {
+            "alignment_balance": self.alignment_balance != "none",
+            "alignment_first_steps": self.alignment_first_steps > 0,
+            "map_init": self.map_init != "default",
+            "alignment_variable_weighting": self.alignment_variable_weighting != "residual",
+        }
+        if not self.injecting and any(inject_only.values()):
+            used = [name for name, on in inject_only.items() if on]
+            raise ValueError(f"{', '.join(used)} act on the alignment, which method {self.method!r} does not have.")
+        if self.clip_per_term and self.max_grad_norm == 0:
+            raise ValueError("clip_per_term clips each term to max_grad_norm; set max_grad_norm > 0.")
+        if self.clip_per_term and self.mixed_precision == "fp16":
+            raise ValueError("clip_per_term takes its gradients without the fp16 loss scaler; use bf16 or no.")
 
     @property
     def injecting(self) -> bool:
@@ -128,6 +181,8 @@ class TrainConfig:
         for key, value in self.to_dict().items():
             if key == "alignment_scales":
                 flags += alignment_scale_flags(value)
+            elif isinstance(value, bool) and value != defaults[key]:
+                flags.append(f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}")
             elif key not in spelled and value != defaults[key] and value is not None:
                 flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
         return f"tracr-inject train {' '.join(flags)} --out {shlex.quote(str(self.out))}"
