@@ -71,7 +71,8 @@ def lstsq_map_init(
     ridge: float = MAP_INIT_RIDGE,
 ) -> float:
     """Set the map to the ridge fit of the teacher targets on the untrained LM's hidden states, all aligned
-    levels jointly (the map is shared); returns the fit's mean 1 - cos on those rows (what training starts at).
+    levels jointly (the map is shared), rescaled to the default init's weight scale; returns the fit's mean
+    1 - cos on those rows (what training starts at).
 
     The cosine leaves the map's scale free, and a least-squares fit is the cosine's optimum up to that
     scale when the fit is good; it starts the map where the LM already encodes the teacher (tokens,
@@ -79,6 +80,11 @@ def lstsq_map_init(
     """
     x_ND, y_NT = alignment_pairs(model, data, layer_map, dim_levels_D, count)
     weight_TD, bias_T = ridge_lstsq(x_ND, y_NT, ridge)
+    # the cosine is blind to the map's scale: give the fit the default init's weight scale, so that the
+    # optimizer's steps (Adam: about lr per weight) are as small relative to it as from a default start
+    # (SmolLM2's fit has weights ~30x smaller, and one step at the map's LR 1e-3 undid it: 1.8 -> 6.9)
+    scale = float(amap.linear.weight.float().square().mean().sqrt() / weight_TD.float().square().mean().sqrt())
+    weight_TD, bias_T = scale * weight_TD, scale * bias_T
     amap.linear.weight.copy_(weight_TD.to(amap.linear.weight.dtype))
     amap.linear.bias.copy_(bias_T.to(amap.linear.bias.dtype))
     fitted = amap(x_ND.to(amap.linear.weight.device)).float().cpu()
