@@ -229,6 +229,23 @@ def train_command(
     probe_every: int | None = typer.Option(
         None, help="Log map decoding and per-term gradient norms every N steps (default 50; 0: off)."
     ),
+    alignment_balance: str | None = typer.Option(
+        None, help="none (default) or early_grad: scale the alignment so its early-block gradient is m x the task's."
+    ),
+    balance_every: int | None = typer.Option(None, help="early_grad: measure the gradient norms every N steps."),
+    balance_cap: float | None = typer.Option(None, help="early_grad: the most the balance multiplies m by."),
+    alignment_first_steps: int | None = typer.Option(
+        None, help="Inject: the first N steps train the alignment (and KL) alone, no task loss and no roll."
+    ),
+    map_init: str | None = typer.Option(
+        None, help="default (random) or lstsq: the map starts at the least-squares fit on the first examples."
+    ),
+    clip_per_term: bool | None = typer.Option(
+        None, "--clip-per-term/--no-clip-per-term", help="Clip each loss term's gradient on its own, then sum."
+    ),
+    alignment_variable_weighting: str | None = typer.Option(
+        None, help="residual (default: one cosine) or equal: every teacher variable the same mean norm in it."
+    ),
     kl_source: str | None = typer.Option(
         None, help="Natural text for the KL term: self (sampled from the model), a local folder, or hf:NAME:SPLIT."
     ),
@@ -478,4 +495,52 @@ def reproduce_command(
     typer.echo((folder / "comparison.md").read_text())
     if fresh and reference.is_file():
         typer.echo(f"Compare with the committed reference: {reference}")
+    typer.echo(folder)
+
+
+@app.command("sweep")
+def sweep_command(
+    teacher: list[str] | None = typer.Option(None, help="Teacher(s) of Dyck (repeatable; default both)."),
+    setting: list[str] | None = typer.Option(None, help="Setting(s) to run (repeatable; default all, in order)."),
+    long: str = typer.Option("auto", help="The long run's setting: auto (the best finished one), a name, or none."),
+    long_steps: int = typer.Option(1500, help="Steps of the long run."),
+    budget: str = typer.Option("sweep", help="sweep (the levers' budget) or a reproduce budget (smoke: a check)."),
+    runs_root: Path = typer.Option(Path("runs/injection"), help="Where run folders go."),
+    results: Path = typer.Option(Path("results/injection"), help="Where evaluations, summary and gate.json go."),
+    model: str = typer.Option("smollm2", help="The LM to train."),
+    status: bool = typer.Option(False, "--status", help="Only show each planned run's state."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print the plan: each run's overrides and command."),
+) -> None:
+    """The alignment levers on Dyck, seed 0, one resumable run per setting and teacher, then a long run and
+    gate.json (start it in several shells to share the plan; re-run it to continue)."""
+    from tracr_injection.experiments.injection_sweep import SETTINGS, TEACHERS, plan_rows, plan_sweep, sweep, sweep_budget
+
+    teachers, settings = teacher or list(TEACHERS), setting or list(SETTINGS)
+    long_setting = None if long == "none" else long
+    if long_setting not in (None, "auto", *SETTINGS):
+        fail(f"--long must be auto, none or one of {', '.join(SETTINGS)}, got {long!r}")
+    try:
+        from tracr_injection.tasks import get_task
+
+        for name in teachers:
+            get_task("dyck").teacher_program(name)  # an unknown teacher fails before anything runs
+        if status or dry_run:
+            runs = plan_sweep(teachers, settings, sweep_budget(budget), runs_root, results, model)
+            for row in plan_rows(runs):
+                line = f"{row['teacher']}/{row['setting']}: {row['state']}, {row['steps']} steps {row['overrides']}"
+                console.print(line, highlight=False)
+                if dry_run:
+                    typer.echo(f"  {row['command']}")
+            return
+        command = f"tracr-inject sweep --budget {budget} --long {long} --long-steps {long_steps} --model {model}"
+        command += "".join(f" --teacher {t}" for t in teacher or []) + "".join(f" --setting {s}" for s in setting or [])
+        command += f" --runs-root {runs_root} --results {results}"
+        folder = sweep(
+            teachers, settings, budget, runs_root=runs_root, results_root=results, model=model,
+            long_setting=long_setting, long_steps=long_steps, command=command,
+            on_run=lambda run, state: console.print(f"[bold]{run.config.teacher}/{run.name}[/]: {state}"),
+        )  # fmt: skip
+    except (TracrInjectionError, ValueError, KeyError) as err:
+        fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    typer.echo((folder / "summary.md").read_text())
     typer.echo(folder)

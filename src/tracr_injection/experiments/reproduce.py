@@ -216,9 +216,10 @@ def training_seconds(out: Path) -> float:
     return sum(json.loads(line)["seconds"] for line in path.read_text().splitlines() if line)
 
 
-def execute_run(run: PlannedRun, settings: EvalSettings, progress: bool) -> None:
+def execute_run(run: PlannedRun, settings: EvalSettings, progress: bool, baseline: Path | None = None) -> None:
     """Train (or resume) the run unless it is trained, drop its checkpoints, then evaluate it unless it is
-    evaluated (adding the answer readout to an evaluation made before it existed)."""
+    evaluated (adding the answer readout to an evaluation made before it existed); `baseline`, an evaluated
+    baseline run, adds its probe beside the map's decoding (`evaluate_target`)."""
     state = run_state(run)
     if state in ("todo", "partial"):
         began = time.perf_counter()
@@ -233,7 +234,7 @@ def execute_run(run: PlannedRun, settings: EvalSettings, progress: bool) -> None
         remove_checkpoints(run.out)  # trained: a 400-step SmolLM2 run would keep 3.2 GB of them
     if run_state(run) == "trained":
         began = time.perf_counter()
-        evaluate_target(run.out, settings=settings, progress=progress)
+        evaluate_target(run.out, settings=settings, progress=progress, baseline=baseline)
         update_record(run.out, eval_seconds=round(time.perf_counter() - began, 1), state="evaluated")
     if "readout" not in json.loads((run.out / EVAL_DIR / METRICS_FILE).read_text()):
         add_readout(run.out, progress=progress)  # evaluated before the readout existed

@@ -24,13 +24,17 @@ METHODS = ("inject", "baseline")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ROLL_ALIGN = ("answer", "position")
 KL_REDUCTIONS = ("token_mean", "window_sum")
+ALIGNMENT_BALANCES = ("none", "early_grad")
+MAP_INITS = ("default", "lstsq")
+VARIABLE_WEIGHTINGS = ("residual", "equal")
 AT_LEAST_ONE = (
     "steps", "batch_size", "kl_windows", "kl_window_len", "kl_batch_size", "kl_top_k", "checkpoint_every",
-    "keep_checkpoints", "eval_examples",
+    "keep_checkpoints", "eval_examples", "balance_every", "balance_cap",
 )  # fmt: skip
 NOT_NEGATIVE = (
     "lr_lm", "lr_map", "weight_decay", "warmup_steps", "alignment_weight", "kl_weight", "roll_block",
     "subspace_forcing_steps", "seed", "max_grad_norm", "probe_every",
+    "alignment_first_steps",
 )  # fmt: skip
 
 
@@ -66,6 +70,19 @@ class TrainConfig:
     still logged).  `kl_reduction` weighs the KL term: `"token_mean"` (default) averages it over every
     natural-text token, `"window_sum"` sums it over each window's tokens and averages over windows, as
     the authors' `kl_div(..., reduction="batchmean")` does (`kl_window_len` times the token mean).
+
+    Levers that let the alignment shape the early blocks (defaults: the paper's method, and what a record
+    written before they existed means; `inject.levers` explains each):
+    `alignment_balance="early_grad"` rescales the alignment term so that its gradient norm on the blocks
+    up to the roll block is `alignment_weight` times the task term's there (measured every
+    `balance_every` steps, smoothed, never below 1x and at most `balance_cap` times the fixed weight).
+    `alignment_first_steps` N: the first N steps train the alignment (and KL) alone, no task loss and no
+    detach-and-roll; the LM's learning-rate warm-up starts again at step N.  `map_init="lstsq"` starts the
+    map at the ridge least-squares fit of the teacher targets on the LM's hidden states of the run's first
+    examples (all aligned levels jointly).  `clip_per_term` clips each term's gradient to `max_grad_norm`
+    on its own, then sums (instead of clipping the sum).  `alignment_variable_weighting="equal"` stretches
+    each teacher variable's dims so that every variable has the same mean squared norm in the targets
+    (1, a one-hot's), on top of `alignment_scales`.
     """
 
     task: str = "dyck"
@@ -94,6 +111,13 @@ class TrainConfig:
     roll_align: str = "answer"
     subspace_forcing_steps: int = 0
     probe_every: int = 50
+    alignment_balance: str = "none"
+    balance_every: int = 10
+    balance_cap: float = 100.0
+    alignment_first_steps: int = 0
+    map_init: str = "default"
+    clip_per_term: bool = False
+    alignment_variable_weighting: str = "residual"
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -108,7 +132,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be {type_name(hint)}, got {getattr(self, name)!r}.")
         choices_of = {
             "method": METHODS, "roll_align": ROLL_ALIGN, "mixed_precision": MIXED_PRECISION,
-            "kl_reduction": KL_REDUCTIONS,
+            "kl_reduction": KL_REDUCTIONS, "alignment_balance": ALIGNMENT_BALANCES, "map_init": MAP_INITS,
+            "alignment_variable_weighting": VARIABLE_WEIGHTINGS,
         }  # fmt: skip
         for name, choices in choices_of.items():
             if getattr(self, name) not in choices:
@@ -120,6 +145,23 @@ class TrainConfig:
         for name, factor in self.alignment_scales.items():
             if factor <= 0:
                 raise ConfigError(f"alignment_scales: the factor of {name!r} must be > 0, got {factor!r}.")
+        self.check_levers()
+
+    def check_levers(self) -> None:
+        """The alignment levers act on the alignment only, and per-term clipping needs a norm to clip to."""
+        inject_only = {
+            "alignment_balance": self.alignment_balance != "none",
+            "alignment_first_steps": self.alignment_first_steps > 0,
+            "map_init": self.map_init != "default",
+            "alignment_variable_weighting": self.alignment_variable_weighting != "residual",
+        }
+        if not self.injecting and any(inject_only.values()):
+            used = [name for name, on in inject_only.items() if on]
+            raise ConfigError(f"{', '.join(used)} act on the alignment, which method {self.method!r} does not have.")
+        if self.clip_per_term and self.max_grad_norm == 0:
+            raise ConfigError("clip_per_term clips each term to max_grad_norm; set max_grad_norm > 0.")
+        if self.clip_per_term and self.mixed_precision == "fp16":
+            raise ConfigError("clip_per_term takes its gradients without the fp16 loss scaler; use bf16 or no.")
 
     @property
     def injecting(self) -> bool:
@@ -149,6 +191,8 @@ class TrainConfig:
         for key, value in self.to_dict().items():
             if key == "alignment_scales":
                 flags += alignment_scale_flags(value)
+            elif isinstance(value, bool) and value != defaults[key]:
+                flags.append(f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}")
             elif key not in spelled and value != defaults[key] and value is not None:
                 flags.append(f"--{key.replace('_', '-')} {shlex.quote(str(value))}")
         return f"tracr-inject train {' '.join(flags)} --out {shlex.quote(str(self.out))}"

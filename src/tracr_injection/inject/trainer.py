@@ -38,9 +38,20 @@ from tracr_injection.compile.teacher import CONFIG_NAME, WEIGHTS_NAME, TeacherMo
 from tracr_injection.hub import model_fingerprint, model_folder
 from tracr_injection.inject.config import ConfigError, TrainConfig
 from tracr_injection.inject.data import TaskData, batch_positions
+from tracr_injection.inject.levers import (
+    applied_factor,
+    balance_ratio,
+    clip_terms_into_grads,
+    combined_dim_scales,
+    equal_variable_scales,
+    lstsq_map_init,
+    smoothed_ratio,
+    target_rows,
+)
 from tracr_injection.inject.lm import (
     decoder_blocks,
     hidden_size,
+    hidden_states,
     inference,
     layer_mapping,
     load_causal_lm,
@@ -60,7 +71,7 @@ from tracr_injection.inject.losses import (
     teacher_inside,
 )
 from tracr_injection.inject.natural_text import KLCache, build_kl_cache, text_windows, topk_kl
-from tracr_injection.inject.probing import Prober
+from tracr_injection.inject.probing import Prober, block_groups, term_gradient_norms
 
 STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"
@@ -91,6 +102,7 @@ class RunParts:
     dim_levels: torch.Tensor | None
     dim_scales: torch.Tensor | None
     teacher: TeacherModel
+    variable_scales: dict[str, float] = dataclasses.field(default_factory=dict)  # alignment_variable_weighting
 
 
 def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool = True) -> RunParts:
@@ -116,6 +128,10 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
         progress=progress,
     )
     amap = AlignmentMap(hidden_size(model), teacher.config.d_model) if config.injecting else None
+    variable_scales = {}
+    if config.injecting and config.alignment_variable_weighting == "equal":
+        variable_scales = equal_variable_scales(teacher.config, target_rows(data))
+        dim_scales = combined_dim_scales(teacher.config, variable_scales, dim_scales)
     cache = kl_data(config, model, tokenizer)
     output_dims = teacher.config.variable(teacher.config.output_variable).dims
     return RunParts(
@@ -130,6 +146,7 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
         dim_levels=data.targets.dim_levels if data.targets is not None else None,
         dim_scales=dim_scales,
         teacher=teacher,
+        variable_scales=variable_scales,
     )
 
 
@@ -186,11 +203,25 @@ def make_optimizer(config: TrainConfig, model: Any, amap: AlignmentMap | None) -
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
-def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the configured learning rates, then constant."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
-    )
+def warmup_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, lm_restart: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the configured learning rates, then constant.
+
+    With `lm_restart` N > 0 (`alignment_first_steps`) the LM's group (the first) warms up again from step N,
+    when the task loss and the roll start: its Adam moments then hold only the alignment's and KL's
+    gradients, and the task gradient arriving at the full rate would take unscaled steps. The map keeps
+    its one warm-up.
+    """
+    width = max(1, warmup_steps)
+
+    def lm(step: int) -> float:
+        return min(1.0, (step + 1 - (lm_restart if step >= lm_restart > 0 else 0)) / width)
+
+    def other(step: int) -> float:
+        return min(1.0, (step + 1) / width)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [lm] + [other] * (len(optimizer.param_groups) - 1))
 
 
 class InjectionObjective(torch.nn.Module):
@@ -208,15 +239,34 @@ class InjectionObjective(torch.nn.Module):
         # buffers, so `accelerator.prepare` puts them on the device once (not saved in checkpoints)
         self.register_buffer("dim_levels_D", parts.dim_levels, persistent=False)
         self.register_buffer("dim_scales_D", parts.dim_scales, persistent=False)
+        if config.injecting and config.alignment_balance != "none":
+            # the balance's smoothed ratio (0: not measured yet), saved with checkpoints for an exact resume
+            self.register_buffer("balance_ema", torch.zeros(()), persistent=True)
+
+    @property
+    def alignment_factor(self) -> float:
+        """The balance's factor on the alignment term (`levers.applied_factor`); 1 without a balance."""
+        if not hasattr(self, "balance_ema"):
+            return 1.0
+        return applied_factor(float(self.balance_ema), self.config.balance_cap)
 
     def forward(
-        self, batch: dict[str, torch.Tensor], kl_batch: dict[str, torch.Tensor], force_subspace: bool = False
-    ) -> tuple[torch.Tensor, dict]:
+        self,
+        batch: dict[str, torch.Tensor],
+        kl_batch: dict[str, torch.Tensor],
+        force_subspace: bool = False,
+        alignment_only: bool = False,
+        separate: bool = False,
+    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict]:
         """Task CE on the answer tokens + m * alignment (inject) + w * KL(original || student) on natural text.
 
-        With `force_subspace` the rolled output subspace holds the teacher's output (`teacher_inside`).
+        With `force_subspace` the rolled output subspace holds the teacher's output (`teacher_inside`); with
+        `alignment_only` there is no task term and no roll (`terms`). With `separate` the terms come back
+        unsummed (the training loop's levers need them one by one) and `metrics` has no `loss` yet.
         """
-        terms, metrics = self.terms(batch, kl_batch, force_subspace)
+        terms, metrics = self.terms(batch, kl_batch, force_subspace, alignment_only)
+        if separate:
+            return terms, metrics
         loss = sum(terms.values())
         metrics["loss"] = loss.item()
         return loss, metrics
@@ -226,13 +276,53 @@ class InjectionObjective(torch.nn.Module):
         batch: dict[str, torch.Tensor],
         kl_batch: dict[str, torch.Tensor] | None = None,
         force_subspace: bool = False,
+        alignment_only: bool = False,
     ) -> tuple[dict[str, torch.Tensor], dict]:
         """The loss terms as they enter the step's loss (weights applied), and the step's metrics.
 
-        Keys in order: `task_ce`, `alignment` (inject: m * the summed cosine loss) and `kl` (w * KL, when
-        w > 0 and `kl_batch` is given: analyses may leave it out). Separate so that gradient norms can be
-        taken per term (`inject.probing.term_gradient_norms`); `forward` sums them.
+        Keys in order: `task_ce`, `alignment` (inject: m * the balance's factor * the summed cosine loss) and
+        `kl` (w * KL, when w > 0 and `kl_batch` is given: analyses may leave it out). Separate so that gradient
+        norms can be taken per term (`inject.probing.term_gradient_norms`); `forward` sums them.
+        With `alignment_only` (inject: the alignment-first phase) there is no task term and no roll, and the
+        LM runs only up to the last aligned hidden state (plus its natural-text pass for the KL).
         """
+        config, parts = self.config, self.parts
+        terms: dict[str, torch.Tensor] = {}
+        metrics: dict[str, float] = {}
+        if alignment_only:
+            hidden = hidden_states(self.lm, batch["input_ids"], batch["attention_mask"], up_to=max(parts.layer_map))
+        else:
+            hidden = self.task_term(batch, force_subspace, terms, metrics)
+        if config.injecting:
+            align, per_level = alignment_loss(
+                self.amap,
+                hidden,
+                parts.layer_map,
+                batch["teacher_final"],
+                self.dim_levels_D,
+                batch["teacher_mask"],
+                self.dim_scales_D,
+            )
+            factor = self.alignment_factor
+            terms["alignment"] = config.alignment_weight * factor * align
+            metrics["alignment"] = align.item()
+            metrics["subspace_forced"] = float(force_subspace)
+            metrics.update({f"alignment_L{i}": v.item() for i, v in enumerate(per_level)})
+            if config.alignment_balance != "none":
+                metrics["alignment_factor"] = factor
+            if config.alignment_first_steps:
+                metrics["alignment_only"] = float(alignment_only)
+        if config.kl_weight > 0 and kl_batch is not None:
+            kl = topk_kl(self.lm(input_ids=kl_batch["input_ids"]).logits, kl_batch, config.kl_reduction)
+            terms["kl"] = config.kl_weight * kl
+            metrics["kl"] = kl.item()
+        return terms, metrics
+
+    def task_term(
+        self, batch: dict[str, torch.Tensor], force_subspace: bool, terms: dict, metrics: dict
+    ) -> tuple[torch.Tensor, ...] | None:
+        """Put the task CE (under detach-and-roll when injecting) into `terms` and `metrics`; return the hidden
+        states of that forward pass (inject) for the alignment."""
         config, parts = self.config, self.parts
         roll = contextlib.nullcontext()
         if config.injecting:
@@ -252,27 +342,9 @@ class InjectionObjective(torch.nn.Module):
                 output_hidden_states=config.injecting,
             )  # fmt: skip
         ce = task_loss(logits_NV, target)
-        terms = {"task_ce": ce}
-        metrics = {"task_ce": ce.item()}
-        if config.injecting:
-            align, per_level = alignment_loss(
-                self.amap,
-                out.hidden_states,
-                parts.layer_map,
-                batch["teacher_final"],
-                self.dim_levels_D,
-                batch["teacher_mask"],
-                self.dim_scales_D,
-            )
-            terms["alignment"] = config.alignment_weight * align
-            metrics["alignment"] = align.item()
-            metrics["subspace_forced"] = float(force_subspace)
-            metrics.update({f"alignment_L{i}": v.item() for i, v in enumerate(per_level)})
-        if config.kl_weight > 0 and kl_batch is not None:
-            kl = topk_kl(self.lm(input_ids=kl_batch["input_ids"]).logits, kl_batch, config.kl_reduction)
-            terms["kl"] = config.kl_weight * kl
-            metrics["kl"] = kl.item()
-        return terms, metrics
+        terms["task_ce"] = ce
+        metrics["task_ce"] = ce.item()
+        return out.hidden_states if config.injecting else None
 
 
 def answers_correct(model: Any, data: TaskData, count: int, batch_size: int = 16) -> torch.Tensor:
@@ -485,10 +557,21 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         config.task, config.eval_split, tokenizer, config.model, max_examples=config.eval_examples, seed=1
     )
     accuracy_before = answer_accuracy(model.to(accelerator.device), eval_data, config.eval_examples)
+    if config.clip_per_term and accelerator.num_processes > 1:
+        raise TracrInjectionError(
+            "clip_per_term takes each term's gradient with autograd.grad, which DistributedDataParallel does not "
+            "synchronise; run it in one process or drop --clip-per-term."
+        )
+    map_fit = None
+    if config.injecting and config.map_init == "lstsq" and not (resume and checkpoint_dirs(out)):
+        map_fit = lstsq_map_init(parts.amap, model.to(accelerator.device), parts.data, parts.layer_map, parts.dim_levels)
     objective = InjectionObjective(config, parts)
     optimizer = make_optimizer(config, model, parts.amap)
-    scheduler = warmup_schedule(optimizer, config.warmup_steps)
+    lm_restart = config.alignment_first_steps if config.injecting else 0
+    scheduler = warmup_schedule(optimizer, config.warmup_steps, lm_restart)
     objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+    early_params = block_groups(model, parts.roll_block)["early"] if config.injecting else []
+    trainable = [p for p in objective.parameters() if p.requires_grad]
     start = 0
     if resume and checkpoint_dirs(out):
         start = load_last_good_checkpoint(accelerator, config, out)
@@ -517,11 +600,21 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             kl_batch = {k: v.to(accelerator.device) for k, v in kl_batch.items()}
             with accelerator.autocast():
                 forced = step < config.subspace_forcing_steps
-                loss, metrics = objective(batch, kl_batch, force_subspace=forced)
-            accelerator.backward(loss)
-            metrics["grad_norm"] = float(
-                accelerator.clip_grad_norm_(objective.parameters(), config.clip_norm)
-            )
+                aligning = config.injecting and step < config.alignment_first_steps
+                terms, metrics = objective(
+                    batch, kl_batch, force_subspace=forced, alignment_only=aligning, separate=True
+                )
+            if config.injecting and config.alignment_balance != "none" and step % config.balance_every == 0:
+                rebalance(accelerator, accelerator.unwrap_model(objective), terms, metrics, early_params)
+            loss = sum(terms.values())
+            metrics["loss"] = loss.item()
+            if config.clip_per_term:
+                norms = clip_terms_into_grads(terms, trainable, config.clip_norm)
+                metrics.update({f"grad_norm/{name}": norm for name, norm in norms.items()})
+                metrics["grad_norm"] = float(accelerator.clip_grad_norm_(trainable, math.inf))  # after clipping
+            else:
+                accelerator.backward(loss)
+                metrics["grad_norm"] = float(accelerator.clip_grad_norm_(objective.parameters(), config.clip_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -564,6 +657,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         f"{config.eval_split}_accuracy_after": accuracy_after,
         "eval_examples": min(config.eval_examples, len(eval_data)),
     }
+    if parts.variable_scales:
+        manifest["alignment_variable_scales"] = parts.variable_scales
+    if map_fit is not None:
+        manifest["map_init_fit"] = map_fit  # 1 - cos of the least-squares map on the rows it was fitted on
     if accelerator.is_main_process:
         trained.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
@@ -573,6 +670,34 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     accelerator.wait_for_everyone()
     return manifest
+
+
+def rebalance(
+    accelerator: Accelerator,
+    objective: InjectionObjective,
+    terms: dict[str, torch.Tensor],
+    metrics: dict[str, float],
+    early_params: list[torch.nn.Parameter],
+) -> None:
+    """Measure the task and alignment terms' gradient norms on the early blocks on this step's graph, update
+    the balance's smoothed ratio (averaged over processes) and rescale this step's alignment term to the new
+    factor (`levers.balanced_factor`). Nothing to balance against in the alignment-first phase (no task term).
+
+    Cost: two partial backward passes (autograd.grad, `.grad` untouched) every `balance_every` steps.
+    """
+    if "task_ce" not in terms:
+        return
+    norms = term_gradient_norms(
+        {name: terms[name] for name in ("task_ce", "alignment")}, {"early": early_params}
+    )
+    used = objective.alignment_factor
+    raw = balance_ratio(used, norms["task_ce"]["early"], norms["alignment"]["early"])
+    raw = float(accelerator.reduce(torch.tensor(raw, device=accelerator.device), "mean"))
+    ema = smoothed_ratio(float(objective.balance_ema), raw)
+    objective.balance_ema.fill_(ema)
+    new = objective.alignment_factor
+    terms["alignment"] = terms["alignment"] * (new / used)
+    metrics.update(alignment_factor=new, balance_ratio=raw)
 
 
 def make_prober(

@@ -1,0 +1,439 @@
+"""`tracr-inject sweep`: the alignment levers of issue 21 on Dyck, seed 0, each a resumable run, and the gate.
+
+In: teachers, named settings (each a dict of `TrainConfig` overrides on top of the `sweep` budget), a long
+run's setting.  Out: per teacher, run folders under `runs/injection/<teacher>/<setting>` and, as soon as a
+run is evaluated, `results/injection/<teacher>/<setting>/` (its evaluation without weights, manifest,
+reproduce record with the train command and wall times, metrics.jsonl with the probe lines, probes.png);
+`results/injection/summary.{md,csv,png}` over every finished run (final ID map decoding per variable, ID
+task accuracy, the alignment's early-block gradient over the task's) and `results/injection/gate.json` for
+the setting chosen by in-distribution decoding and accuracy only.  Each teacher's plan is its baseline (the
+post-hoc probe the gate compares with), one run per setting, then a long run (`LONG_STEPS`) of one setting:
+named, or `auto` (the best finished one).  Runs are claimed, resumed and skipped exactly as `reproduce`'s
+(`experiments.reproduce`), so several one-thread workers can share a plan and a reclaimed machine loses
+only the steps since a run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from tracr_injection.evaluate.pipeline import METRICS_FILE
+from tracr_injection.experiments.budgets import Budget, get_budget
+from tracr_injection.experiments.reproduce import (
+    DONE_STATES,
+    PlannedRun,
+    claim,
+    eval_settings,
+    execute_run,
+    lock_holder,
+    publish_run,
+    release,
+    run_state,
+    status_rows,
+)
+from tracr_injection.inject.config import TrainConfig
+from tracr_injection.inject.probing import PLOT_NAME, read_probe_lines
+from tracr_injection.inject.trainer import METRICS_NAME, versions
+
+TASK = "dyck"
+SEED = 0
+TEACHERS = ("dyck_trigger", "dyck_authors_trigger")
+BASELINE = "baseline"
+LONG_PREFIX = "long-"
+LONG_STEPS = 1500
+GATE_DECODING = 0.95
+GATE_ACCURACY = 0.97
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "m1": {},
+    "m10": {"alignment_weight": 10.0},
+    "m30": {"alignment_weight": 30.0},
+    "m100": {"alignment_weight": 100.0},
+    "balance": {"alignment_balance": "early_grad"},
+    "balance-m10": {"alignment_balance": "early_grad", "alignment_weight": 10.0},
+    "align-first": {"alignment_first_steps": 100},
+    "lstsq": {"map_init": "lstsq"},
+    "lr-map-1e-2": {"lr_map": 1e-2},
+    "lr-map-1e-4": {"lr_map": 1e-4},
+    "clip-per-term": {"clip_per_term": True},
+    "equal": {"alignment_variable_weighting": "equal"},
+}
+
+SWEEP = Budget(
+    name="sweep",
+    description="the levers' budget: 400 steps at batch 8 (training within an hour on one 1-thread worker "
+    "beside another), probes every 25 steps, 200 examples per evaluated split",
+    steps={"default": 400},
+    train={
+        "batch_size": 8, "lr_lm": 1e-5, "lr_map": 1e-3, "warmup_steps": 20, "eval_examples": 200,
+        "probe_every": 25,
+    },  # fmt: skip
+    eval_examples=200,
+    probe_examples=400,
+    causal_examples=64,
+    language_windows=32,
+    checkpoint_every=50,
+)
+
+
+def sweep_budget(name: str) -> Budget:
+    """The `sweep` budget, or any `reproduce` budget by name (`smoke` for tests)."""
+    return SWEEP if name == SWEEP.name else get_budget(name)
+
+
+def planned(
+    teacher: str,
+    setting: str,
+    overrides: Mapping[str, Any],
+    budget: Budget,
+    roots: tuple[Path, Path],
+    model: str,
+    task: str = TASK,
+) -> PlannedRun:
+    """One run of the sweep: Dyck (another task in tests), seed 0, the budget's fields, then the overrides."""
+    runs_root, results_root = roots
+    method = "baseline" if setting == BASELINE else "inject"
+    fields = {**budget.train_fields(task), **overrides}
+    config = TrainConfig(
+        task=task, teacher=teacher, method=method, model=model, seed=SEED,
+        out=str(runs_root / teacher / setting), **fields,
+    )  # fmt: skip
+    return PlannedRun(task, method, SEED, config, results_root / teacher / setting)
+
+
+def plan_sweep(
+    teachers: Sequence[str],
+    settings: Sequence[str],
+    budget: Budget,
+    runs_root: Path,
+    results_root: Path,
+    model: str = "smollm2",
+    task: str = TASK,
+) -> list[PlannedRun]:
+    """Teacher by teacher: the baseline, then one inject run per setting (in the order given)."""
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise ValueError(f"Unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}.")
+    runs = []
+    for teacher in teachers:
+        runs.append(planned(teacher, BASELINE, {}, budget, (runs_root, results_root), model, task))
+        for name in settings:
+            runs.append(planned(teacher, name, SETTINGS[name], budget, (runs_root, results_root), model, task))
+    return runs
+
+
+def long_run(
+    teacher: str, setting: str, budget: Budget, runs_root: Path, results_root: Path, model: str = "smollm2",
+    steps: int = LONG_STEPS, task: str = TASK,
+) -> PlannedRun:
+    """The long run of `setting`: its overrides, `steps` steps, probes every 50 and checkpoints every 100."""
+    overrides = {**SETTINGS[setting], "steps": steps, "probe_every": 50, "checkpoint_every": 100}
+    return planned(teacher, LONG_PREFIX + setting, overrides, budget, (runs_root, results_root), model, task)
+
+
+# ----------------------------------------------------------------------------- reading finished runs
+
+
+def is_done(run: PlannedRun) -> bool:
+    """Whether the run is evaluated here or published."""
+    return run_state(run) in DONE_STATES
+
+
+def evaluation(run: PlannedRun) -> dict[str, Any]:
+    """The run's evaluation metrics (published copy first)."""
+    for path in (run.published / METRICS_FILE, run.out / "eval" / METRICS_FILE):
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise FileNotFoundError(f"{run.name} has no evaluation yet.")
+
+
+def written_level_accuracies(metrics: dict[str, Any], decoder: str, split: str) -> dict[str, tuple[int, float]]:
+    """Per teacher variable, (level it is written, decoding accuracy there) for `decoder` (map or probe)."""
+    table = metrics["decoding"][decoder][split]["accuracy"]
+    result = {}
+    for name, by_level in table.items():
+        level = next(i for i, value in enumerate(by_level) if value is not None)
+        result[name] = (level, by_level[level])
+    return result
+
+
+def early_gradient_ratio(run: PlannedRun) -> float | None:
+    """The last probe's alignment / task gradient norm on the early blocks (None without both)."""
+    for folder in (run.published, run.out):
+        if (folder / METRICS_NAME).is_file():
+            lines = read_probe_lines(folder / METRICS_NAME)
+            if not lines:
+                return None
+            last = lines[-1]
+            task, align = last.get("probe/grad/task_ce/early"), last.get("probe/grad/alignment/early")
+            return align / task if task and align is not None else None
+    return None
+
+
+def run_row(run: PlannedRun, baseline: PlannedRun | None) -> dict[str, Any]:
+    """One summary row of a finished inject run: ID accuracy, per variable ID map decoding (and the baseline's
+    probe when it is evaluated), the early-block gradient ratio."""
+    metrics = evaluation(run)
+    split = run.config.eval_split
+    ours = written_level_accuracies(metrics, "map", split)
+    theirs = written_level_accuracies(evaluation(baseline), "probe", split) if baseline and is_done(baseline) else {}
+    return {
+        "teacher": run.config.teacher,
+        "setting": run.name,
+        "steps": run.config.steps,
+        "id_task_accuracy": metrics["accuracy"][split]["accuracy"],
+        "grad_ratio_early": early_gradient_ratio(run),
+        "variables": {
+            name: {"level": level, "map_id": value, "baseline_probe_id": theirs.get(name, (level, None))[1]}
+            for name, (level, value) in ours.items()
+        },
+    }
+
+
+def passes_gate(row: dict[str, Any]) -> bool:
+    """Every variable decodes at >= 95% ID through the map, above the baseline's probe; ID accuracy >= 97%."""
+    variables = row["variables"].values()
+    return row["id_task_accuracy"] >= GATE_ACCURACY and all(
+        v["map_id"] is not None and v["map_id"] >= GATE_DECODING
+        and v["baseline_probe_id"] is not None and v["map_id"] > v["baseline_probe_id"]
+        for v in variables
+    )  # fmt: skip
+
+
+def choice_key(row: dict[str, Any]) -> tuple:
+    """Order of preference, by in-distribution numbers only: passes the gate, keeps ID accuracy >= 97%, then
+    the worst variable's map decoding, the mean decoding, the ID accuracy."""
+    decoded = [v["map_id"] or 0.0 for v in row["variables"].values()]
+    return (
+        passes_gate(row),
+        row["id_task_accuracy"] >= GATE_ACCURACY,
+        min(decoded),
+        sum(decoded) / len(decoded),
+        row["id_task_accuracy"],
+    )
+
+
+def best_setting(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The preferred row (`choice_key`), None without rows."""
+    return max(rows, key=choice_key) if rows else None
+
+
+# ----------------------------------------------------------------------------- publishing
+
+
+def publish_sweep_run(run: PlannedRun) -> None:
+    """`reproduce`'s publication (evaluation, manifest, record) plus the run's metrics.jsonl and probes.png."""
+    publish_run(run)
+    for name in (METRICS_NAME, PLOT_NAME):
+        if (run.out / name).is_file():
+            shutil.copy2(run.out / name, run.published / name)
+
+
+def summary_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
+    """A row per finished inject run (`run_row`), with its teacher's baseline."""
+    baselines = {r.config.teacher: r for r in runs if r.name == BASELINE}
+    return [run_row(r, baselines.get(r.config.teacher)) for r in runs if r.name != BASELINE and is_done(r)]
+
+
+def write_summary(rows: Sequence[dict[str, Any]], folder: Path) -> None:
+    """summary.md / summary.csv (a line per run and variable) and summary.png (map decoding per variable and
+    setting, per teacher, with the ID accuracy)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = ["teacher", "setting", "steps", "id_task_accuracy", "grad_ratio_early", "variable", "level",
+              "map_id", "baseline_probe_id"]  # fmt: skip
+    lines = [
+        [row[k] for k in header[:5]] + [name, v["level"], v["map_id"], v["baseline_probe_id"]]
+        for row in rows
+        for name, v in row["variables"].items()
+    ]
+    with (folder / "summary.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([header, *lines])
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(cell_text(c) for c in line) + " |" for line in lines]
+    (folder / "summary.md").write_text("\n".join(md) + "\n")
+    plot_summary(rows, folder / "summary.png")
+
+
+def cell_text(value: Any) -> str:
+    """A table cell: 3 decimals for floats, '' for None."""
+    if value is None:
+        return ""
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def plot_summary(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """One heat map per teacher: settings x (ID accuracy, each variable's ID map decoding)."""
+    teachers = sorted({r["teacher"] for r in rows})
+    if not teachers:
+        return
+    fig, axes = plt.subplots(len(teachers), 1, figsize=(12, 1.2 + 0.45 * len(rows)), squeeze=False)
+    for ax, teacher in zip(axes[:, 0], teachers):
+        mine = [r for r in rows if r["teacher"] == teacher]
+        variables = list(mine[0]["variables"])
+        columns = ["ID accuracy", *variables]
+        grid = [[r["id_task_accuracy"]] + [r["variables"].get(v, {}).get("map_id") or 0.0 for v in variables]
+                for r in mine]  # fmt: skip
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, values in enumerate(grid):
+            for j, value in enumerate(values):
+                ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=6, color="w")
+        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=6)
+        ax.set_yticks(range(len(mine)), [r["setting"] for r in mine], fontsize=7)
+        ax.set_title(f"{teacher}: ID task accuracy and ID map decoding at the level written (%)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_gate(rows: Sequence[dict[str, Any]], runs: Sequence[PlannedRun], path: Path) -> dict[str, Any] | None:
+    """`gate.json` for the preferred finished setting (`choice_key`), None before any finished inject run."""
+    best = best_setting(rows)
+    if best is None:
+        return None
+    run = next(r for r in runs if r.config.teacher == best["teacher"] and r.name == best["setting"])
+    setting = best["setting"].removeprefix(LONG_PREFIX)
+    gate = {
+        "setting": {"name": setting, **SETTINGS.get(setting, {})},
+        "steps": best["steps"],
+        "teacher": best["teacher"],
+        "id_task_accuracy": best["id_task_accuracy"],
+        "variables": best["variables"],
+        "passed": passes_gate(best),
+        "run": best["setting"],
+        "train_command": run.config.command(),
+        "chosen_by": "passes the gate, ID accuracy >= 0.97, then worst and mean ID map decoding, ID accuracy "
+        "(never the OOD splits)",
+    }
+    path.write_text(json.dumps(gate, indent=2))
+    return gate
+
+
+def publish_sweep(runs: Sequence[PlannedRun], results_root: Path, budget: Budget, command: str) -> Path:
+    """Publish every evaluated run, then the summary, gate.json and experiment.json over all finished runs."""
+    results_root.mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        if run_state(run) == "evaluated":
+            publish_sweep_run(run)
+    rows = summary_rows(runs)
+    write_summary(rows, results_root)
+    write_gate(rows, runs, results_root / "gate.json")
+    (results_root / "experiment.json").write_text(
+        json.dumps(
+            {
+                "budget": dataclasses.asdict(budget),
+                "command": command,
+                "versions": versions(),
+                "settings": SETTINGS,
+                "runs": [
+                    {"teacher": r.config.teacher, "train_command": r.config.command(), **row}
+                    for r, row in zip(runs, status_rows(runs))
+                ],
+            },
+            indent=2,
+        )
+    )
+    return results_root
+
+
+# ----------------------------------------------------------------------------- driving
+
+
+def resolve_long(
+    teacher: str, long_setting: str | None, runs: Sequence[PlannedRun], budget: Budget, roots: tuple[Path, Path],
+    model: str, steps: int,
+) -> PlannedRun | None:
+    """The teacher's long run: of `long_setting`, or with `auto` of the best finished setting so far (None
+    while none is finished, or with `long_setting` None)."""
+    if long_setting is None:
+        return None
+    if long_setting == "auto":
+        best = best_setting([r for r in summary_rows(runs) if r["teacher"] == teacher])
+        if best is None:
+            return None
+        long_setting = best["setting"].removeprefix(LONG_PREFIX)
+    if long_setting not in SETTINGS:
+        raise ValueError(f"Unknown long setting {long_setting!r}; choose auto or one of {', '.join(SETTINGS)}.")
+    return long_run(teacher, long_setting, budget, *roots, model=model, steps=steps, task=runs[0].task)
+
+
+def baseline_of(run: PlannedRun, runs: Sequence[PlannedRun]) -> Path | None:
+    """The evaluated baseline of the run's teacher, for `eval --baseline` (None while it is not evaluated)."""
+    if run.name == BASELINE:
+        return None
+    for other in runs:
+        if other.name == BASELINE and other.config.teacher == run.config.teacher and is_done(other):
+            return other.published if (other.published / METRICS_FILE).is_file() else other.out
+    return None
+
+
+def sweep(
+    teachers: Sequence[str],
+    settings: Sequence[str],
+    budget_name: str = SWEEP.name,
+    *,
+    runs_root: Path = Path("runs/injection"),
+    results_root: Path = Path("results/injection"),
+    model: str = "smollm2",
+    long_setting: str | None = "auto",
+    long_steps: int = LONG_STEPS,
+    progress: bool = True,
+    command: str = "",
+    on_run: Callable[[PlannedRun, str], None] | None = None,
+    task: str = TASK,
+) -> Path:
+    """Bring every planned run to 'evaluated' (skipping finished runs and runs another live process holds),
+    publishing after each; each teacher's long run is resolved once its sweep runs are taken."""
+    budget = sweep_budget(budget_name)
+    runs = plan_sweep(teachers, settings, budget, runs_root, results_root, model, task)
+    pending = list(runs)
+    while pending:
+        run = pending.pop(0)
+        execute_planned(run, runs, budget, on_run, progress)
+        publish_sweep(runs, results_root, budget, command)
+        if not any(r.config.teacher == run.config.teacher for r in pending) and not run.name.startswith(LONG_PREFIX):
+            extra = resolve_long(run.config.teacher, long_setting, runs, budget, (runs_root, results_root), model,
+                                 long_steps)  # fmt: skip
+            if extra is not None:
+                runs.append(extra)
+                pending.insert(0, extra)
+    return publish_sweep(runs, results_root, budget, command)
+
+
+def execute_planned(
+    run: PlannedRun, runs: Sequence[PlannedRun], budget: Budget, on_run: Callable | None, progress: bool
+) -> None:
+    """Claim, train, evaluate (beside the baseline's probe when it is evaluated) and release one run."""
+    state = run_state(run)
+    if state != "published" and not claim(run):
+        state = f"running elsewhere ({lock_holder(run)})"
+    if on_run is not None:
+        on_run(run, state)
+    if state == "published" or state.startswith("running"):
+        return
+    try:
+        execute_run(run, eval_settings(budget), progress, baseline=baseline_of(run, runs))
+    finally:
+        release(run)
+
+
+def plan_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
+    """`--status`/`--dry-run`: per run its teacher, setting, overrides, state and train command."""
+    rows = []
+    for run, status in zip(runs, status_rows(runs)):
+        name = run.name.removeprefix(LONG_PREFIX)
+        rows.append({
+            "teacher": run.config.teacher, "setting": run.name, "overrides": SETTINGS.get(name, {}),
+            "state": status["state"], "steps": status["steps"], "command": run.config.command(),
+        })  # fmt: skip
+    return rows

@@ -1,0 +1,101 @@
+"""`tracr-inject sweep` (`experiments.injection_sweep`) on a tiny random model at the smoke budget: the plan, the
+resumable driver publishing each run with its curves, the summary, the gate chosen by ID numbers only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import save_tiny_llama
+from typer.testing import CliRunner
+
+from tracr_injection.cli.main import app
+from tracr_injection.experiments.injection_sweep import (
+    BASELINE,
+    SETTINGS,
+    SWEEP,
+    TEACHERS,
+    best_setting,
+    passes_gate,
+    plan_sweep,
+    sweep,
+)
+from tracr_injection.experiments.reproduce import run_state
+from tracr_injection.hub import load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")
+
+
+def row(setting: str, accuracy: float, decoded: dict[str, float], probe: float = 0.5) -> dict:
+    variables = {name: {"level": 0, "map_id": v, "baseline_probe_id": probe} for name, v in decoded.items()}
+    return {"teacher": "t", "setting": setting, "steps": 1, "id_task_accuracy": accuracy, "variables": variables}
+
+
+def test_the_plan_is_each_teachers_baseline_then_every_setting(tmp_path):
+    runs = plan_sweep(TEACHERS, list(SETTINGS), SWEEP, tmp_path / "runs", tmp_path / "results")
+    assert [r.name for r in runs] == 2 * [BASELINE, *SETTINGS]
+    assert [r.config.teacher for r in runs] == [t for t in TEACHERS for _ in range(len(SETTINGS) + 1)]
+    m10 = next(r for r in runs if r.name == "m10")
+    assert m10.config.alignment_weight == 10.0 and m10.config.steps == 400 and m10.config.seed == 0
+    assert runs[0].config.method == "baseline" and str(runs[0].published).endswith("dyck_trigger/baseline")
+    with pytest.raises(ValueError, match="Unknown setting"):
+        plan_sweep(TEACHERS, ["m7"], SWEEP, tmp_path, tmp_path)
+
+
+def test_the_gate_choice_uses_in_distribution_numbers_only():
+    worst_low = row("a", 0.99, {"x": 0.99, "y": 0.60})
+    even = row("b", 0.98, {"x": 0.90, "y": 0.90})
+    inaccurate = row("c", 0.90, {"x": 1.0, "y": 1.0})
+    assert best_setting([worst_low, even, inaccurate])["setting"] == "b"  # the worst variable decides
+    passing = row("d", 0.97, {"x": 0.96, "y": 0.95})
+    assert passes_gate(passing) and not passes_gate(even)
+    assert best_setting([even, passing])["setting"] == "d"
+    assert not passes_gate(row("e", 0.99, {"x": 0.96}, probe=0.97))  # not above the baseline's probe
+
+
+def test_the_sweep_runs_publishes_and_writes_the_gate(tmp_path):
+    model = save_tiny_llama(tmp_path / "tiny", load_tokenizer("smollm2"), num_hidden_layers=6)
+    roots = {"runs_root": tmp_path / "runs", "results_root": tmp_path / "results"}
+    teacher = "reverse_trigger"
+    seen = []
+    results = sweep(
+        [teacher], ["m10"], "smoke", model=model, long_setting="auto", long_steps=2, progress=False,
+        task="reverse", on_run=lambda run, state: seen.append((run.name, state)), **roots,
+    )  # fmt: skip
+    assert seen == [(BASELINE, "todo"), ("m10", "todo"), ("long-m10", "todo")]
+    for name in (BASELINE, "m10", "long-m10"):
+        published = results / teacher / name
+        assert {"metrics.json", "manifest.json", "reproduce.json", "metrics.jsonl", "probes.png"} <= {
+            p.name for p in published.iterdir()
+        }, name
+    evaluated = json.loads((results / teacher / "m10" / "metrics.json").read_text())
+    assert "baseline_comparison" in evaluated  # the baseline was evaluated first
+    gate = json.loads((results / "gate.json").read_text())
+    assert gate["teacher"] == teacher and gate["setting"]["name"] == "m10"
+    assert gate["steps"] in (2, 4) and 0 <= gate["id_task_accuracy"] <= 1
+    assert set(gate["variables"]) == set(evaluated["baseline_comparison"]["variables"])
+    for name, values in gate["variables"].items():
+        comparison = evaluated["baseline_comparison"]["variables"][name]
+        if gate["run"] == "m10":
+            assert values["map_id"] == comparison["test"]["map"]
+        assert values["baseline_probe_id"] == comparison["test"]["baseline_probe"]
+        assert values["level"] == comparison["level"]
+    summary = (results / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + 2 * len(gate["variables"]) and (results / "summary.png").stat().st_size > 5000
+    # again: everything is done, nothing trains (a second worker or a restart skips finished runs)
+    again = []
+    sweep([teacher], ["m10"], "smoke", model=model, long_setting="auto", long_steps=2, progress=False,
+          task="reverse", on_run=lambda run, state: again.append(state), **roots)  # fmt: skip
+    assert again == ["evaluated"] * 3
+
+def test_sweep_status_prints_the_plan_and_rejects_unknown_names(tmp_path):
+    common = ["sweep", "--runs-root", str(tmp_path), "--results", str(tmp_path)]
+    status = CliRunner().invoke(app, [*common, "--status", "--setting", "m10"])
+    assert status.exit_code == 0, status.output
+    assert "dyck_trigger/m10: todo" in status.output and "dyck_authors_trigger/baseline: todo" in status.output
+    dry = CliRunner().invoke(app, [*common, "--dry-run", "--setting", "lstsq", "--teacher", "dyck_trigger"])
+    assert dry.exit_code == 0 and "--map-init lstsq" in dry.output
+    for bad, message in ((["--teacher", "nope"], "cannot be taught by 'nope'"), (["--setting", "m7"], "Unknown setting"),
+                         (["--long", "m7"], "--long must be auto, none or one of")):  # fmt: skip
+        result = CliRunner().invoke(app, [*common, "--status", *bad])
+        assert result.exit_code != 0 and message in " ".join(result.output.split()), result.output
