@@ -33,12 +33,9 @@ from tracr_injection.experiments.budgets import Budget, get_budget
 from tracr_injection.experiments.reproduce import (
     DONE_STATES,
     PlannedRun,
-    claim,
     eval_settings,
-    execute_run,
-    lock_holder,
     publish_run,
-    release,
+    run_claimed,
     run_state,
     status_rows,
 )
@@ -414,17 +411,7 @@ def execute_planned(
     run: PlannedRun, runs: Sequence[PlannedRun], budget: Budget, on_run: Callable | None, progress: bool
 ) -> None:
     """Claim, train, evaluate (beside the baseline's probe when it is evaluated) and release one run."""
-    state = run_state(run)
-    if state != "published" and not claim(run):
-        state = f"running elsewhere ({lock_holder(run)})"
-    if on_run is not None:
-        on_run(run, state)
-    if state == "published" or state.startswith("running"):
-        return
-    try:
-        execute_run(run, eval_settings(budget), progress, baseline=baseline_of(run, runs))
-    finally:
-        release(run)
+    run_claimed(run, eval_settings(budget), on_run, progress, baseline=baseline_of(run, runs))
 
 
 def plan_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:

@@ -309,16 +309,29 @@ def reproduce(
     runs = plan_runs(tasks, seeds, budget, runs_root, model, results_root, methods, alignment_scales)
     settings = eval_settings(budget)
     for run in runs:
-        state = run_state(run)
-        if state != "published" and not claim(run):
-            state = f"running elsewhere ({lock_holder(run)})"
-        if on_run is not None:
-            on_run(run, state)
-        if state == "published" or state.startswith("running"):
-            continue
-        try:
-            execute_run(run, settings, progress)
-        finally:
-            release(run)
-        publish_results(runs, budget, results_root, command)
+        if run_claimed(run, settings, on_run, progress):
+            publish_results(runs, budget, results_root, command)
     return publish_results(runs, budget, results_root, command)
+
+
+def run_claimed(
+    run: PlannedRun,
+    settings: EvalSettings,
+    on_run: Callable[[PlannedRun, str], None] | None,
+    progress: bool,
+    baseline: Path | None = None,
+) -> bool:
+    """Claim, train, evaluate and release one run, unless it is published or another live process holds it
+    (`on_run` hears its state first); True when this process ran it."""
+    state = run_state(run)
+    if state != "published" and not claim(run):
+        state = f"running elsewhere ({lock_holder(run)})"
+    if on_run is not None:
+        on_run(run, state)
+    if state == "published" or state.startswith("running"):
+        return False
+    try:
+        execute_run(run, settings, progress, baseline=baseline)
+    finally:
+        release(run)
+    return True
