@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from tracr_injection.evaluate.pipeline import METRICS_FILE
+from tracr_injection.evaluate.pipeline import EVAL_DIR, METRICS_FILE
 from tracr_injection.experiments.budgets import Budget, get_budget
 from tracr_injection.experiments.reproduce import (
     DONE_STATES,
@@ -40,7 +39,7 @@ from tracr_injection.experiments.reproduce import (
     status_rows,
 )
 from tracr_injection.inject.config import TrainConfig
-from tracr_injection.inject.probing import PLOT_NAME, read_probe_lines
+from tracr_injection.inject.probing import read_probe_lines
 from tracr_injection.inject.trainer import METRICS_NAME, versions
 
 TASK = "dyck"
@@ -149,7 +148,7 @@ def is_done(run: PlannedRun) -> bool:
 
 def evaluation(run: PlannedRun) -> dict[str, Any]:
     """The run's evaluation metrics (published copy first)."""
-    for path in (run.published / METRICS_FILE, run.out / "eval" / METRICS_FILE):
+    for path in (run.published / METRICS_FILE, run.out / EVAL_DIR / METRICS_FILE):
         if path.is_file():
             return json.loads(path.read_text())
     raise FileNotFoundError(f"{run.name} has no evaluation yet.")
@@ -227,14 +226,6 @@ def best_setting(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 # ----------------------------------------------------------------------------- publishing
-
-
-def publish_sweep_run(run: PlannedRun) -> None:
-    """`reproduce`'s publication (evaluation, manifest, record) plus the run's metrics.jsonl and probes.png."""
-    publish_run(run)
-    for name in (METRICS_NAME, PLOT_NAME):
-        if (run.out / name).is_file():
-            shutil.copy2(run.out / name, run.published / name)
 
 
 def summary_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
@@ -321,7 +312,7 @@ def publish_sweep(runs: Sequence[PlannedRun], results_root: Path, budget: Budget
     results_root.mkdir(parents=True, exist_ok=True)
     for run in runs:
         if run_state(run) == "evaluated":
-            publish_sweep_run(run)
+            publish_run(run)
     rows = summary_rows(runs)
     write_summary(rows, results_root)
     write_gate(rows, runs, results_root / "gate.json")
