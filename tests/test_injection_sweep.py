@@ -31,10 +31,10 @@ def row(setting: str, accuracy: float, decoded: dict[str, float], probe: float =
     return {"teacher": "t", "setting": setting, "steps": 1, "id_task_accuracy": accuracy, "variables": variables}
 
 
-def test_the_plan_is_each_teachers_baseline_then_every_setting(tmp_path):
+def test_the_plan_is_the_baselines_then_every_setting_for_each_teacher(tmp_path):
     runs = plan_sweep(TEACHERS, list(SETTINGS), SWEEP, tmp_path / "runs", tmp_path / "results")
-    assert [r.name for r in runs] == 2 * [BASELINE, *SETTINGS]
-    assert [r.config.teacher for r in runs] == [t for t in TEACHERS for _ in range(len(SETTINGS) + 1)]
+    assert [r.name for r in runs] == [name for name in (BASELINE, *SETTINGS) for _ in TEACHERS]
+    assert [r.config.teacher for r in runs] == list(TEACHERS) * (len(SETTINGS) + 1)
     m10 = next(r for r in runs if r.name == "m10")
     assert m10.config.alignment_weight == 10.0 and m10.config.steps == 400 and m10.config.seed == 0
     assert runs[0].config.method == "baseline" and str(runs[0].published).endswith("dyck_trigger/baseline")

@@ -6,9 +6,9 @@ run is evaluated, `results/injection/<teacher>/<setting>/` (its evaluation witho
 reproduce record with the train command and wall times, metrics.jsonl with the probe lines, probes.png);
 `results/injection/summary.{md,csv,png}` over every finished run (final ID map decoding per variable, ID
 task accuracy, the alignment's early-block gradient over the task's) and `results/injection/gate.json` for
-the setting chosen by in-distribution decoding and accuracy only.  Each teacher's plan is its baseline (the
-post-hoc probe the gate compares with), one run per setting, then a long run (`LONG_STEPS`) of one setting:
-named, or `auto` (the best finished one).  Runs are claimed, resumed and skipped exactly as `reproduce`'s
+the setting chosen by in-distribution decoding and accuracy only.  The plan is every teacher's baseline (the
+post-hoc probe the gate compares with), then setting by setting one run per teacher, then per teacher a long
+run (`LONG_STEPS`) of one setting: named, or `auto` (the best finished one).  Runs are claimed, resumed and skipped exactly as `reproduce`'s
 (`experiments.reproduce`), so several one-thread workers can share a plan and a reclaimed machine loses
 only the steps since a run's last checkpoint.
 """
@@ -51,19 +51,19 @@ LONG_STEPS = 1500
 GATE_DECODING = 0.95
 GATE_ACCURACY = 0.97
 
-SETTINGS: dict[str, dict[str, Any]] = {
+SETTINGS: dict[str, dict[str, Any]] = {  # in the order runs are taken: the likeliest levers first
     "m1": {},
+    "align-first": {"alignment_first_steps": 100},
+    "equal": {"alignment_variable_weighting": "equal"},
+    "balance": {"alignment_balance": "early_grad"},
+    "m100": {"alignment_weight": 100.0},
+    "lstsq": {"map_init": "lstsq"},
     "m10": {"alignment_weight": 10.0},
     "m30": {"alignment_weight": 30.0},
-    "m100": {"alignment_weight": 100.0},
-    "balance": {"alignment_balance": "early_grad"},
-    "balance-m10": {"alignment_balance": "early_grad", "alignment_weight": 10.0},
-    "align-first": {"alignment_first_steps": 100},
-    "lstsq": {"map_init": "lstsq"},
-    "lr-map-1e-2": {"lr_map": 1e-2},
-    "lr-map-1e-4": {"lr_map": 1e-4},
     "clip-per-term": {"clip_per_term": True},
-    "equal": {"alignment_variable_weighting": "equal"},
+    "lr-map-1e-2": {"lr_map": 1e-2},
+    "balance-m10": {"alignment_balance": "early_grad", "alignment_weight": 10.0},
+    "lr-map-1e-4": {"lr_map": 1e-4},
 }
 
 SWEEP = Budget(
@@ -117,15 +117,15 @@ def plan_sweep(
     model: str = "smollm2",
     task: str = TASK,
 ) -> list[PlannedRun]:
-    """Teacher by teacher: the baseline, then one inject run per setting (in the order given)."""
+    """Every teacher's baseline, then setting by setting (in the order given) one inject run per teacher, so
+    that workers taking runs in order finish the teachers' comparisons of the first settings first."""
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise ValueError(f"Unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}.")
-    runs = []
-    for teacher in teachers:
-        runs.append(planned(teacher, BASELINE, {}, budget, (runs_root, results_root), model, task))
-        for name in settings:
-            runs.append(planned(teacher, name, SETTINGS[name], budget, (runs_root, results_root), model, task))
+    roots = (runs_root, results_root)
+    runs = [planned(teacher, BASELINE, {}, budget, roots, model, task) for teacher in teachers]
+    for name in settings:
+        runs += [planned(teacher, name, SETTINGS[name], budget, roots, model, task) for teacher in teachers]
     return runs
 
 
