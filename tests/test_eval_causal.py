@@ -108,26 +108,29 @@ def test_row_space_basis_gives_output_projectors_projector_and_the_rank():
 # ------------------------------------------------------------------------------------------- noise
 
 
+def draw(*shape: int) -> torch.Tensor:
+    """A seeded Gaussian draw of `shape`."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
 def test_noise_edit_has_the_asked_norm_and_lies_in_the_subspace():
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, D) * 3
     basis = random_subspace(D, 3, seed=1)
-    noisy = noise_edit(hidden, basis, 5.0, relative=False, generator=torch.Generator().manual_seed(0))
+    noisy = noise_edit(hidden, basis, 5.0, relative=False, gaussian_BPK=draw(2, 5, 3))
     noise = noisy - hidden
     assert torch.allclose(noise.norm(dim=-1), torch.full((2, 5), 5.0), atol=1e-5)
     assert torch.allclose(noise @ projector(basis), noise, atol=1e-5)
     assert not torch.allclose(noise[0, 0], noise[0, 1])  # a fresh direction per position
-    again = noise_edit(hidden, basis, 5.0, relative=False, generator=torch.Generator().manual_seed(0))
+    again = noise_edit(hidden, basis, 5.0, relative=False, gaussian_BPK=draw(2, 5, 3))
     assert torch.equal(noisy, again)
     relative = (
-        noise_edit(hidden, basis, 0.5, relative=True, generator=torch.Generator().manual_seed(0)) - hidden
+        noise_edit(hidden, basis, 0.5, relative=True, gaussian_BPK=draw(2, 5, 3)) - hidden
     )
     assert torch.allclose(relative.norm(dim=-1), 0.5 * hidden.norm(dim=-1), atol=1e-5)
     assert torch.allclose(relative @ projector(basis), relative, atol=1e-5)
     for is_relative in (False, True):
-        same = noise_edit(
-            hidden, basis, 0.0, relative=is_relative, generator=torch.Generator().manual_seed(0)
-        )
+        same = noise_edit(hidden, basis, 0.0, relative=is_relative, gaussian_BPK=draw(2, 5, 3))
         assert torch.equal(same, hidden)
 
 
@@ -137,7 +140,8 @@ def test_zero_noise_in_the_model_leaves_logits_and_accuracy_unchanged(model, dat
     batch = batch_of(data, range(8))
     clean_logits = edited_answer_logits(model, block, batch, None)
     for relative in (False, True):
-        edit = partial(noise_edit, basis_KD=basis, norm=0.0, relative=relative, generator=torch.Generator())
+        gaussian = draw(*batch["input_ids"].shape, 3)
+        edit = partial(noise_edit, basis_KD=basis, norm=0.0, relative=relative, gaussian_BPK=gaussian)
         assert torch.equal(edited_answer_logits(model, block, batch, edit), clean_logits)
     clean = answer_accuracy(model, data, COUNT)
     assert 0 < clean < 1  # the fixture model is right on some examples, wrong on others
@@ -154,9 +158,7 @@ def test_noise_seen_by_the_next_block_has_the_asked_norm_inside_the_subspace(mod
     with torch.no_grad():
         clean = hidden_states(model, ids, mask)
         for norm, relative, expected in ((5.0, False, torch.full(ids.shape, 5.0)), (0.25, True, None)):
-            edit = partial(
-                noise_edit, basis_KD=basis, norm=norm, relative=relative, generator=torch.Generator()
-            )
+            edit = partial(noise_edit, basis_KD=basis, norm=norm, relative=relative, gaussian_BPK=draw(*ids.shape, 3))
             with edited_block(decoder_blocks(model)[1], edit):
                 noisy = hidden_states(model, ids, mask)
             assert torch.equal(noisy[1], clean[1])  # before block 1's output: untouched
@@ -319,3 +321,27 @@ def test_causal_tests_rejects_bad_arguments(model, data):
         causal_tests(model, data, torch.randn(3, D), 4, count=8)
     with pytest.raises(CausalTestError, match=">= 0"):
         causal_tests(model, data, torch.randn(3, D), 2, count=8, noise_norms=(-1.0,))
+
+
+def in_order_noise_accuracy(model, block, basis, data, norm, relative, count, seed, batch_size) -> float:
+    """The noise test as first written: batches in example order, each batch's noise drawn when it runs."""
+    generator = torch.Generator().manual_seed(seed)
+    correct = []
+    for start in range(0, count, batch_size):
+        batch = batch_of(data, range(start, min(count, start + batch_size)))
+        gaussian = torch.randn((*batch["input_ids"].shape, basis.shape[0]), generator=generator)
+        edit = partial(noise_edit, basis_KD=basis, norm=norm, relative=relative, gaussian_BPK=gaussian)
+        correct.append(answers_hit(edited_answer_logits(model, block, batch, edit), batch["labels"]))
+    return float(torch.cat(correct).float().mean())
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_length_sorted_noise_curve_equals_the_in_order_reference(model, data, relative):
+    """Batching by length replays each example's own noise draws: the same accuracies as in-order batches."""
+    block = decoder_blocks(model)[1]
+    basis = random_subspace(D, 3, seed=4)
+    norms = (1.0, 5.0) if relative else (30.0, 300.0)
+    curve = noise_curve(model, block, basis, data, norms, relative=relative, count=40, seed=7, batch_size=16)
+    reference = [in_order_noise_accuracy(model, block, basis, data, n, relative, 40, 7, 16) for n in norms]
+    assert curve == pytest.approx(reference, abs=1e-9)
+    assert len(set(curve + [answer_accuracy(model, data, 40)])) > 1  # the noise changes some answers

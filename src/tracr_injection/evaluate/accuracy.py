@@ -132,11 +132,14 @@ def split_accuracy(
     max_examples: int | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    forced_correct: Sequence[bool] | None = None,
 ) -> SplitAccuracy:
     """Greedy exact-match accuracy on one split (a seeded subset of `max_examples` if given).
 
     Decodes at most as many tokens as the longest answer (EOS included): enough to decide every
-    example, since an answer is right iff its tokens come first.
+    example, since an answer is right iff its tokens come first.  `forced_correct`, per chosen example
+    whether teacher forcing gets the whole answer right (`split_pass`), is the same verdict (see
+    `inject.trainer.answers_correct`): given it, only the wrong examples are decoded, for their text.
     """
     task = get_task(task_name)
     examples = task.examples(split)
@@ -145,14 +148,19 @@ def split_accuracy(
     prompts = [b.input_ids[: b.prompt_len] for b in bridged]
     answers = [b.input_ids[b.prompt_len :] for b in bridged]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    generated = greedy_generate(
-        model,
-        prompts,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad_id,
-        max_new_tokens=max(len(a) for a in answers),
-        batch_size=batch_size,
-    )
+    decoded = [i for i in range(len(chosen)) if forced_correct is None or not forced_correct[i]]
+    generated = [list(a) for a in answers]  # a right answer is generated as itself, EOS included
+    if decoded:
+        new_tokens = greedy_generate(
+            model,
+            [prompts[i] for i in decoded],
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_id,
+            max_new_tokens=max(len(a) for a in answers),
+            batch_size=batch_size,
+        )
+        for i, tokens in zip(decoded, new_tokens):
+            generated[i] = tokens
     # `generated` stops at its first EOS, so with the EOS ending `a` this prefix test is exact match
     correct = [g[: len(a)] == a for g, a in zip(generated, answers)]
     keys = BREAKDOWNS.get(task_name, DEFAULT_BREAKDOWNS)

@@ -26,19 +26,22 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.evaluate.split_pass import length_sorted_batches
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import (
     decoder_blocks,
     edit_block_output,
     first_hidden_states,
     hidden_size,
+    inference,
     logits_at,
     num_blocks,
 )
 from tracr_injection.inject.losses import answer_positions
-from tracr_injection.inject.trainer import answer_accuracy, answers_hit
+from tracr_injection.inject.trainer import answers_hit
 from tracr_injection.tasks import IGNORE_INDEX
 
 NOISE_NORMS: tuple[float, ...] = (0.0, 5.0, 10.0, 30.0)
@@ -88,18 +91,11 @@ def random_subspace(d_lm: int, k: int, seed: int) -> torch.Tensor:
 
 
 def noise_edit(
-    hidden_BPD: torch.Tensor,
-    basis_KD: torch.Tensor,
-    norm: float,
-    relative: bool,
-    generator: torch.Generator,
+    hidden_BPD: torch.Tensor, basis_KD: torch.Tensor, norm: float, relative: bool, gaussian_BPK: torch.Tensor
 ) -> torch.Tensor:
-    """h + n at every position, n uniform on the sphere of the subspace with radius `norm` (times ||h|| if relative).
-
-    The direction is drawn on the CPU from `generator`, so the result is seeded and device-independent.
-    """
-    shape = (*hidden_BPD.shape[:-1], basis_KD.shape[0])
-    gaussian_BPK = torch.randn(shape, generator=generator).to(hidden_BPD.device)
+    """h + n at every position, n on the sphere of the subspace with radius `norm` (times ||h|| if relative),
+    in the direction of the Gaussian draw `gaussian_BPK` (uniform on the sphere; see `gaussian_draws`)."""
+    gaussian_BPK = gaussian_BPK.to(hidden_BPD.device)
     direction_BPK = gaussian_BPK / gaussian_BPK.norm(dim=-1, keepdim=True)
     hidden = hidden_BPD.float()
     radius_BP1 = (
@@ -107,6 +103,28 @@ def noise_edit(
     )
     noise_BPD = radius_BP1 * (direction_BPK @ basis_KD.to(hidden.device))
     return (hidden + noise_BPD).to(hidden_BPD.dtype)
+
+
+def gaussian_draws(data: TaskData, batches: Sequence[Sequence[int]], k: int, seed: int) -> list[torch.Tensor]:
+    """Per example, the seeded Gaussian draws [length, K] its positions get: drawn on the CPU batch after batch
+    in example order (each batch [B, its width, K]: the draw the tests are defined by), so that every
+    batching of the examples, and every device, sees the same noise."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = []
+    for rows in batches:
+        lengths = [len(data.bridged[i]) for i in rows]
+        gaussian_BPK = torch.randn((len(rows), max(lengths), k), generator=generator)
+        draws += [gaussian_BPK[row, :length] for row, length in enumerate(lengths)]
+    return draws
+
+
+def batch_draws(draws: Sequence[torch.Tensor], rows: Sequence[int], width: int) -> torch.Tensor:
+    """The draws [B, width, K] of examples `rows`, right-padded with ones (a pad position's noise is never
+    seen by a real one under causal attention, but a zero draw would make it NaN)."""
+    gaussian_BPK = torch.ones((len(rows), width, draws[0].shape[-1]))
+    for row, i in enumerate(rows):
+        gaussian_BPK[row, : len(draws[i])] = draws[i]
+    return gaussian_BPK
 
 
 def ablate_edit(hidden_BPD: torch.Tensor, basis_KD: torch.Tensor) -> torch.Tensor:
@@ -139,13 +157,40 @@ def edited_block(block: nn.Module, edit: Edit | None) -> Iterator[None]:
 
 # -------------------------------------------------------------------------------- noise and ablation
 
+BatchEdit = Callable[[Sequence[int], int], Edit | None]
+"""The edit for a batch of examples (their indices and the batch width); None runs the batch unedited."""
+
+
+def edited_correct(
+    model: Any, block: nn.Module, edit_for: BatchEdit, data: TaskData, batches: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Per example of `batches`, whether teacher forcing gets its whole answer right with `block`'s output
+    edited; examples missing from `batches` stay False."""
+    device = next(model.parameters()).device
+    correct_N = torch.zeros(len(data), dtype=torch.bool)
+    with inference(model):
+        for rows in batches:
+            batch = on_device(data.collate(list(rows)), device)
+            logits_NV = edited_answer_logits(model, block, batch, edit_for(rows, batch["labels"].shape[1]))
+            correct_N[list(rows)] = answers_hit(logits_NV, batch["labels"]).cpu()
+    return correct_N
+
+
+def example_batches(data: TaskData, count: int, batch_size: int, by_length: bool = True) -> list[list[int]]:
+    """The first `count` examples in batches: of similar length (little padding), or in order."""
+    total = min(count, len(data))
+    if by_length:
+        return length_sorted_batches([len(b) for b in data.bridged[:total]], batch_size)
+    return [list(range(start, min(total, start + batch_size))) for start in range(0, total, batch_size)]
+
 
 def edited_accuracy(
     model: Any, block: nn.Module, edit: Edit | None, data: TaskData, count: int, batch_size: int
 ) -> float:
     """Teacher-forced exact-match accuracy on the first `count` examples with `edit` on `block`'s output."""
-    with edited_block(block, edit):
-        return answer_accuracy(model, data, count, batch_size)
+    batches = example_batches(data, count, batch_size)
+    correct_N = edited_correct(model, block, lambda rows, width: edit, data, batches)
+    return float(correct_N[: min(count, len(data))].float().mean())
 
 
 def noise_curve(
@@ -159,13 +204,27 @@ def noise_curve(
     count: int,
     seed: int,
     batch_size: int,
+    clean_N: torch.Tensor | None = None,
 ) -> list[float]:
-    """Accuracy for each noise norm; every norm reuses the same seeded directions (common random numbers)."""
+    """Accuracy for each noise norm; every norm reuses the same seeded directions (common random numbers).
+
+    Norm 0 adds exactly nothing, so its accuracy is the clean one (`clean_N`, per example, when given).
+    """
+    batches = example_batches(data, count, batch_size)
+    draws = gaussian_draws(data, example_batches(data, count, batch_size, by_length=False), basis_KD.shape[0], seed)
+    total = min(count, len(data))
     curve = []
     for norm in norms:
-        generator = torch.Generator().manual_seed(seed)
-        edit = partial(noise_edit, basis_KD=basis_KD, norm=norm, relative=relative, generator=generator)
-        curve.append(edited_accuracy(model, block, edit, data, count, batch_size))
+        if norm == 0 and clean_N is not None:
+            correct_N = clean_N
+        else:
+
+            def edit_for(rows: Sequence[int], width: int, norm: float = norm) -> Edit:
+                gaussian_BPK = batch_draws(draws, rows, width)
+                return partial(noise_edit, basis_KD=basis_KD, norm=norm, relative=relative, gaussian_BPK=gaussian_BPK)
+
+            correct_N = edited_correct(model, block, edit_for, data, batches)
+        curve.append(float(correct_N[:total].float().mean()))
     return curve
 
 
@@ -282,36 +341,40 @@ def interchange_rates(
     data: TaskData,
     pairs: Sequence[tuple[int, int]],
     batch_size: int,
+    clean_N: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per basis name, the rate of pairs where the model answers the source's answer ("source_followed")
     and where it still answers the base's own answer ("base_kept"), all under teacher forcing.
 
     "source_followed" runs base prompt + source answer; "base_kept" runs base prompt + base answer with
     the source's states at the first min(len) answer positions (what a greedy run that keeps the
-    base's answer would receive).
+    base's answer would receive).  Pairs run in batches of similar base length; a None basis on
+    "base_kept" is the clean run of the base, read off `clean_N` (per example) when given.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    hits: dict[str, dict[str, list[torch.Tensor]]] = {
-        name: {"source_followed": [], "base_kept": []} for name in bases
+    hits: dict[str, dict[str, torch.Tensor]] = {
+        name: {what: torch.zeros(len(pairs), dtype=torch.bool) for what in ("source_followed", "base_kept")}
+        for name in bases
     }
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        source = on_device(data.collate([s for _, s in chunk]), device)
-        source_BPD = block_output(model, block, source)
-        targets = {
-            "source_followed": on_device(spliced_batch(data, chunk), device),
-            "base_kept": on_device(data.collate([b for b, _ in chunk]), device),
-        }
-        for what, target in targets.items():
-            for name, basis in bases.items():
-                logits = interchanged_logits(model, block, basis, source_BPD, source["labels"], target)
-                hits[name][what].append(answers_hit(logits, target["labels"]).cpu())
-    model.train(was_training)
+    batches = length_sorted_batches([len(data.bridged[base]) for base, _ in pairs], batch_size)
+    with inference(model):
+        for rows in batches:
+            chunk = [pairs[i] for i in rows]
+            source = on_device(data.collate([s for _, s in chunk]), device)
+            source_BPD = block_output(model, block, source)
+            targets = {
+                "source_followed": on_device(spliced_batch(data, chunk), device),
+                "base_kept": on_device(data.collate([b for b, _ in chunk]), device),
+            }
+            for what, target in targets.items():
+                for name, basis in bases.items():
+                    if basis is None and what == "base_kept" and clean_N is not None:
+                        hits[name][what][rows] = clean_N[[b for b, _ in chunk]]
+                        continue
+                    logits = interchanged_logits(model, block, basis, source_BPD, source["labels"], target)
+                    hits[name][what][rows] = answers_hit(logits, target["labels"]).cpu()
     return {
-        name: {what: float(torch.cat(rows).float().mean()) for what, rows in by_what.items()}
-        for name, by_what in hits.items()
+        name: {what: float(rows.float().mean()) for what, rows in by_what.items()} for name, by_what in hits.items()
     }
 
 
@@ -371,11 +434,13 @@ def causal_tests(
     pairs: int = 200,
     seed: int = 0,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> CausalResult:
     """Noise, ablation and interchange at the output of `block`, for the rows' subspace and a random one.
 
     The random control has the same dimension K (the rank of `rows_KD`) and is drawn with `seed`;
-    noise and interchange pairs use `seed` too, so the result is deterministic.
+    noise and interchange pairs use `seed` too, so the result is deterministic.  `progress` shows a bar
+    over the measured parts.
     """
     check_arguments(model, rows_KD, block, [*noise_norms, *relative_norms], pairs)
     device = next(model.parameters()).device
@@ -383,28 +448,32 @@ def causal_tests(
     k, d_lm = basis_KD.shape
     bases = {"output": basis_KD.to(device), "random": random_subspace(d_lm, k, seed).to(device)}
     edited = decoder_blocks(model)[block]
-    common = {"count": count, "seed": seed, "batch_size": batch_size}
-    noise = {
-        name: noise_curve(model, edited, basis, data, noise_norms, relative=False, **common)
-        for name, basis in bases.items()
-    }
-    relative = {
-        name: noise_curve(model, edited, basis, data, relative_norms, relative=True, **common)
-        for name, basis in bases.items()
-    }
-    ablation = {
-        name: edited_accuracy(model, edited, partial(ablate_edit, basis_KD=basis), data, count, batch_size)
-        for name, basis in bases.items()
-    }
+    batches = example_batches(data, count, batch_size)
+    total = min(count, len(data))
+    bar = tqdm(total=4 * len(bases) + 2, desc="[eval] causal", unit="part", disable=not progress)
+    clean_N = edited_correct(model, edited, lambda rows, width: None, data, batches)
+    bar.update()
+    common = {"count": count, "seed": seed, "batch_size": batch_size, "clean_N": clean_N}
+    noise, relative, ablation = {}, {}, {}
+    for name, basis in bases.items():
+        noise[name] = noise_curve(model, edited, basis, data, noise_norms, relative=False, **common)
+        relative[name] = noise_curve(model, edited, basis, data, relative_norms, relative=True, **common)
+        bar.update(2)
+    for name, basis in bases.items():
+        ablate = partial(ablate_edit, basis_KD=basis)
+        ablation[name] = float(edited_correct(model, edited, lambda rows, width: ablate, data, batches)[:total].float().mean())
+        bar.update()
     chosen = interchange_pairs(data, count, pairs, seed)
-    interchange = interchange_rates(model, edited, {**bases, "none": None}, data, chosen, batch_size)
+    interchange = interchange_rates(model, edited, {**bases, "none": None}, data, chosen, batch_size, clean_N)
+    bar.update(bar.total - bar.n)
+    bar.close()
     return CausalResult(
         block=block,
         k=k,
         d_lm=d_lm,
         seed=seed,
-        count=min(count, len(data)),
-        clean_accuracy=edited_accuracy(model, edited, None, data, count, batch_size),
+        count=total,
+        clean_accuracy=float(clean_N[:total].float().mean()),
         noise_norms=[float(n) for n in noise_norms],
         noise=noise,
         relative_norms=[float(n) for n in relative_norms],

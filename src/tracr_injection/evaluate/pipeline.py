@@ -18,11 +18,23 @@ from typing import Any
 
 import torch
 
-from tracr_injection.evaluate.accuracy import task_accuracy
+from tqdm.auto import tqdm
+
+from tracr_injection.evaluate.accuracy import split_accuracy
 from tracr_injection.evaluate.causal import causal_tests
-from tracr_injection.evaluate.decoding import LinearDecoder, evaluate_decoding, example_table, fit_task_probe
+from tracr_injection.evaluate.decoding import (
+    DecodingResult,
+    LinearDecoder,
+    accuracy_table,
+    check_decoder,
+    check_layer_map,
+    example_table,
+    fit_task_probe,
+    split_rasp_agreement,
+)
 from tracr_injection.evaluate.language import heldout_windows, language_metrics, run_lm_eval
-from tracr_injection.evaluate.readout import answer_readout, symbol_tokens
+from tracr_injection.evaluate.readout import readout_rates, symbol_tokens
+from tracr_injection.evaluate.split_pass import PassInputs, SplitPass, split_pass
 from tracr_injection.evaluate.report import write_report
 from tracr_injection.evaluate.subject import (
     PRETRAINED,
@@ -38,10 +50,12 @@ from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import load_causal_lm
 from tracr_injection.inject.natural_text import KLCache
 from tracr_injection.inject.trainer import kl_cache_path
+from tracr_injection.tasks import TeacherCannotRepresentError
 
 EVAL_DIR = "eval"
 METRICS_FILE = "metrics.json"
 PROBE_FILE = "probe.safetensors"
+RASP_EXAMPLES = 24  # examples per split the teacher is checked against the RASP evaluator on
 
 
 @dataclasses.dataclass
@@ -155,7 +169,9 @@ def add_readout(run_dir: str | Path, progress: bool = True, base_model: str | No
     metrics = json.loads(path.read_text())
     settings = EvalSettings(**metrics["settings"])
     decoders = subject_decoders(subject, settings, folder)
-    metrics["readout"] = timed(metrics["timings"], "readout", lambda: readout(subject, decoders, settings), progress)
+    metrics["readout"] = timed(
+        metrics["timings"], "readout", lambda: split_evaluations(subject, decoders, settings, progress)["readout"], progress
+    )
     return write_metrics(metrics, folder)
 
 
@@ -187,33 +203,109 @@ def evaluate_subject(
         "settings": dataclasses.asdict(settings),
         "output_variable": subject.teacher.config.output_variable,
     }
-    accuracy = timed(timings, "accuracy", lambda: split_accuracies(subject, settings), progress)
-    metrics["accuracy"] = {split: result.to_dict() for split, result in accuracy.items()}
-    metrics["language"] = timed(timings, "language", lambda: kept_language(subject, settings), progress)
     decoders = timed(timings, "probe", lambda: subject_decoders(subject, settings, folder), progress)
-    metrics["decoding"] = timed(
-        timings,
-        "decoding",
-        lambda: {k: decoding(subject, d, settings) for k, d in decoders.items()},
-        progress,
-    )
-    metrics["readout"] = timed(timings, "readout", lambda: readout(subject, decoders, settings), progress)
+    per_split = timed(timings, "splits", lambda: split_evaluations(subject, decoders, settings, progress), progress)
+    metrics["accuracy"] = per_split["accuracy"]
+    metrics["language"] = timed(timings, "language", lambda: kept_language(subject, settings), progress)
+    metrics["decoding"], metrics["readout"] = per_split["decoding"], per_split["readout"]
     main_decoder = decoders.get("map", decoders["probe"])
     metrics["example"] = example_rows(subject, main_decoder)
-    metrics["causal"] = timed(timings, "causal", lambda: causal(subject, main_decoder, settings), progress)
+    metrics["causal"] = timed(timings, "causal", lambda: causal(subject, main_decoder, settings, progress), progress)
     metrics["timings"] = timings
     return metrics
 
 
-def split_accuracies(subject: Subject, settings: EvalSettings) -> dict[str, Any]:
-    """Greedy exact match on the ID test split and every OOD split (batched generation)."""
-    return task_accuracy(
-        subject.model,
-        subject.tokenizer,
-        subject.task,
-        max_examples=settings.max_examples,
-        batch_size=settings.batch_size,
+def evaluated_splits(subject: Subject) -> list[str]:
+    """Every split of the subject's task but train (LM-only ones included)."""
+    return [spec.name for spec in subject_task(subject).splits if spec.kind != "train"]
+
+
+def split_evaluations(
+    subject: Subject, decoders: dict[str, LinearDecoder], settings: EvalSettings, progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Accuracy, decoding (per decoder) and the answer readout (per decoder) of every evaluated split, read
+    off one teacher-forced LM pass per split (`split_pass`); keyed "accuracy", "decoding" and "readout"."""
+    for decoder in decoders.values():
+        check_layer_map(subject.layer_map, subject.teacher.config.num_levels)
+        check_decoder(decoder, subject.teacher.config)
+    names = evaluated_splits(subject)
+    count = max(settings.max_examples, settings.decoding_examples)
+    data = {name: split_data(subject, name, count, settings.seed) for name in names}
+    tokens = symbol_tokens(*data.values())  # one table: an OOD split may hold one answer only
+    results: dict[str, dict[str, Any]] = {
+        "accuracy": {},
+        "decoding": {kind: {} for kind in decoders},
+        "readout": {kind: {} for kind in decoders},
+    }
+    bar = tqdm(total=count * len(names), desc="[eval] splits", unit="ex", disable=not progress)
+    for name in names:
+        bar.set_postfix_str(name)
+        targets = decoding_targets(subject, name, settings)
+        inputs = PassInputs(
+            data[name],
+            subject.layer_map,
+            decoders,
+            subject.teacher,
+            targets.targets if isinstance(targets, TaskData) else None,
+            settings.decoding_examples,
+        )
+        result = split_pass(subject.model, inputs, progress=bar.update)
+        forced_correct = result.correct_N[: settings.max_examples].tolist()
+        results["accuracy"][name] = split_accuracy(
+            subject.model, subject.tokenizer, subject.task, name, max_examples=settings.max_examples,
+            batch_size=settings.batch_size, seed=settings.seed, forced_correct=forced_correct,
+        ).to_dict()  # fmt: skip
+        for kind, decoding_result in decoding_results(subject, name, targets, result, decoders).items():
+            results["decoding"][kind][name] = decoding_result.to_dict()
+        for kind, readout_result in readout_rates(result.readout, name, decoders, subject.teacher.config, tokens).items():
+            results["readout"][kind][name] = readout_result.to_dict()
+    bar.close()
+    return results
+
+
+def split_data(subject: Subject, split: str, count: int, seed: int) -> TaskData:
+    """A seeded subset of `count` examples of `split`, bridged for the subject's tokenizer (no teacher)."""
+    return TaskData(
+        subject.task, split, subject.tokenizer, subject.tokenizer_name, max_examples=count, seed=seed, progress=False
     )
+
+
+def decoding_targets(subject: Subject, split: str, settings: EvalSettings) -> TaskData | str:
+    """The first `decoding_examples` examples of `split` with their teacher targets, or why the teacher
+    cannot represent the split."""
+    try:
+        return TaskData(
+            subject.task,
+            split,
+            subject.tokenizer,
+            subject.tokenizer_name,
+            teacher=subject.teacher,
+            max_examples=settings.decoding_examples,
+            seed=settings.seed,
+            progress=False,
+        )
+    except TeacherCannotRepresentError as err:
+        return str(err)
+
+
+def decoding_results(
+    subject: Subject, split: str, targets: TaskData | str, result: SplitPass, decoders: dict[str, LinearDecoder]
+) -> dict[str, DecodingResult]:
+    """Per decoder the `DecodingResult` of one split from the pass's counts, plus the teacher's RASP check."""
+    if isinstance(targets, str):
+        return {kind: DecodingResult(split=split, decoder=kind, skipped=targets) for kind in decoders}
+    agreement = split_rasp_agreement(targets, subject.teacher, RASP_EXAMPLES)
+    return {
+        kind: DecodingResult(
+            split=split,
+            decoder=kind,
+            num_examples=len(targets),
+            accuracy=accuracy_table(hits, totals),
+            positions=totals,
+            rasp_agreement=agreement,
+        )
+        for kind, (hits, totals) in (result.decoding or {}).items()
+    }
 
 
 def training_config(subject: Subject) -> TrainConfig:
@@ -277,43 +369,6 @@ def map_decoder(subject: Subject) -> LinearDecoder:
     return LinearDecoder.from_map(subject.amap, subject.teacher.config.num_levels)
 
 
-def decoding(subject: Subject, decoder: LinearDecoder, settings: EvalSettings) -> dict[str, Any]:
-    """Decoding accuracy per variable per level on every split the teacher can represent."""
-    results = evaluate_decoding(
-        subject.model,
-        subject.tokenizer,
-        subject.tokenizer_name,
-        subject.teacher,
-        subject.task,
-        subject.layer_map,
-        decoder,
-        max_examples=settings.decoding_examples,
-        seed=settings.seed,
-    )
-    return {r.split: r.to_dict() for r in results}
-
-
-def readout(subject: Subject, decoders: dict[str, LinearDecoder], settings: EvalSettings) -> dict[str, Any]:
-    """Per decoder and evaluated split, whether the LM's answer is the one decoded from its output subspace."""
-    results: dict[str, dict[str, Any]] = {kind: {} for kind in decoders}
-    splits = {
-        spec.name: TaskData(
-            subject.task, spec.name, subject.tokenizer, subject.tokenizer_name,
-            max_examples=settings.decoding_examples, seed=settings.seed, progress=False,
-        )  # fmt: skip
-        for spec in subject_task(subject).splits
-        if spec.kind != "train"
-    }
-    tokens = symbol_tokens(*splits.values())  # one table: an OOD split may hold one answer only
-    for name, data in splits.items():
-        by_decoder = answer_readout(
-            subject.model, data, name, subject.layer_map[-1], decoders, subject.teacher.config, tokens
-        )
-        for kind, result in by_decoder.items():
-            results[kind][name] = result.to_dict()
-    return results
-
-
 def in_distribution_data(subject: Subject, count: int, teacher: bool = False) -> TaskData:
     """A seeded subset of the in-distribution test split, bridged for the subject's tokenizer."""
     split = next(s.name for s in subject_task(subject).splits if s.kind == "test")
@@ -346,7 +401,7 @@ def example_rows(subject: Subject, decoder: LinearDecoder) -> dict[str, Any]:
     }
 
 
-def causal(subject: Subject, decoder: LinearDecoder, settings: EvalSettings) -> dict[str, Any]:
+def causal(subject: Subject, decoder: LinearDecoder, settings: EvalSettings, progress: bool = False) -> dict[str, Any]:
     """Noise, ablation and interchange in the output-variable subspace read by `decoder`, vs a random subspace."""
     data = in_distribution_data(subject, settings.causal_examples)
     result = causal_tests(
@@ -359,5 +414,6 @@ def causal(subject: Subject, decoder: LinearDecoder, settings: EvalSettings) -> 
         relative_norms=settings.relative_norms,
         pairs=settings.interchange_pairs,
         seed=settings.seed,
+        progress=progress,
     )
     return {"subspace": decoder.kind, **result.to_dict()}

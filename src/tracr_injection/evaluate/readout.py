@@ -74,11 +74,18 @@ def rate(hits: int, total: int) -> float | None:
     return hits / total if total else None
 
 
-def readout_states(
-    model: Any, data: TaskData, hidden_index: int, batch_size: int = 16
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """At every answer-symbol position of `data`: the hidden state [N, d_lm], the LM's next-token
-    argmax [N] and the expected symbol."""
+@dataclasses.dataclass
+class ReadoutStates:
+    """At every answer-symbol position: the hidden state [N, d_lm], the LM's next-token argmax [N] and the
+    expected symbol."""
+
+    hidden_ND: torch.Tensor
+    predicted_N: torch.Tensor
+    expected: list[str]
+
+
+def readout_states(model: Any, data: TaskData, hidden_index: int, batch_size: int = 16) -> ReadoutStates:
+    """The `ReadoutStates` of every example of `data` (the evaluation reads them off `split_pass` instead)."""
     hidden, predicted, expected = [], [], []
     device = next(model.parameters()).device
     with inference(model):
@@ -100,7 +107,7 @@ def readout_states(
             hidden.append(output.hidden_states[hidden_index][rows_N, cols_N].float().cpu())
             predicted.append(logits_NV.argmax(-1).cpu())
             expected += [data.bridged[positions[i]].expected[p] for i, p in zip(rows, cols)]
-    return torch.cat(hidden), torch.cat(predicted), expected
+    return ReadoutStates(torch.cat(hidden), torch.cat(predicted), expected)
 
 
 def answer_readout(
@@ -115,7 +122,18 @@ def answer_readout(
     """Per decoder, the readout rates of the output variable decoded at the last aligned level.
 
     `tokens` maps every answer symbol to its LM token (`symbol_tokens` of all evaluated splits)."""
-    hidden_ND, predicted_N, expected = readout_states(model, data, hidden_index)
+    return readout_rates(readout_states(model, data, hidden_index), split, decoders, config, tokens)
+
+
+def readout_rates(
+    states: ReadoutStates,
+    split: str,
+    decoders: Mapping[str, LinearDecoder],
+    config: TeacherConfig,
+    tokens: Mapping[str, int],
+) -> dict[str, ReadoutResult]:
+    """Per decoder, the readout rates of `states` (hidden states of the last aligned level)."""
+    hidden_ND, predicted_N, expected = states.hidden_ND, states.predicted_N, states.expected
     var = config.variable(config.output_variable)
     level = config.num_levels - 1
     lm_right = [int(p) == tokens[e] for p, e in zip(predicted_N.tolist(), expected)]

@@ -29,7 +29,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
-from tracr_injection.compile.teacher import TeacherConfig, TeacherModel, TeacherVariable
+from tracr_injection.compile.teacher import (
+    CATEGORICAL_NONE_THRESHOLD,
+    NUMERICAL_SNAP_TOLERANCE,
+    TeacherConfig,
+    TeacherModel,
+    TeacherVariable,
+)
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import hidden_states
 from tracr_injection.inject.losses import AlignmentMap
@@ -39,6 +45,8 @@ ONE_LABEL = "one"  # tracr's residual dim that is 1 at every position
 FALLBACK_REFERENCE = "tokens"  # one-hot at every position: its dims sum to 1 where `one` is missing
 SCALE_FLOOR = 1e-3  # a reference scale below this fraction of the mapped vector's norm decodes to None
 MAP, PROBE = "map", "probe"
+NO_VALUE = -1  # a decoded or true value index meaning None
+OFF_VALUES = -2  # a true numerical value off the variable's value list (a fraction tracr's set misses)
 
 
 class DecodingError(TracrInjectionError, ValueError):
@@ -175,18 +183,59 @@ def reference_scale(mapped_NT: torch.Tensor, reference: Sequence[int]) -> torch.
     return scale_N.masked_fill(~usable_N, math.nan)
 
 
-def decode_mapped(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: TeacherVariable) -> list[Any]:
-    """Values of `var` read off mapped vectors: argmax (categorical) or dim / scale snapped to `var.values`.
-
-    A numerical value at a position without a usable scale decodes to None.
-    """
+def decoded_indices(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: TeacherVariable) -> torch.Tensor:
+    """Indices [N] into `var.values` read off mapped vectors: argmax (categorical) or dim / scale snapped to
+    the nearest value (numerical); NO_VALUE where a numerical value has no usable scale."""
     part_NK = mapped_NT[:, var.dims]
     if var.encoding == "categorical":
-        return [var.values[i] for i in part_NK.argmax(-1).tolist()]
+        return part_NK.argmax(-1)
     value_N = part_NK[:, 0].double() / scale_N.double()
     values_V = torch.tensor(var.values, dtype=torch.float64)
     nearest_N = (value_N[:, None] - values_V[None, :]).abs().argmin(-1)
-    return [None if math.isnan(v) else var.values[i] for v, i in zip(value_N.tolist(), nearest_N.tolist())]
+    return nearest_N.masked_fill(value_N.isnan(), NO_VALUE)
+
+
+def decode_mapped(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: TeacherVariable) -> list[Any]:
+    """Values of `var` read off mapped vectors (`decoded_indices`); None where nothing decodes."""
+    return [None if i == NO_VALUE else var.values[i] for i in decoded_indices(mapped_NT, scale_N, var).tolist()]
+
+
+def true_indices(residual_NT: torch.Tensor, var: TeacherVariable) -> torch.Tensor:
+    """`TeacherModel.decode_variable` as indices [N] into `var.values`, vectorised: NO_VALUE where it reads None
+    (a categorical variable below the threshold), OFF_VALUES where it reads a number off the (sorted) value
+    list (no decode can equal it), else the index of the value read."""
+    part_NK = residual_NT[:, var.dims].float()
+    if var.encoding == "categorical":
+        best_N, index_N = part_NK.max(dim=-1)
+        return index_N.masked_fill(best_N < CATEGORICAL_NONE_THRESHOLD, NO_VALUE)
+    x_N = part_NK[:, 0].double()
+    values_V = torch.tensor(var.values, dtype=torch.float64)
+    upper_N = torch.searchsorted(values_V, x_N).clamp(max=len(values_V) - 1)  # bisect_left
+    lower_N = (upper_N - 1).clamp(min=0)
+    gap_lower_N, gap_upper_N = (values_V[lower_N] - x_N).abs(), (values_V[upper_N] - x_N).abs()
+    nearest_N = torch.where(gap_lower_N <= gap_upper_N, lower_N, upper_N)  # ties: the lower, as `min` does
+    return nearest_N.masked_fill(torch.minimum(gap_lower_N, gap_upper_N) > NUMERICAL_SNAP_TOLERANCE, OFF_VALUES)
+
+
+def value_classes(values: Sequence[Any]) -> torch.Tensor:
+    """Per value, the index of the first value equal to it, NO_VALUE for None: two decodes are equal iff
+    their classes are (a list may hold equal values such as 1 and 1.0)."""
+    return torch.tensor([NO_VALUE if v is None else next(j for j, w in enumerate(values) if w == v) for v in values])
+
+
+def variable_counts(
+    decoded_N: torch.Tensor, truth_N: torch.Tensor, classes_V: torch.Tensor
+) -> tuple[int, int]:
+    """(correct decodes, compared positions) of one variable: compared where the truth is not None, correct
+    where the decoded value equals it (index tensors from `decoded_indices` and `true_indices`)."""
+
+    def classes(index_N: torch.Tensor) -> torch.Tensor:
+        return torch.where(index_N >= 0, classes_V[index_N.clamp(min=0)], index_N)
+
+    truth_class_N, decoded_class_N = classes(truth_N), classes(decoded_N)
+    compared_N = truth_class_N != NO_VALUE
+    correct_N = compared_N & (decoded_class_N == truth_class_N)
+    return int(correct_N.sum()), int(compared_N.sum())
 
 
 def empty_table(config: TeacherConfig) -> dict[str, list[int | None]]:
@@ -207,17 +256,17 @@ def count_batch(
     """Add one batch's correct decodes and compared positions (truth not None) per variable and level."""
     config = teacher.config
     reference = reference_dims(config)
+    classes = {var.name: value_classes(var.values) for var in config.variables}
     for level in range(config.num_levels):
         mapped_NT = decoder(level, batch.hidden_LND[level])
         scale_N = reference_scale(mapped_NT, reference)
         for var in config.variables:
             if level < var.level:
                 continue
-            truth = teacher.decode_variable(batch.targets_LNT[level], var.name)
-            decoded = decode_mapped(mapped_NT, scale_N, var)
-            compared = [(d, t) for d, t in zip(decoded, truth) if t is not None]
-            hits[var.name][level] += sum(d == t for d, t in compared)
-            totals[var.name][level] += len(compared)
+            truth_N = true_indices(batch.targets_LNT[level], var)
+            correct, compared = variable_counts(decoded_indices(mapped_NT, scale_N, var), truth_N, classes[var.name])
+            hits[var.name][level] += correct
+            totals[var.name][level] += compared
 
 
 def decode_counts(
