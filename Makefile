@@ -29,7 +29,7 @@ test: setup
 
 # The headline numbers in one run (compile, step times and ratios, tokens/s, memory, eval throughput).
 bench: setup
-	$(PY) benchmarks/bench_all.py
+	$(PY) benchmarks/bench_all.py $(if $(EVAL_RUN),--eval-run $(EVAL_RUN))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

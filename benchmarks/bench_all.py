@@ -12,7 +12,10 @@ Measured, by importing the single-purpose benchmark scripts next to this file:
    the median step time) and peak memory (process peak RSS; ``torch.cuda.max_memory_allocated``
    on CUDA);
 3. evaluation (``bench_generation.bench_task``): batched greedy generation against one
-   ``model.generate`` call per prompt on the task's test prompts, in prompts per second.
+   ``model.generate`` call per prompt on the task's test prompts, in prompts per second;
+4. with ``--eval-run RUN``, a whole ``tracr-inject eval`` of a trained run (``bench_eval.measure``):
+   the code before the shared split pass against this checkout, one after the other, written to
+   ``run_cost.json`` (``eval_seconds_before``, ``eval_seconds_after``, ``eval_parts_after``, ...).
 
 Targets checked: inject step <= 1.10 x baseline, inject step <= 0.6 x naive, batched evaluation
 >= 10 x one-by-one.  Prints the tables and writes ``all.json`` and ``all.md`` to ``--out``
@@ -46,6 +49,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import bench_compile
+import bench_eval
 import bench_generation
 import bench_train
 
@@ -346,6 +350,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="folder for all.json, all.md")
+    parser.add_argument(
+        "--eval-run", type=Path, default=None, help="a trained run folder: also time its evaluation, before vs after"
+    )
     sizes = parser.add_argument_group("sizes (default: full run, or --quick's)")
     sizes.add_argument("--compile-len", type=int, help=f"max_seq_len of plain vs ours ({FULL.compile_len})")
     sizes.add_argument(
@@ -391,6 +398,10 @@ def main() -> None:
     (args.out / "all.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "all.md").write_text(markdown(report))
     print(f"wrote {args.out / 'all.json'} and {args.out / 'all.md'}")
+    if args.eval_run is not None:
+        cost = bench_eval.measure(args.eval_run, bench_eval.BEFORE_REF, threads=args.threads or 1)
+        bench_eval.write_run_cost(cost, args.out)
+        print(f"evaluation {cost['speedup_wall']}x faster (wall), {cost['speedup_cpu']}x (CPU); wrote {args.out / 'run_cost.json'}")
 
 
 if __name__ == "__main__":
