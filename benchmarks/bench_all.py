@@ -351,7 +351,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script runs")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="folder for all.json, all.md")
     parser.add_argument(
-        "--eval-run", type=Path, default=None, help="a trained run folder: also time its evaluation, before vs after"
+        "--eval-run",
+        type=Path,
+        default=None,
+        help="a trained run folder: also time its evaluation, before vs after",
     )
     sizes = parser.add_argument_group("sizes (default: full run, or --quick's)")
     sizes.add_argument("--compile-len", type=int, help=f"max_seq_len of plain vs ours ({FULL.compile_len})")
@@ -401,7 +404,9 @@ def main() -> None:
     if args.eval_run is not None:
         cost = bench_eval.measure(args.eval_run, bench_eval.BEFORE_REF, threads=args.threads or 1)
         bench_eval.write_run_cost(cost, args.out)
-        print(f"evaluation {cost['speedup_wall']}x faster (wall), {cost['speedup_cpu']}x (CPU); wrote {args.out / 'run_cost.json'}")
+        print(
+            f"evaluation {cost['speedup_wall']}x faster (wall), {cost['speedup_cpu']}x (CPU); wrote {args.out / 'run_cost.json'}"
+        )
 
 
 if __name__ == "__main__":

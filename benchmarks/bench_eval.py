@@ -53,7 +53,12 @@ def unpack_source(ref: str, folder: Path) -> Path:
 
 def timed_eval(src: Path, run_dir: Path, out: Path, budget: str, threads: int) -> dict[str, Any]:
     """Evaluate `run_dir` with the package in `src` in a child process: wall, CPU and per-stage seconds."""
-    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(src),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     subprocess.run([sys.executable, "-c", CHILD, str(run_dir), str(out), budget], env=env, check=True)
@@ -84,7 +89,9 @@ def measure(run_dir: Path, before_ref: str, budget: str = "cpu", threads: int = 
     """Evaluate `run_dir` with the code at `before_ref`, then with this checkout's; the run_cost record."""
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         tmp_path = Path(tmp)
-        before = timed_eval(unpack_source(before_ref, tmp_path / "before"), run_dir, tmp_path / "out-before", budget, threads)
+        before = timed_eval(
+            unpack_source(before_ref, tmp_path / "before"), run_dir, tmp_path / "out-before", budget, threads
+        )
         after = timed_eval(REPO / "src", run_dir, tmp_path / "out-after", budget, threads)
     compared = [{k: v for k, v in m["metrics"].items() if k != "timings"} for m in (before, after)]
     return {

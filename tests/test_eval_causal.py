@@ -20,8 +20,8 @@ from tracr_injection.evaluate.causal import (
     block_output,
     causal_tests,
     edited_accuracy,
-    edited_block,
     edited_answer_logits,
+    edited_block,
     interchange_edit,
     interchange_pairs,
     interchange_rates,
@@ -124,9 +124,7 @@ def test_noise_edit_has_the_asked_norm_and_lies_in_the_subspace():
     assert not torch.allclose(noise[0, 0], noise[0, 1])  # a fresh direction per position
     again = noise_edit(hidden, basis, 5.0, relative=False, gaussian_BPK=draw(2, 5, 3))
     assert torch.equal(noisy, again)
-    relative = (
-        noise_edit(hidden, basis, 0.5, relative=True, gaussian_BPK=draw(2, 5, 3)) - hidden
-    )
+    relative = noise_edit(hidden, basis, 0.5, relative=True, gaussian_BPK=draw(2, 5, 3)) - hidden
     assert torch.allclose(relative.norm(dim=-1), 0.5 * hidden.norm(dim=-1), atol=1e-5)
     assert torch.allclose(relative @ projector(basis), relative, atol=1e-5)
     for is_relative in (False, True):
@@ -158,7 +156,9 @@ def test_noise_seen_by_the_next_block_has_the_asked_norm_inside_the_subspace(mod
     with torch.no_grad():
         clean = hidden_states(model, ids, mask)
         for norm, relative, expected in ((5.0, False, torch.full(ids.shape, 5.0)), (0.25, True, None)):
-            edit = partial(noise_edit, basis_KD=basis, norm=norm, relative=relative, gaussian_BPK=draw(*ids.shape, 3))
+            edit = partial(
+                noise_edit, basis_KD=basis, norm=norm, relative=relative, gaussian_BPK=draw(*ids.shape, 3)
+            )
             with edited_block(decoder_blocks(model)[1], edit):
                 noisy = hidden_states(model, ids, mask)
             assert torch.equal(noisy[1], clean[1])  # before block 1's output: untouched

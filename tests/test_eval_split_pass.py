@@ -9,7 +9,13 @@ import torch
 from conftest import build_tiny_llama
 
 from tracr_injection.evaluate.accuracy import split_accuracy
-from tracr_injection.evaluate.decoding import NO_VALUE, OFF_VALUES, LinearDecoder, evaluate_decoding, true_indices
+from tracr_injection.evaluate.decoding import (
+    NO_VALUE,
+    OFF_VALUES,
+    LinearDecoder,
+    evaluate_decoding,
+    true_indices,
+)
 from tracr_injection.evaluate.readout import answer_readout, readout_rates, symbol_tokens
 from tracr_injection.evaluate.split_pass import PassInputs, length_sorted_batches, split_pass
 from tracr_injection.hub import load_tokenizer
@@ -38,14 +44,19 @@ def setup(module_cache):
         torch.randn(config.num_levels, config.d_model, 32, generator=generator),
         torch.randn(config.num_levels, config.d_model, generator=generator),
     )
-    decoders = {"map": LinearDecoder.from_map(AlignmentMap(32, config.d_model), config.num_levels), "probe": probe}
+    decoders = {
+        "map": LinearDecoder.from_map(AlignmentMap(32, config.d_model), config.num_levels),
+        "probe": probe,
+    }
     return teacher, tokenizer, model, decoders
 
 
 def run_pass(setup, split: str, count: int, decoded: int):
     teacher, tokenizer, model, decoders = setup
     data = TaskData("dyck", split, tokenizer, TOKENIZER, max_examples=count, progress=False)
-    with_teacher = TaskData("dyck", split, tokenizer, TOKENIZER, teacher=teacher, max_examples=decoded, progress=False)
+    with_teacher = TaskData(
+        "dyck", split, tokenizer, TOKENIZER, teacher=teacher, max_examples=decoded, progress=False
+    )
     inputs = PassInputs(data, LAYER_MAP, decoders, teacher, with_teacher.targets, decoded)
     return data, split_pass(model, inputs, batch_size=5)
 
@@ -59,7 +70,9 @@ def test_accuracy_from_the_pass_equals_greedy_generation_of_every_prompt(setup):
     _, tokenizer, model, _ = setup
     data, result = run_pass(setup, "test", 20, 8)
     forced = result.correct_N.tolist()
-    fast = split_accuracy(model, tokenizer, "dyck", "test", max_examples=20, batch_size=8, forced_correct=forced)
+    fast = split_accuracy(
+        model, tokenizer, "dyck", "test", max_examples=20, batch_size=8, forced_correct=forced
+    )
     reference = split_accuracy(model, tokenizer, "dyck", "test", max_examples=20, batch_size=8)
     assert fast == reference
     assert len(data) == 20
@@ -71,7 +84,15 @@ def test_decoding_counts_from_the_pass_equal_evaluate_decoding_per_decoder(setup
     _, result = run_pass(setup, split, COUNT + 4, COUNT)  # more examples than decoded: only the first count
     for kind, decoder in decoders.items():
         (reference,) = evaluate_decoding(
-            model, tokenizer, TOKENIZER, teacher, "dyck", LAYER_MAP, decoder, splits=[split], max_examples=COUNT
+            model,
+            tokenizer,
+            TOKENIZER,
+            teacher,
+            "dyck",
+            LAYER_MAP,
+            decoder,
+            splits=[split],
+            max_examples=COUNT,
         )
         hits, totals = result.decoding[kind]
         assert totals == reference.positions
@@ -81,7 +102,7 @@ def test_decoding_counts_from_the_pass_equal_evaluate_decoding_per_decoder(setup
 
 def test_readout_from_the_pass_equals_answer_readout(setup):
     teacher, tokenizer, model, decoders = setup
-    data, result = run_pass(setup, "test", COUNT + 4, COUNT)
+    _, result = run_pass(setup, "test", COUNT + 4, COUNT)
     first = TaskData("dyck", "test", tokenizer, TOKENIZER, max_examples=COUNT, progress=False)
     tokens = symbol_tokens(first)
     reference = answer_readout(model, first, "test", LAYER_MAP[-1], decoders, teacher.config, tokens)
@@ -104,7 +125,9 @@ def test_true_indices_equal_the_teachers_own_decode(setup):
         truth = teacher.decode_variable(residual_NT, var.name)
         index_N = true_indices(residual_NT, var)
         off = (index_N == OFF_VALUES).tolist()
-        read = [None if i == NO_VALUE else (None if o else var.values[i]) for i, o in zip(index_N.tolist(), off)]
+        read = [
+            None if i == NO_VALUE else (None if o else var.values[i]) for i, o in zip(index_N.tolist(), off)
+        ]
         assert [None if o else t for t, o in zip(truth, off)] == read
         assert all(t not in var.values for t, o in zip(truth, off) if o)
         if var.encoding == "categorical":

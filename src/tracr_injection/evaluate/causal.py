@@ -161,6 +161,16 @@ BatchEdit = Callable[[Sequence[int], int], Edit | None]
 """The edit for a batch of examples (their indices and the batch width); None runs the batch unedited."""
 
 
+def every_batch(edit: Edit | None) -> BatchEdit:
+    """The same edit on every batch."""
+    return lambda rows, width: edit
+
+
+def correct_rate(correct_N: torch.Tensor, total: int) -> float:
+    """The fraction right among the first `total` examples."""
+    return float(correct_N[:total].float().mean())
+
+
 def edited_correct(
     model: Any, block: nn.Module, edit_for: BatchEdit, data: TaskData, batches: Sequence[Sequence[int]]
 ) -> torch.Tensor:
@@ -189,8 +199,7 @@ def edited_accuracy(
 ) -> float:
     """Teacher-forced exact-match accuracy on the first `count` examples with `edit` on `block`'s output."""
     batches = example_batches(data, count, batch_size)
-    correct_N = edited_correct(model, block, lambda rows, width: edit, data, batches)
-    return float(correct_N[: min(count, len(data))].float().mean())
+    return correct_rate(edited_correct(model, block, every_batch(edit), data, batches), min(count, len(data)))
 
 
 def noise_curve(
@@ -211,7 +220,9 @@ def noise_curve(
     Norm 0 adds exactly nothing, so its accuracy is the clean one (`clean_N`, per example, when given).
     """
     batches = example_batches(data, count, batch_size)
-    draws = gaussian_draws(data, example_batches(data, count, batch_size, by_length=False), basis_KD.shape[0], seed)
+    draws = gaussian_draws(
+        data, example_batches(data, count, batch_size, by_length=False), basis_KD.shape[0], seed
+    )
     total = min(count, len(data))
     curve = []
     for norm in norms:
@@ -221,10 +232,12 @@ def noise_curve(
 
             def edit_for(rows: Sequence[int], width: int, norm: float = norm) -> Edit:
                 gaussian_BPK = batch_draws(draws, rows, width)
-                return partial(noise_edit, basis_KD=basis_KD, norm=norm, relative=relative, gaussian_BPK=gaussian_BPK)
+                return partial(
+                    noise_edit, basis_KD=basis_KD, norm=norm, relative=relative, gaussian_BPK=gaussian_BPK
+                )
 
             correct_N = edited_correct(model, block, edit_for, data, batches)
-        curve.append(float(correct_N[:total].float().mean()))
+        curve.append(correct_rate(correct_N, total))
     return curve
 
 
@@ -374,7 +387,8 @@ def interchange_rates(
                     logits = interchanged_logits(model, block, basis, source_BPD, source["labels"], target)
                     hits[name][what][rows] = answers_hit(logits, target["labels"]).cpu()
     return {
-        name: {what: float(rows.float().mean()) for what, rows in by_what.items()} for name, by_what in hits.items()
+        name: {what: float(rows.float().mean()) for what, rows in by_what.items()}
+        for name, by_what in hits.items()
     }
 
 
@@ -451,7 +465,7 @@ def causal_tests(
     batches = example_batches(data, count, batch_size)
     total = min(count, len(data))
     bar = tqdm(total=4 * len(bases) + 2, desc="[eval] causal", unit="part", disable=not progress)
-    clean_N = edited_correct(model, edited, lambda rows, width: None, data, batches)
+    clean_N = edited_correct(model, edited, every_batch(None), data, batches)
     bar.update()
     common = {"count": count, "seed": seed, "batch_size": batch_size, "clean_N": clean_N}
     noise, relative, ablation = {}, {}, {}
@@ -460,8 +474,8 @@ def causal_tests(
         relative[name] = noise_curve(model, edited, basis, data, relative_norms, relative=True, **common)
         bar.update(2)
     for name, basis in bases.items():
-        ablate = partial(ablate_edit, basis_KD=basis)
-        ablation[name] = float(edited_correct(model, edited, lambda rows, width: ablate, data, batches)[:total].float().mean())
+        ablate = every_batch(partial(ablate_edit, basis_KD=basis))
+        ablation[name] = correct_rate(edited_correct(model, edited, ablate, data, batches), total)
         bar.update()
     chosen = interchange_pairs(data, count, pairs, seed)
     interchange = interchange_rates(model, edited, {**bases, "none": None}, data, chosen, batch_size, clean_N)
@@ -473,7 +487,7 @@ def causal_tests(
         d_lm=d_lm,
         seed=seed,
         count=total,
-        clean_accuracy=float(clean_N[:total].float().mean()),
+        clean_accuracy=correct_rate(clean_N, total),
         noise_norms=[float(n) for n in noise_norms],
         noise=noise,
         relative_norms=[float(n) for n in relative_norms],

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from tqdm.auto import tqdm
 
 from tracr_injection.evaluate.accuracy import split_accuracy
@@ -34,8 +33,8 @@ from tracr_injection.evaluate.decoding import (
 )
 from tracr_injection.evaluate.language import heldout_windows, language_metrics, run_lm_eval
 from tracr_injection.evaluate.readout import readout_rates, symbol_tokens
-from tracr_injection.evaluate.split_pass import PassInputs, SplitPass, split_pass
 from tracr_injection.evaluate.report import write_report
+from tracr_injection.evaluate.split_pass import PassInputs, SplitPass, split_pass
 from tracr_injection.evaluate.subject import (
     PRETRAINED,
     RunFolderError,
@@ -165,12 +164,17 @@ def add_readout(run_dir: str | Path, progress: bool = True, base_model: str | No
     folder = default_out(subject)
     path = folder / METRICS_FILE
     if not path.is_file():
-        raise RunFolderError(f"{run_dir} has no {EVAL_DIR}/{METRICS_FILE}; run `tracr-inject eval {run_dir}` first.")
+        raise RunFolderError(
+            f"{run_dir} has no {EVAL_DIR}/{METRICS_FILE}; run `tracr-inject eval {run_dir}` first."
+        )
     metrics = json.loads(path.read_text())
     settings = EvalSettings(**metrics["settings"])
     decoders = subject_decoders(subject, settings, folder)
     metrics["readout"] = timed(
-        metrics["timings"], "readout", lambda: split_evaluations(subject, decoders, settings, progress)["readout"], progress
+        metrics["timings"],
+        "readout",
+        lambda: split_evaluations(subject, decoders, settings, progress)["readout"],
+        progress,
     )
     return write_metrics(metrics, folder)
 
@@ -204,13 +208,17 @@ def evaluate_subject(
         "output_variable": subject.teacher.config.output_variable,
     }
     decoders = timed(timings, "probe", lambda: subject_decoders(subject, settings, folder), progress)
-    per_split = timed(timings, "splits", lambda: split_evaluations(subject, decoders, settings, progress), progress)
+    per_split = timed(
+        timings, "splits", lambda: split_evaluations(subject, decoders, settings, progress), progress
+    )
     metrics["accuracy"] = per_split["accuracy"]
     metrics["language"] = timed(timings, "language", lambda: kept_language(subject, settings), progress)
     metrics["decoding"], metrics["readout"] = per_split["decoding"], per_split["readout"]
     main_decoder = decoders.get("map", decoders["probe"])
     metrics["example"] = example_rows(subject, main_decoder)
-    metrics["causal"] = timed(timings, "causal", lambda: causal(subject, main_decoder, settings, progress), progress)
+    metrics["causal"] = timed(
+        timings, "causal", lambda: causal(subject, main_decoder, settings, progress), progress
+    )
     metrics["timings"] = timings
     return metrics
 
@@ -257,7 +265,9 @@ def split_evaluations(
         ).to_dict()  # fmt: skip
         for kind, decoding_result in decoding_results(subject, name, targets, result, decoders).items():
             results["decoding"][kind][name] = decoding_result.to_dict()
-        for kind, readout_result in readout_rates(result.readout, name, decoders, subject.teacher.config, tokens).items():
+        for kind, readout_result in readout_rates(
+            result.readout, name, decoders, subject.teacher.config, tokens
+        ).items():
             results["readout"][kind][name] = readout_result.to_dict()
     bar.close()
     return results
@@ -266,7 +276,13 @@ def split_evaluations(
 def split_data(subject: Subject, split: str, count: int, seed: int) -> TaskData:
     """A seeded subset of `count` examples of `split`, bridged for the subject's tokenizer (no teacher)."""
     return TaskData(
-        subject.task, split, subject.tokenizer, subject.tokenizer_name, max_examples=count, seed=seed, progress=False
+        subject.task,
+        split,
+        subject.tokenizer,
+        subject.tokenizer_name,
+        max_examples=count,
+        seed=seed,
+        progress=False,
     )
 
 
@@ -289,7 +305,11 @@ def decoding_targets(subject: Subject, split: str, settings: EvalSettings) -> Ta
 
 
 def decoding_results(
-    subject: Subject, split: str, targets: TaskData | str, result: SplitPass, decoders: dict[str, LinearDecoder]
+    subject: Subject,
+    split: str,
+    targets: TaskData | str,
+    result: SplitPass,
+    decoders: dict[str, LinearDecoder],
 ) -> dict[str, DecodingResult]:
     """Per decoder the `DecodingResult` of one split from the pass's counts, plus the teacher's RASP check."""
     if isinstance(targets, str):
@@ -401,7 +421,9 @@ def example_rows(subject: Subject, decoder: LinearDecoder) -> dict[str, Any]:
     }
 
 
-def causal(subject: Subject, decoder: LinearDecoder, settings: EvalSettings, progress: bool = False) -> dict[str, Any]:
+def causal(
+    subject: Subject, decoder: LinearDecoder, settings: EvalSettings, progress: bool = False
+) -> dict[str, Any]:
     """Noise, ablation and interchange in the output-variable subspace read by `decoder`, vs a random subspace."""
     data = in_distribution_data(subject, settings.causal_examples)
     result = causal_tests(

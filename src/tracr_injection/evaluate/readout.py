@@ -93,7 +93,12 @@ def readout_states(model: Any, data: TaskData, hidden_index: int, batch_size: in
             positions = list(range(start, min(start + batch_size, len(data))))
             batch = data.collate(positions)
             rows, cols = zip(
-                *[(i, p) for i, k in enumerate(positions) for p, s in enumerate(data.bridged[k].expected) if s]
+                *[
+                    (i, p)
+                    for i, k in enumerate(positions)
+                    for p, s in enumerate(data.bridged[k].expected)
+                    if s
+                ]
             )
             rows_N, cols_N = torch.tensor(rows), torch.tensor(cols)
             logits_NV, output = logits_at(
