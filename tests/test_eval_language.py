@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from conftest import build_tiny_llama
 
 from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.evaluate import language
 from tracr_injection.evaluate.language import (
     HELDOUT_SEED_OFFSET,
     LM_EVAL_MISSING,
     LanguageEvalError,
+    heldout_cache_dir,
     heldout_windows,
     language_metrics,
     run_lm_eval,
@@ -201,6 +203,27 @@ def test_self_heldout_windows_drop_known_training_windows(original, tokenizer):
     assert torch.equal(kept_NT, heldout_NT[[0, 2, 3]])
     with pytest.raises(LanguageEvalError, match="model="):
         heldout_windows("self", tokenizer, 4, 8, train_seed=3, train_windows=4)
+
+
+def test_self_heldout_windows_are_kept_on_disk_per_model_key(original, tokenizer, monkeypatch):
+    fresh_NT = heldout_windows("self", tokenizer, 4, 8, train_seed=3, train_windows=4, model=original)
+    kept_NT = heldout_windows(
+        "self", tokenizer, 4, 8, train_seed=3, train_windows=4, model=original, model_key="a"
+    )
+    assert torch.equal(kept_NT, fresh_NT) and len(list(heldout_cache_dir().glob("*.pt"))) == 1
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(language, "sample_self_windows", no_sampling)
+    again_NT = heldout_windows(
+        "self", tokenizer, 4, 8, train_seed=3, train_windows=4, model=original, model_key="a"
+    )
+    assert torch.equal(again_NT, fresh_NT)  # read back, not sampled
+    with pytest.raises(AssertionError, match="sampled again"):  # another model, another seed: sampled
+        heldout_windows("self", tokenizer, 4, 8, train_seed=3, train_windows=4, model=original, model_key="b")
+    with pytest.raises(AssertionError, match="sampled again"):
+        heldout_windows("self", tokenizer, 4, 8, train_seed=4, train_windows=4, model=original, model_key="a")
 
 
 # ----------------------------------------------------------------------------------------- lm-eval

@@ -10,9 +10,12 @@ status saying why none were computed).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import json
 import math
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,6 +54,7 @@ def heldout_windows(
     train_windows: int,
     model: PreTrainedModel | None = None,
     training_NT: torch.Tensor | None = None,
+    model_key: str | None = None,
 ) -> torch.LongTensor:
     """Up to `num_windows` windows [M, T] from the source of training's KL term that training never saw.
 
@@ -61,14 +65,14 @@ def heldout_windows(
     fewer than `num_windows` may come back: training's windows are `training_NT` when given (e.g. the
     run's KL cache `input_ids`), else the regenerated prefix; for "self" without `training_NT` nothing is
     checked, since re-sampling would cost as much as training's draw (a repeat needs every sampled token
-    to repeat).
+    to repeat).  With `model_key` (what identifies the original model's weights), "self" samples are kept
+    on disk (`cached_self_windows`).
     """
     if os.fspath(source) == SELF_SOURCE:
         if model is None:
             raise LanguageEvalError('held-out "self" text is sampled from the original model: pass model=...')
-        windows_NT = sample_self_windows(
-            model, tokenizer, num_windows, window_len, seed=train_seed + HELDOUT_SEED_OFFSET
-        )
+        seed = train_seed + HELDOUT_SEED_OFFSET
+        windows_NT = cached_self_windows(model, tokenizer, num_windows, window_len, seed, model_key)
         known_NT = training_NT
     else:
         drawn_NT = _draw_past_training(source, tokenizer, num_windows, window_len, train_seed, train_windows)
@@ -80,6 +84,38 @@ def heldout_windows(
             f"every held-out window of {os.fspath(source)!r} repeats a training window: add different text"
         )
     return kept_NT
+
+
+def cached_self_windows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    num_windows: int,
+    window_len: int,
+    seed: int,
+    model_key: str | None,
+) -> torch.LongTensor:
+    """`sample_self_windows` of the original model, kept under `<cache>/heldout/` when `model_key` is given:
+    the draw depends only on the model, tokenizer, count, length and seed, so every run of one base model
+    and seed shares it (sampling token by token is most of the language metrics' time)."""
+    if model_key is None:
+        return sample_self_windows(model, tokenizer, num_windows, window_len, seed=seed)
+    key = json.dumps([model_key, tokenizer.name_or_path, len(tokenizer), num_windows, window_len, seed])
+    path = heldout_cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    windows_NT = sample_self_windows(model, tokenizer, num_windows, window_len, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(windows_NT, partial)
+    partial.replace(path)  # atomic: a concurrent evaluation never reads half a file
+    return windows_NT
+
+
+def heldout_cache_dir() -> Path:
+    """Where sampled held-out windows are kept: `heldout/` next to the teacher cache."""
+    from tracr_injection.compile.compiler import default_cache_dir
+
+    return default_cache_dir().parent / "heldout"
 
 
 def _draw_past_training(
