@@ -234,8 +234,8 @@ def split_evaluations(
 ) -> dict[str, dict[str, Any]]:
     """Accuracy, decoding (per decoder) and the answer readout (per decoder) of every evaluated split, read
     off one teacher-forced LM pass per split (`split_pass`); keyed "accuracy", "decoding" and "readout"."""
+    check_layer_map(subject.layer_map, subject.teacher.config.num_levels)
     for decoder in decoders.values():
-        check_layer_map(subject.layer_map, subject.teacher.config.num_levels)
         check_decoder(decoder, subject.teacher.config)
     names = evaluated_splits(subject)
     count = max(settings.max_examples, settings.decoding_examples)
@@ -246,7 +246,7 @@ def split_evaluations(
         "decoding": {kind: {} for kind in decoders},
         "readout": {kind: {} for kind in decoders},
     }
-    bar = tqdm(total=count * len(names), desc="[eval] splits", unit="ex", disable=not progress)
+    bar = tqdm(total=sum(map(len, data.values())), desc="[eval] splits", unit="ex", disable=not progress)
     for name in names:
         bar.set_postfix_str(name)
         targets = decoding_targets(subject, name, settings)
