@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from tracr_injection.compile.teacher import TeacherModel
-from tracr_injection.evaluate.decoding import AlignedBatch, LinearDecoder, count_batch, empty_table
+from tracr_injection.inject.linear_decoding import AlignedBatch, LinearDecoder, count_batch, empty_table
 from tracr_injection.evaluate.readout import ReadoutStates
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import hidden_size, inference, logits_at
