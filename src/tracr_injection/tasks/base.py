@@ -91,7 +91,8 @@ class SplitSpec:
     for small finite splits and for the held-out-pairs design of the sum task).
     `teacher_blocker` says why the compiled teacher cannot represent the split (a symbol
     outside its vocabulary, operands outside its domain); such a split is for evaluating
-    the LM only.
+    the LM only.  `disjoint_from` names other non-train splits whose prompts this one must not reuse
+    (every split already avoids the training prompts), for splits whose distribution overlaps theirs.
     """
 
     name: str
@@ -102,6 +103,7 @@ class SplitSpec:
     exhaustive: Callable[[], list[Example]] | None = None
     teacher_blocker: str | None = None
     kind: str = "ood"  # "train", "test" (in distribution) or "ood"
+    disjoint_from: tuple[str, ...] = ()
 
     def generate(self, exclude: set[str]) -> list[Example]:
         """The split's examples: deterministic, unique prompts, none whose prompt is in `exclude`."""
@@ -176,7 +178,8 @@ class Task:
         """The examples of `split` (generated once per process; non-train splits exclude train prompts)."""
         if split not in self._cache:
             spec = self.split_spec(split)
-            exclude = set() if spec.kind == "train" else {e.prompt_text for e in self.examples("train")}
+            others = () if spec.kind == "train" else ("train", *spec.disjoint_from)
+            exclude = {e.prompt_text for other in others for e in self.examples(other)}
             self._cache[split] = spec.generate(exclude)
         return self._cache[split]
 

@@ -4,7 +4,10 @@ Prompt `Are parenthesis here correctly matched? {s}\\nAnswer:`, answer ` yes` / 
 lengths 5-30, half uniform random strings, half random shuffle-balanced strings.  OOD:
 `almost_balanced` (a balanced string of length 16-90 with its last symbol dropped: always
 no), `new_token` (a fourth pair `<>` appears: outside the program's vocabulary), `length`
-(lengths 31-90).  `dyck_frac` is the same task (same prompts and splits) taught by the teacher
+(lengths 31-90), `balanced_long` (balanced strings of length 32-90: always yes, the companion of
+`almost_balanced`, so a model that says no to every long string is not counted as generalising) and
+`length_5_90` (the authors' `length` split: lengths 5-90, half random, half balanced, as
+`create_dyck_data(max_length * 3, ...)` in their `data/dyck_3.py`).  `dyck_frac` is the same task (same prompts and splits) taught by the teacher
 whose counter is numerical (`programs.paper.make_dyck_frac_trigger`).  `dyck` can also be taught by
 `dyck_authors_trigger` (`TrainConfig.teacher`, `tracr-inject train --teacher`), the authors' teacher
 built on per-type differences (`programs.paper.make_dyck_authors_trigger`); it has the same symbols,
@@ -51,6 +54,12 @@ def almost_balanced(rng: random.Random) -> Example:
     return dyck_example(brackets[:-1], source="almost_balanced")
 
 
+def balanced_long(rng: random.Random) -> Example:
+    """A shuffle-balanced string of even length 32-90 (answer: yes): `almost_balanced` before its last
+    symbol is dropped, with the lengths of `length`."""
+    return dyck_example(balanced_brackets(list(DYCK_PAIRS), 2 * rng.randint(16, 45), rng), source="balanced_long")
+
+
 def with_new_token(rng: random.Random) -> Example:
     """A string over four pairs ()[]{}<> of length 5-30 that uses `<` or `>`."""
     sample = random_or_balanced((5, 30), NEW_PAIRS)
@@ -61,6 +70,7 @@ def with_new_token(rng: random.Random) -> Example:
 
 
 TRAIN_LENGTHS = (5, 30)
+AUTHORS_LENGTHS = (5, 90)  # their `length` split: `random.randint(5, max_length * 3)`, max_length 30
 
 def dyck_task(name: str, program: str, description: str, teachers: tuple[str, ...] = ()) -> Task:
     """The Shuffle-Dyck task (prompts, splits, seeds) taught with the teacher compiled from `program`
@@ -109,6 +119,22 @@ def dyck_task(name: str, program: str, description: str, teachers: tuple[str, ..
                 104,
                 "lengths 31-90, half random, half balanced",
                 random_or_balanced((31, 90)),
+            ),
+            SplitSpec(
+                "balanced_long",
+                1_000,
+                105,
+                "balanced strings of length 32-90 (always yes): almost_balanced's companion",
+                balanced_long,
+                disjoint_from=("length",),
+            ),
+            SplitSpec(
+                "length_5_90",
+                1_000,
+                106,
+                "the authors' length split: lengths 5-90, half random, half balanced",
+                random_or_balanced(AUTHORS_LENGTHS),
+                disjoint_from=("test", "almost_balanced", "length", "balanced_long"),
             ),
         ],
         end_output=None,
