@@ -3,7 +3,11 @@
 In: evaluated run folders (`<run>/eval/metrics.json`) or evaluation folders holding metrics.json.
 Out: `comparison.md` (one table per task: mean ± std over seeds of ID accuracy, each OOD split,
 perplexity change, decoding accuracy and causal effects), `comparison.csv` (every metric, long
-form, with the per-seed values) and `comparison.png` (accuracy per split, bars per method).
+form, with the per-seed values) and `comparison.png` (accuracy per split, bars per method).  Where a task
+has baseline and inject runs of the same seeds (same seed = same data order and evaluation sets), the
+accuracies are also compared paired by seed: per split the mean and std per method, the gain of each seed
+and a paired bootstrap 95% interval of the mean gain (`paired.json`, `paired.csv`, a table in
+comparison.md, `paired.png` with the per-seed points and the interval).
 """
 
 from __future__ import annotations
@@ -16,10 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tracr_injection.compile.errors import TracrInjectionError
 from tracr_injection.evaluate.report import markdown_table, plt
 
 METHOD_ORDER = {"pretrained": 0, "baseline": 1, "inject": 2}
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+BALANCED_ACC = "balanced acc (almost_balanced, balanced_long)"
 
 
 class CompareError(TracrInjectionError, ValueError):
@@ -56,6 +65,7 @@ def run_row(metrics: dict[str, Any]) -> dict[str, float | None]:
     accuracy = metrics["accuracy"]
     id_split = next(s for s, r in accuracy.items() if r["kind"] == "test")
     row: dict[str, float | None] = {f"acc {s}": r["accuracy"] for s, r in accuracy.items()}
+    row.update(ood_rows(metrics.get("ood", {})))
     language, causal = metrics["language"], metrics["causal"]
     row["perplexity ratio"] = language["perplexity_ratio"]
     row["KL(orig‖trained)"] = language["kl_original_trained"]
@@ -73,6 +83,14 @@ def run_row(metrics: dict[str, Any]) -> dict[str, float | None]:
     row["interchange follows source"] = causal["interchange"]["output"]["source_followed"]
     row["interchange follows source (random)"] = causal["interchange"]["random"]["source_followed"]
     return row
+
+
+def ood_rows(views: dict[str, Any]) -> dict[str, float]:
+    """Accuracy rows of the OOD views (`evaluate.ood`): almost_balanced per length bin, the balanced accuracy."""
+    rows = {f"acc almost_balanced {name}": cell["accuracy"] for name, cell in views.get("almost_balanced_by_length", {}).items()}
+    if "balanced_accuracy" in views:
+        rows[BALANCED_ACC] = views["balanced_accuracy"]["accuracy"]
+    return rows
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -148,6 +166,121 @@ def plot_comparison(tables: dict[str, tuple[list[str], dict]], path: Path) -> Pa
     return path
 
 
+def bootstrap_ci(
+    values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (e.g. paired gains): `resamples` draws of
+    len(values) values with replacement from a fixed-seed generator, so the interval is reproducible."""
+    data = np.asarray(values, dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(data), size=(resamples, len(data)))
+    means = data[draws].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def seed_rows(runs: Sequence[dict[str, Any]]) -> dict[int, dict[str, float | None]]:
+    """seed -> `run_row` of one method's runs (runs without a seed left out)."""
+    return {m["subject"]["seed"]: run_row(m) for m in runs if m["subject"]["seed"] is not None}
+
+
+def paired_statistics(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """Inject against baseline, paired by seed, for every accuracy row both measured on every shared seed:
+    mean and std per method, the gain (inject - baseline) per seed, its mean and a paired bootstrap 95%
+    interval of the mean gain.  None without both methods on a common seed."""
+    base, inject = seed_rows(methods.get("baseline", [])), seed_rows(methods.get("inject", []))
+    seeds = sorted(set(base) & set(inject))
+    if not seeds:
+        return None
+    names = [n for n in base[seeds[0]] if n.startswith(("acc ", "balanced acc"))]
+    splits = {}
+    for name in names:
+        pairs = [(base[s].get(name), inject[s].get(name)) for s in seeds]
+        if any(b is None or i is None for b, i in pairs):
+            continue
+        gains = [i - b for b, i in pairs]
+        (b_mean, b_std), (i_mean, i_std) = mean_std([b for b, _ in pairs]), mean_std([i for _, i in pairs])
+        splits[name.removeprefix("acc ")] = {
+            "baseline_mean": b_mean, "baseline_std": b_std, "inject_mean": i_mean, "inject_std": i_std,
+            "baseline": [b for b, _ in pairs], "inject": [i for _, i in pairs],
+            "gains": gains, "gain_mean": statistics.fmean(gains), "gain_std": mean_std(gains)[1],
+            "gain_ci95": list(bootstrap_ci(gains)),
+        }  # fmt: skip
+    return {"seeds": seeds, "resamples": BOOTSTRAP_RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED, "splits": splits}
+
+
+def paired_table(paired: dict[str, Any]) -> str:
+    """The paired comparison as Markdown (percentage points)."""
+    header = ["split", "baseline", "inject", "gain per seed (" + " / ".join(map(str, paired["seeds"])) + ")",
+              "mean gain", "95% CI (paired bootstrap)"]  # fmt: skip
+    rows = [
+        [
+            split, f"{100 * r['baseline_mean']:.1f} ± {100 * r['baseline_std']:.1f}",
+            f"{100 * r['inject_mean']:.1f} ± {100 * r['inject_std']:.1f}",
+            " / ".join(f"{100 * g:+.1f}" for g in r["gains"]), f"{100 * r['gain_mean']:+.1f}",
+            f"[{100 * r['gain_ci95'][0]:+.1f}, {100 * r['gain_ci95'][1]:+.1f}]",
+        ]
+        for split, r in paired["splits"].items()
+    ]  # fmt: skip
+    note = (
+        f"Inject − baseline, paired by seed ({len(paired['seeds'])} seeds; accuracy in %, gains in points; "
+        f"percentile interval of {paired['resamples']:,} bootstrap resamples of the seeds' gains, generator seed "
+        f"{paired['bootstrap_seed']})."
+    )
+    return note + "\n\n" + markdown_table(header, rows)
+
+
+def plot_paired(paired_by_task: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Per task: each split's per-seed accuracies, baseline and inject joined by a line per seed (top), and
+    the per-seed gains with their mean and 95% interval (bottom)."""
+    fig, axes = plt.subplots(2, len(paired_by_task), figsize=(1.2 + 1.1 * max(len(p["splits"]) for p in
+                             paired_by_task.values()) * len(paired_by_task), 6.4), squeeze=False)  # fmt: skip
+    for column, (task, paired) in enumerate(paired_by_task.items()):
+        top, bottom = axes[0][column], axes[1][column]
+        splits = list(paired["splits"])
+        for j, split in enumerate(splits):
+            r = paired["splits"][split]
+            for b, i in zip(r["baseline"], r["inject"]):
+                top.plot([j - 0.2, j + 0.2], [b, i], "-", color="gray", alpha=0.5, lw=0.8)
+            top.scatter([j - 0.2] * len(r["baseline"]), r["baseline"], color="tab:blue", s=12, zorder=3)
+            top.scatter([j + 0.2] * len(r["inject"]), r["inject"], color="tab:orange", s=12, zorder=3)
+            bottom.scatter([j] * len(r["gains"]), r["gains"], color="gray", s=12, zorder=3)
+            low, high = r["gain_ci95"]
+            bottom.errorbar([j], [r["gain_mean"]], yerr=[[r["gain_mean"] - low], [high - r["gain_mean"]]],
+                            fmt="o", color="black", capsize=4, zorder=4)  # fmt: skip
+        top.scatter([], [], color="tab:blue", label="baseline")
+        top.scatter([], [], color="tab:orange", label="inject")
+        top.set_ylim(-0.03, 1.03)
+        top.set_ylabel("exact-match accuracy")
+        top.set_title(f"{task}: per seed ({len(paired['seeds'])} seeds)", fontsize=9)
+        top.legend(fontsize=7)
+        bottom.axhline(0, color="gray", lw=0.8)
+        bottom.set_ylabel("gain (inject − baseline)")
+        bottom.set_title("per-seed gains, mean and paired bootstrap 95% interval", fontsize=9)
+        for ax in (top, bottom):
+            ax.set_xticks(range(len(splits)))
+            ax.set_xticklabels(splits, rotation=40, ha="right", fontsize=7)
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def write_paired(paired_by_task: dict[str, dict[str, Any]], out: Path) -> None:
+    """paired.json, paired.csv (a row per task, split and seed) and paired.png."""
+    (out / "paired.json").write_text(json.dumps(paired_by_task, indent=2))
+    with (out / "paired.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "split", "seed", "baseline", "inject", "gain", "gain_mean", "gain_ci95_low",
+                         "gain_ci95_high"])  # fmt: skip
+        for task, paired in paired_by_task.items():
+            for split, r in paired["splits"].items():
+                for seed, b, i, g in zip(paired["seeds"], r["baseline"], r["inject"], r["gains"]):
+                    writer.writerow([task, split, seed, b, i, g, r["gain_mean"], *r["gain_ci95"]])
+    plot_paired(paired_by_task, out / "paired.png")
+
+
 def compare_runs(paths: Sequence[str | Path], out: str | Path) -> Path:
     """Write comparison.md, comparison.csv and comparison.png for these runs into `out`; returns `out`."""
     out = Path(out)
@@ -166,6 +299,12 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path) -> Path:
                 mean, std = mean_std(present) if present else (None, None)
                 csv_rows.append([task, method, name, mean, std, len(present), json.dumps(per_metric[name])])
     sections.append("![comparison.png](comparison.png)")
+    paired_by_task = {task: p for task, methods in sorted(groups.items()) if (p := paired_statistics(methods))}
+    for task, paired in paired_by_task.items():
+        sections.append(f"## {task}: inject vs baseline, paired by seed\n\n" + paired_table(paired))
+    if paired_by_task:
+        sections.append("![paired.png](paired.png)")
+        write_paired(paired_by_task, out)
     (out / "comparison.md").write_text("\n\n".join(sections) + "\n")
     with (out / "comparison.csv").open("w", newline="") as f:
         writer = csv.writer(f)

@@ -32,6 +32,7 @@ from tracr_injection.evaluate.decoding import (
     split_rasp_agreement,
 )
 from tracr_injection.evaluate.language import heldout_windows, language_metrics, run_lm_eval
+from tracr_injection.evaluate.ood import ood_views
 from tracr_injection.evaluate.readout import readout_rates, symbol_tokens
 from tracr_injection.evaluate.report import write_report
 from tracr_injection.evaluate.split_pass import PassInputs, SplitPass, split_pass
@@ -212,7 +213,10 @@ def evaluate_subject(
     per_split = timed(
         timings, "splits", lambda: split_evaluations(subject, decoders, settings, progress), progress
     )
-    metrics["accuracy"] = per_split["accuracy"]
+    accuracy = per_split["accuracy"]
+    metrics["accuracy"] = {split: result.to_dict() for split, result in accuracy.items()}
+    if views := ood_views(subject.task, accuracy):
+        metrics["ood"] = views
     metrics["language"] = timed(timings, "language", lambda: kept_language(subject, settings), progress)
     metrics["decoding"], metrics["readout"] = per_split["decoding"], per_split["readout"]
     main_decoder = decoders.get("map", decoders["probe"])
@@ -232,8 +236,9 @@ def evaluated_splits(subject: Subject) -> list[str]:
 def split_evaluations(
     subject: Subject, decoders: dict[str, LinearDecoder], settings: EvalSettings, progress: bool = True
 ) -> dict[str, dict[str, Any]]:
-    """Accuracy, decoding (per decoder) and the answer readout (per decoder) of every evaluated split, read
-    off one teacher-forced LM pass per split (`split_pass`); keyed "accuracy", "decoding" and "readout"."""
+    """Accuracy (a `SplitAccuracy` per split, predictions kept for the OOD views), decoding and the answer
+    readout (per decoder, as dicts) of every evaluated split, read off one teacher-forced LM pass per split
+    (`split_pass`); keyed "accuracy", "decoding" and "readout"."""
     check_layer_map(subject.layer_map, subject.teacher.config.num_levels)
     for decoder in decoders.values():
         check_decoder(decoder, subject.teacher.config)
@@ -263,7 +268,7 @@ def split_evaluations(
         results["accuracy"][name] = split_accuracy(
             subject.model, subject.tokenizer, subject.task, name, max_examples=settings.max_examples,
             batch_size=settings.batch_size, seed=settings.seed, forced_correct=forced_correct,
-        ).to_dict()  # fmt: skip
+        )  # fmt: skip
         for kind, decoding_result in decoding_results(subject, name, targets, result, decoders).items():
             results["decoding"][kind][name] = decoding_result.to_dict()
         for kind, readout_result in readout_rates(

@@ -9,7 +9,7 @@ subspace).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,22 @@ def accuracy_section(accuracy: dict[str, Any]) -> str:
     ]
     if breakdown_rows:
         parts.append(markdown_table(["split", "by", "group", "n", "accuracy"], breakdown_rows))
+    return "\n\n".join(parts)
+
+
+def ood_section(views: Mapping[str, Any]) -> str:
+    """report.md's section: almost_balanced by length bin and the balanced accuracy."""
+    rows = [[name, cell["n"], pct(cell["accuracy"])] for name, cell in views["almost_balanced_by_length"].items()]
+    parts = [
+        "## Out of distribution: generalisation or bias?",
+        "`almost_balanced` (always no) by input length:",
+        markdown_table(["length", "n", "accuracy"], rows),
+    ]
+    if "balanced_accuracy" in views:
+        parts.append(
+            "Balanced accuracy of `almost_balanced` (always no) with `balanced_long` (always yes): "
+            f"{pct(views['balanced_accuracy']['accuracy'])} (a constant answer scores 50%)."
+        )
     return "\n\n".join(parts)
 
 
@@ -279,6 +295,7 @@ def write_report(metrics: dict[str, Any], folder: str | Path) -> Path:
     sections = [
         header,
         accuracy_section(metrics["accuracy"]) + "\n\n![accuracy.png](accuracy.png)",
+        *([ood_section(metrics["ood"])] if "ood" in metrics else []),
         language_section(metrics["language"]),
         decoding_section(metrics["decoding"], output_variable, decoding_plots),
         *([baseline_section(metrics["baseline_comparison"])] if "baseline_comparison" in metrics else []),
