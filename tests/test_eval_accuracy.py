@@ -265,9 +265,10 @@ def test_always_one_on_x_only_by_answer_and_input_length(always_one, tokenizer):
 
 def test_task_accuracy_covers_every_non_train_split(always_yes, tokenizer):
     results = task_accuracy(always_yes, tokenizer, "dyck", max_examples=8, batch_size=8)
-    assert list(results) == ["test", "almost_balanced", "new_token", "length"]
+    assert list(results) == ["test", "almost_balanced", "new_token", "length", "balanced_long", "length_5_90"]
     assert all(r.n == 8 for r in results.values())
     assert results["almost_balanced"].accuracy == 0.0  # every answer there is "no"
+    assert results["balanced_long"].accuracy == 1.0  # every answer there is "yes"
 
 
 @pytest.mark.parametrize(

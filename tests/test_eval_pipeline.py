@@ -84,7 +84,11 @@ def test_eval_writes_metrics_report_and_plots(evaluated_runs):
     run = evaluated_runs[("inject", 0)]
     metrics = metrics_of(run)
     assert metrics["subject"]["method"] == "inject" and metrics["subject"]["block"] == 3
-    assert set(metrics["accuracy"]) == {"test", "almost_balanced", "new_token", "length"}
+    assert set(metrics["accuracy"]) == {"test", "almost_balanced", "new_token", "length", "balanced_long", "length_5_90"}
+    ab, bl = metrics["accuracy"]["almost_balanced"], metrics["accuracy"]["balanced_long"]
+    assert metrics["ood"]["balanced_accuracy"]["accuracy"] == pytest.approx((ab["accuracy"] + bl["accuracy"]) / 2)
+    bins = metrics["ood"]["almost_balanced_by_length"]
+    assert sum(b["n"] for b in bins.values()) == ab["n"] and sum(b["correct"] for b in bins.values()) == ab["correct"]
     assert all(r["n"] == 12 for r in metrics["accuracy"].values())
     assert set(metrics["decoding"]) == {"map", "probe"}
     assert metrics["decoding"]["map"]["new_token"]["skipped"]  # '<' '>' are not program symbols
@@ -93,6 +97,7 @@ def test_eval_writes_metrics_report_and_plots(evaluated_runs):
     report = (run / "eval" / "report.md").read_text()
     for split, result in metrics["accuracy"].items():
         assert f"| {split} | {result['kind']} | 12 | {100 * result['accuracy']:.1f}% |" in report
+    assert "## Out of distribution: generalisation or bias?" in report
     for image in ("accuracy.png", "decoding_map.png", "decoding_probe.png", "noise.png"):
         assert f"({image})" in report
         width, height = Image.open(run / "eval" / image).size

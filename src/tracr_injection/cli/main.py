@@ -229,6 +229,9 @@ def train_command(
     probe_every: int | None = typer.Option(
         None, help="Log map decoding and per-term gradient norms every N steps (default 50; 0: off)."
     ),
+    accuracy_every: int | None = typer.Option(
+        None, help="Log task accuracy on 200 fixed examples of every evaluated split every N steps (default 0: off)."
+    ),
     alignment_balance: str | None = typer.Option(
         None, help="none (default) or early_grad: scale the alignment so its early-block gradient is m x the task's."
     ),

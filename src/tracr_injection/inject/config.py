@@ -33,7 +33,7 @@ AT_LEAST_ONE = (
 )  # fmt: skip
 NOT_NEGATIVE = (
     "lr_lm", "lr_map", "weight_decay", "warmup_steps", "alignment_weight", "kl_weight", "roll_block",
-    "subspace_forcing_steps", "seed", "max_grad_norm", "probe_every",
+    "subspace_forcing_steps", "seed", "max_grad_norm", "probe_every", "accuracy_every",
     "alignment_first_steps",
 )  # fmt: skip
 
@@ -63,6 +63,9 @@ class TrainConfig:
     program is injected on small fixed batches (`inject.probing`): the map's decoding of each teacher
     variable and the gradient norm of each loss term on the blocks up to and after the roll block, as extra
     lines of metrics.jsonl; 0 turns it off. It never changes the trained weights.
+    Every `accuracy_every` steps (0, default: never) the run also measures its task accuracy on the first
+    `probing.ACCURACY_EXAMPLES` examples of every evaluated split (the same examples for every seed), as
+    probe lines too (`probing.AccuracyProber`), so accuracy can be drawn over training.
     `teacher` names the registered program that teaches the task, one of the task's teachers
     (`Task.teacher_program`); None (default, and what a record written before the field existed
     means) is the task's own program.
@@ -111,6 +114,7 @@ class TrainConfig:
     roll_align: str = "answer"
     subspace_forcing_steps: int = 0
     probe_every: int = 50
+    accuracy_every: int = 0
     alignment_balance: str = "none"
     balance_every: int = 10
     balance_cap: float = 100.0
@@ -179,7 +183,9 @@ class TrainConfig:
 
     def resume_key(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint (not the budget or bookkeeping)."""
-        free = {"steps", "out", "checkpoint_every", "keep_checkpoints", "eval_examples", "probe_every"}
+        free = {
+            "steps", "out", "checkpoint_every", "keep_checkpoints", "eval_examples", "probe_every", "accuracy_every",
+        }  # fmt: skip
         return {k: v for k, v in self.to_dict().items() if k not in free}
 
     def command(self) -> str:

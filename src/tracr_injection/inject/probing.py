@@ -19,6 +19,11 @@ updates), `seconds` (the probe's wall time) and keys under `probe/`:
   examples of the in-distribution batch and the first `kl_batch_size` KL windows, so the norms are on the
   scale gradient clipping sees. A baseline is split where an inject run would roll.
 
+With `accuracy_every`, `AccuracyProber` adds lines of `probe/accuracy/{split}`: the task accuracy
+(teacher-forced exact match, `inject.answers`) on the first `ACCURACY_EXAMPLES` examples of the seed-0 draw
+of every evaluated split (the in-distribution test split and every OOD split, LM-only ones included), the
+same examples for every run, and draws them as `accuracy_curves.png`.
+
 A probe runs in eval mode under a forked RNG and takes gradients with `torch.autograd.grad` (nothing is
 written to `.grad`), so the same config and seed train the same weights with probes on or off.
 """
@@ -41,6 +46,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from tracr_injection.compile.teacher import TeacherModel
+from tracr_injection.inject.answers import answers_correct
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.linear_decoding import (
@@ -56,6 +62,8 @@ from tracr_injection.tasks import TeacherCannotRepresentError, get_task
 PROBE_EXAMPLES = 32  # per split: the first examples of evaluation's seed-0 decoding draw
 PREFIX = "probe/"
 PLOT_NAME = "probes.png"
+ACCURACY_EXAMPLES = 200  # per split, for the accuracy over training
+ACCURACY_PLOT = "accuracy_curves.png"
 
 
 @dataclasses.dataclass
@@ -202,6 +210,96 @@ class Prober:
             read_probe_lines(self.metrics_file), self.plot_file, self.data.skipped, self.config.eval_split
         )
         return record
+
+
+def accuracy_splits(task_name: str) -> list[str]:
+    """The splits evaluation scores: every split but train, in the task's order."""
+    return [s.name for s in get_task(task_name).splits if s.kind != "train"]
+
+
+class AccuracyProber:
+    """Task accuracy on fixed examples of every evaluated split every `accuracy_every` steps (see the module
+    docstring); main process only."""
+
+    def __init__(self, config: TrainConfig, lm: Any, tokenizer: Any, out: Path,
+                 log: Callable[[dict[str, float], int], None]):  # fmt: skip
+        self.config, self.lm, self.log = config, lm, log
+        self.device = next(lm.parameters()).device
+        self.metrics_file, self.plot_file = out / "metrics.jsonl", out / ACCURACY_PLOT
+        self.data = {
+            split: TaskData(config.task, split, tokenizer, config.model, max_examples=ACCURACY_EXAMPLES, seed=0,
+                            progress=False)
+            for split in accuracy_splits(config.task)
+        }  # fmt: skip
+
+    def due(self, step: int) -> bool:
+        """Whether accuracy is measured after `step` updates: 0, every `accuracy_every`-th and the last."""
+        every = self.config.accuracy_every
+        return every > 0 and (step % every == 0 or step == self.config.steps)
+
+    def measure(self, step: int) -> dict[str, Any]:
+        """`{"step", "probe/accuracy/<split>": accuracy, "seconds"}` for the weights after `step` updates."""
+        began = time.perf_counter()
+        record: dict[str, Any] = {"step": step}
+        with untouched(self.lm, self.device):
+            for split, data in self.data.items():
+                correct = answers_correct(self.lm, data, len(data))
+                record[f"{PREFIX}accuracy/{split}"] = float(correct.float().mean())
+        record["seconds"] = time.perf_counter() - began
+        return record
+
+    def record(self, step: int) -> dict[str, Any]:
+        """Measure after `step` updates, append the line to metrics.jsonl, log it and redraw the curves."""
+        record = self.measure(step)
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.log({k: v for k, v in record.items() if k.startswith(PREFIX)}, step)
+        plot_accuracy_curves({"run": accuracy_series(read_probe_lines(self.metrics_file))}, self.plot_file)
+        return record
+
+
+def accuracy_series(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """split -> [(step, accuracy)] from a run's probe lines."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    prefix = f"{PREFIX}accuracy/"
+    for record in records:
+        for key, value in record.items():
+            if key.startswith(prefix):
+                series.setdefault(key.removeprefix(prefix), []).append((record["step"], value))
+    return series
+
+
+def plot_accuracy_curves(
+    curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path,
+    spread: dict[str, dict[str, list[float]]] | None = None,
+) -> Path | None:
+    """One panel per split: accuracy vs step, a line per curve (a run, or a method's mean over seeds, with
+    `spread[curve][split]` its std as a band); None when there is nothing to draw."""
+    splits = list(dict.fromkeys(s for series in curves.values() for s in series))
+    if not splits:
+        return None
+    fig, axes = plt.subplots(1, len(splits), figsize=(3.2 * len(splits), 3.2), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for name, series in curves.items():
+            if split not in series:
+                continue
+            steps, values = zip(*series[split])
+            ax.plot(steps, values, marker=".", label=name)
+            if spread and split in spread.get(name, {}):
+                low = [v - s for v, s in zip(values, spread[name][split])]
+                high = [v + s for v, s in zip(values, spread[name][split])]
+                ax.fill_between(steps, low, high, alpha=0.2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(split, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("exact-match accuracy")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def is_probe_line(record: dict[str, Any]) -> bool:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.compile.teacher import CONFIG_NAME, WEIGHTS_NAME, TeacherModel
 from tracr_injection.hub import model_fingerprint, model_folder
+from tracr_injection.inject.answers import answer_accuracy, answers_correct, answers_hit  # noqa: F401 (re-exported)
 from tracr_injection.inject.config import ConfigError, TrainConfig
 from tracr_injection.inject.data import TaskData, batch_positions
 from tracr_injection.inject.levers import (
@@ -52,7 +53,6 @@ from tracr_injection.inject.lm import (
     decoder_blocks,
     hidden_size,
     hidden_states,
-    inference,
     layer_mapping,
     load_causal_lm,
     logits_at,
@@ -71,7 +71,7 @@ from tracr_injection.inject.losses import (
     teacher_inside,
 )
 from tracr_injection.inject.natural_text import KLCache, build_kl_cache, text_windows, topk_kl
-from tracr_injection.inject.probing import Prober, block_groups, term_gradient_norms
+from tracr_injection.inject.probing import AccuracyProber, Prober, block_groups, term_gradient_norms
 
 STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"
@@ -347,44 +347,6 @@ class InjectionObjective(torch.nn.Module):
         return out.hidden_states if config.injecting else None
 
 
-def answers_correct(model: Any, data: TaskData, count: int, batch_size: int = 16) -> torch.Tensor:
-    """Per example (the first `count` of `data`), whether the whole answer is right under teacher forcing.
-
-    Greedy decoding emits the answer (EOS included) iff the argmax at every answer position is the
-    next answer token, so this equals greedy exact match at one forward pass per batch.
-    """
-    device = next(model.parameters()).device
-    total = min(count, len(data))
-    correct_N = torch.zeros(total, dtype=torch.bool)
-    with inference(model):
-        for start in range(0, total, batch_size):
-            positions = list(range(start, min(total, start + batch_size)))
-            batch = {
-                k: v.to(device)
-                for k, v in data.collate(positions).items()
-                if k in ("input_ids", "attention_mask", "labels")
-            }
-            b_idx, pos, _ = answer_positions(batch["labels"])
-            logits_NV, _ = logits_at(model, batch["input_ids"], batch["attention_mask"], b_idx, pos)
-            correct_N[start : start + len(positions)] = answers_hit(logits_NV, batch["labels"]).cpu()
-    return correct_N
-
-
-def answers_hit(logits_NV: torch.Tensor, labels_BP: torch.Tensor) -> torch.Tensor:
-    """Per row, whether the argmax at every answer-predicting position is the labelled next token
-    (`logits_NV` at those positions, in `answer_positions` order)."""
-    b_idx, _, target = answer_positions(labels_BP)
-    miss = logits_NV.argmax(-1) != target
-    wrong_B = torch.zeros(labels_BP.shape[0], dtype=torch.bool, device=labels_BP.device)
-    return ~wrong_B.index_put_((b_idx,), miss, accumulate=True)
-
-
-def answer_accuracy(model: Any, data: TaskData, count: int, batch_size: int = 16) -> float:
-    """Teacher-forced exact-match accuracy (equal to greedy decoding's, EOS included) on the first `count` examples."""
-    correct_N = answers_correct(model, data, count, batch_size)
-    return float(correct_N.float().mean()) if len(correct_N) else 0.0
-
-
 def checkpoint_dirs(out: Path) -> list[Path]:
     """Finished checkpoints (their state file is written last), oldest first."""
     root = out / "checkpoints"
@@ -583,6 +545,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     prober = make_prober(config, accelerator, accelerator.unwrap_model(objective), parts, tokenizer)
     if prober is not None and start == 0:
         prober.record(0)
+    scorer = make_accuracy_prober(config, accelerator, accelerator.unwrap_model(objective).lm, tokenizer)
+    if scorer is not None and start == 0:
+        scorer.record(0)
     bar = tqdm(
         total=config.steps,
         initial=start,
@@ -633,6 +598,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 )
             if prober is not None and prober.due(step + 1):
                 prober.record(step + 1)
+            if scorer is not None and scorer.due(step + 1):
+                scorer.record(step + 1)
             if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 save_checkpoint(accelerator, config, step + 1)
     accelerator.end_training()
@@ -710,6 +677,18 @@ def make_prober(
         config, objective, parts.teacher, tokenizer, parts.kl_cache, Path(config.out),
         log=lambda values, step: accelerator.log(values, step=step), autocast=accelerator.autocast,
     )  # fmt: skip
+
+
+def make_accuracy_prober(
+    config: TrainConfig, accelerator: Accelerator, lm: Any, tokenizer: Any
+) -> AccuracyProber | None:
+    """The accuracy-over-training probe of this run (`inject.probing.AccuracyProber`), on the main process,
+    when `accuracy_every` asks for it."""
+    if not config.accuracy_every or not accelerator.is_main_process:
+        return None
+    return AccuracyProber(
+        config, lm, tokenizer, Path(config.out), log=lambda values, step: accelerator.log(values, step=step)
+    )
 
 
 def tracker_config(config: TrainConfig) -> dict[str, Any]:
