@@ -501,6 +501,49 @@ def reproduce_command(
     typer.echo(folder)
 
 
+@app.command("ood")
+def ood_command(
+    seeds: int = typer.Option(5, help="Seeds per method (paired: same seed, same data and evaluation sets)."),
+    setting: str | None = typer.Option(
+        None, help="A sweep setting for the inject runs (default: results/injection/gate.json's, else m1)."
+    ),
+    gate: Path = typer.Option(Path("results/injection/gate.json"), help="The sweep's choice, read when present."),
+    budget: str = typer.Option("ood", help="ood (the cpu budget, full-size accuracy) or a reproduce budget (smoke)."),
+    runs_root: Path = typer.Option(Path("runs/ood"), help="Where run folders go."),
+    results: Path = typer.Option(Path("results/ood"), help="Where evaluations, comparison and summary.json go."),
+    model: str = typer.Option("smollm2", help="The LM to train."),
+    status: bool = typer.Option(False, "--status", help="Only show each planned run's state."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print the plan: the setting and each train command."),
+) -> None:
+    """Inject against baseline on Dyck out of distribution, paired over seeds, with bootstrap intervals and
+    accuracy over training (start it in two shells to share the plan; re-run it to continue)."""
+    from tracr_injection.experiments.ood import inject_setting, ood, ood_budget, plan_ood
+    from tracr_injection.experiments.reproduce import status_rows
+
+    if seeds < 1:
+        fail(f"--seeds must be at least 1, got {seeds}")
+    try:
+        choice = inject_setting(setting, gate)
+        if status or dry_run:
+            console.print(f"inject setting {choice['name']} ({choice['source']}): {choice['overrides']}", highlight=False)
+            runs = plan_ood(seeds, choice, ood_budget(budget), runs_root, results, model)
+            for run, row in zip(runs, status_rows(runs)):
+                console.print(f"{run.name}: {row['state']}, {row['steps']} steps", highlight=False)
+                if dry_run:
+                    typer.echo(f"  {run.config.command()}")
+            return
+        command = f"tracr-inject ood --seeds {seeds} --budget {budget} --gate {gate} --model {model}"
+        command += (f" --setting {setting}" if setting else "") + f" --runs-root {runs_root} --results {results}"
+        folder = ood(
+            seeds, setting, budget, gate=gate, runs_root=runs_root, results_root=results, model=model,
+            command=command, on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
+        )  # fmt: skip
+    except (TracrInjectionError, ValueError, KeyError) as err:
+        fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    typer.echo((folder / "comparison.md").read_text())
+    typer.echo(folder)
+
+
 @app.command("sweep")
 def sweep_command(
     teacher: list[str] | None = typer.Option(None, help="Teacher(s) of Dyck (repeatable; default both)."),

@@ -30,7 +30,7 @@ from tracr_injection.evaluate.compare import compare_runs
 from tracr_injection.evaluate.pipeline import EVAL_DIR, METRICS_FILE, EvalSettings, add_readout, evaluate_target
 from tracr_injection.experiments.budgets import METHODS, Budget, get_budget
 from tracr_injection.inject.config import TrainConfig
-from tracr_injection.inject.probing import PLOT_NAME
+from tracr_injection.inject.probing import ACCURACY_PLOT, PLOT_NAME
 from tracr_injection.inject.trainer import (
     MANIFEST_NAME,
     METRICS_NAME,
@@ -254,10 +254,10 @@ def eval_settings(budget: Budget) -> EvalSettings:
 
 def publish_run(run: PlannedRun) -> None:
     """Copy an evaluated run's eval folder (no weights, no probe), manifest, record, training metrics
-    (`metrics.jsonl`: every step's losses and the probe lines, small) and probe curves to results/."""
+    (`metrics.jsonl`: every step's losses and the probe lines, small), probe and accuracy curves to results/."""
     shutil.rmtree(run.published, ignore_errors=True)
     shutil.copytree(run.out / EVAL_DIR, run.published, ignore=shutil.ignore_patterns("*.safetensors"))
-    for name in (MANIFEST_NAME, RECORD_NAME, METRICS_NAME, PLOT_NAME):
+    for name in (MANIFEST_NAME, RECORD_NAME, METRICS_NAME, PLOT_NAME, ACCURACY_PLOT):
         if (run.out / name).is_file():
             shutil.copy2(run.out / name, run.published / name)
 
