@@ -290,7 +290,14 @@ def test_evaluate_decoding_runs_every_representable_dyck_split(tiny_llama, token
         max_examples=4,
         rasp_examples=2,
     )
-    assert [r.split for r in results] == ["test", "almost_balanced", "new_token", "length", "balanced_long", "length_5_90"]
+    assert [r.split for r in results] == [
+        "test",
+        "almost_balanced",
+        "new_token",
+        "length",
+        "balanced_long",
+        "length_5_90",
+    ]
     for result in results:
         if result.split == "new_token":
             assert "not symbols of the compiled program" in result.skipped and not result.accuracy

@@ -84,11 +84,13 @@ def test_eval_writes_metrics_report_and_plots(evaluated_runs):
     run = evaluated_runs[("inject", 0)]
     metrics = metrics_of(run)
     assert metrics["subject"]["method"] == "inject" and metrics["subject"]["block"] == 3
-    assert set(metrics["accuracy"]) == {"test", "almost_balanced", "new_token", "length", "balanced_long", "length_5_90"}
+    splits = {"test", "almost_balanced", "new_token", "length", "balanced_long", "length_5_90"}
+    assert set(metrics["accuracy"]) == splits
     ab, bl = metrics["accuracy"]["almost_balanced"], metrics["accuracy"]["balanced_long"]
-    assert metrics["ood"]["balanced_accuracy"]["accuracy"] == pytest.approx((ab["accuracy"] + bl["accuracy"]) / 2)
-    bins = metrics["ood"]["almost_balanced_by_length"]
-    assert sum(b["n"] for b in bins.values()) == ab["n"] and sum(b["correct"] for b in bins.values()) == ab["correct"]
+    balanced = (ab["accuracy"] + bl["accuracy"]) / 2
+    assert metrics["ood"]["balanced_accuracy"]["accuracy"] == pytest.approx(balanced)
+    bins = metrics["ood"]["almost_balanced_by_length"].values()
+    assert sum(b["n"] for b in bins) == ab["n"] and sum(b["correct"] for b in bins) == ab["correct"]
     assert all(r["n"] == 12 for r in metrics["accuracy"].values())
     assert set(metrics["decoding"]) == {"map", "probe"}
     assert metrics["decoding"]["map"]["new_token"]["skipped"]  # '<' '>' are not program symbols

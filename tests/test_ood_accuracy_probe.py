@@ -37,7 +37,12 @@ def test_accuracy_lines_every_k_steps_match_the_trained_model(tiny_llama, tmp_pa
     train(config, progress=False)
     lines = probe_lines(out)
     assert [p["step"] for p in lines] == [0, 2, 3]  # before training, every 2nd step, the last
-    assert set(lines[0]) == {"step", "seconds", "probe/accuracy/test", "probe/accuracy/length"}  # reverse's splits
+    assert set(lines[0]) == {
+        "step",
+        "seconds",
+        "probe/accuracy/test",
+        "probe/accuracy/length",
+    }  # reverse's splits
     tokenizer = load_tokenizer(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     for split in ("test", "length"):
@@ -45,7 +50,9 @@ def test_accuracy_lines_every_k_steps_match_the_trained_model(tiny_llama, tmp_pa
         assert len(data) == ACCURACY_EXAMPLES
         expected = float(answers_correct(model, data, len(data)).float().mean())
         assert lines[-1][f"probe/accuracy/{split}"] == pytest.approx(expected)
-        assert tensorboard_scalars(out, f"probe/accuracy/{split}") == [p[f"probe/accuracy/{split}"] for p in lines]
+        assert tensorboard_scalars(out, f"probe/accuracy/{split}") == [
+            p[f"probe/accuracy/{split}"] for p in lines
+        ]
     assert accuracy_series(lines)["test"] == [(p["step"], p["probe/accuracy/test"]) for p in lines]
     assert (out / ACCURACY_PLOT).stat().st_size > 5_000
     # the same config without accuracy lines trains the same weights and step lines

@@ -15,7 +15,6 @@ import tracr_injection.experiments.ood as ood_module
 from tracr_injection.cli.main import app
 from tracr_injection.evaluate.compare import bootstrap_ci
 from tracr_injection.experiments.ood import OOD, inject_setting, ood, plan_ood
-from tracr_injection.experiments.reproduce import run_state
 from tracr_injection.hub import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("shared_cache")
@@ -39,16 +38,31 @@ def test_inject_setting_from_gate_flag_or_default(tmp_path):
     with pytest.raises(ValueError, match="Unknown setting"):
         inject_setting("nope", gate)
     runs = plan_ood(5, chosen, OOD, tmp_path / "runs", tmp_path / "results")
-    assert [r.name for r in runs[:4]] == ["dyck-baseline-s0", "dyck-inject-s0", "dyck-baseline-s1", "dyck-inject-s1"]
-    assert all(r.config.steps == 400 and r.config.batch_size == 8 and r.config.accuracy_every == 100 for r in runs)
+    assert [r.name for r in runs[:4]] == [
+        "dyck-baseline-s0",
+        "dyck-inject-s0",
+        "dyck-baseline-s1",
+        "dyck-inject-s1",
+    ]
+    assert all(
+        r.config.steps == 400 and r.config.batch_size == 8 and r.config.accuracy_every == 100 for r in runs
+    )
     assert runs[1].config.alignment_weight == 10.0 and runs[0].config.alignment_weight == 1.0
     settings = ood_module.ood_eval_settings(OOD)
-    assert settings.max_examples == 1000 and settings.decoding_examples == 200 and settings.causal_examples == 100
+    assert (
+        settings.max_examples == 1000
+        and settings.decoding_examples == 200
+        and settings.causal_examples == 100
+    )
 
 
 def test_smoke_plan_writes_summary_curves_and_resumes_from_results(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(ood_module, "ood_eval_settings", lambda budget: SETTINGS)
-    roots = {"runs_root": tmp_path / "runs", "results_root": tmp_path / "results", "gate": tmp_path / "no-gate.json"}
+    roots = {
+        "runs_root": tmp_path / "runs",
+        "results_root": tmp_path / "results",
+        "gate": tmp_path / "no-gate.json",
+    }
     results = ood(2, None, "smoke", model=tiny_model, progress=False, **roots)
     summary = json.loads((results / "summary.json").read_text())
     assert set(summary) == {"task", "seeds", "examples_per_split", "splits"}
@@ -60,7 +74,9 @@ def test_smoke_plan_writes_summary_curves_and_resumes_from_results(tiny_model, t
     for seed in (0, 1):
         acc = {m: json.loads((results / "runs" / f"dyck-{m}-s{seed}" / "metrics.json").read_text())["accuracy"]
                for m in ("baseline", "inject")}  # fmt: skip
-        gains.append(acc["inject"]["almost_balanced"]["accuracy"] - acc["baseline"]["almost_balanced"]["accuracy"])
+        gains.append(
+            acc["inject"]["almost_balanced"]["accuracy"] - acc["baseline"]["almost_balanced"]["accuracy"]
+        )
     ab = splits["almost_balanced"]
     assert set(ab) == {"baseline_mean", "inject_mean", "gain_mean", "gain_ci95"}
     assert ab["gain_mean"] == pytest.approx(sum(gains) / 2)
@@ -75,7 +91,15 @@ def test_smoke_plan_writes_summary_curves_and_resumes_from_results(tiny_model, t
     # a fresh machine with the committed results: nothing is trained again
     shutil.rmtree(tmp_path / "runs")
     states = []
-    ood(2, None, "smoke", model=tiny_model, progress=False, on_run=lambda run, state: states.append(state), **roots)
+    ood(
+        2,
+        None,
+        "smoke",
+        model=tiny_model,
+        progress=False,
+        on_run=lambda run, state: states.append(state),
+        **roots,
+    )
     assert states == ["published"] * 4 and not (tmp_path / "runs").exists()
 
 

@@ -32,7 +32,10 @@ def test_ood_views_from_split_accuracies():
         predictions = [SimpleNamespace(meta={"length": n}, correct=ok) for n, ok in zip(lengths, correct)]
         return SimpleNamespace(predictions=predictions, accuracy=sum(correct) / len(correct))
 
-    accuracy = {"almost_balanced": split([20, 40, 41], [True, False, True]), "balanced_long": split([32], [False])}
+    accuracy = {
+        "almost_balanced": split([20, 40, 41], [True, False, True]),
+        "balanced_long": split([32], [False]),
+    }
     views = ood_views("dyck", accuracy)
     assert views["almost_balanced_by_length"]["31-45"] == {"n": 2, "correct": 1, "accuracy": 0.5}
     assert views["balanced_accuracy"]["accuracy"] == pytest.approx((2 / 3 + 0) / 2)
@@ -100,11 +103,13 @@ def test_paired_statistics_and_compare_outputs(tmp_path):
     out = compare_runs(folders, tmp_path / "cmp")
     text = (out / "comparison.md").read_text()
     assert "paired by seed" in text and "+10.0 / -5.0 / +15.0" in text and "+6.7" in text
-    assert json.loads((out / "paired.json").read_text())["dyck"]["splits"]["almost_balanced"]["gains"] == pytest.approx(
-        [0.10, -0.05, 0.15]
-    )
+    assert json.loads((out / "paired.json").read_text())["dyck"]["splits"]["almost_balanced"][
+        "gains"
+    ] == pytest.approx([0.10, -0.05, 0.15])
     rows = list(csv.DictReader((out / "paired.csv").open()))
     assert len(rows) == 3 * len(paired["splits"]) and (out / "paired.png").stat().st_size > 0
     # one method only: no paired outputs
     alone = compare_runs(folders[:3], tmp_path / "alone")
-    assert not (alone / "paired.json").exists() and "paired by seed" not in (alone / "comparison.md").read_text()
+    assert (
+        not (alone / "paired.json").exists() and "paired by seed" not in (alone / "comparison.md").read_text()
+    )

@@ -230,7 +230,7 @@ def train_command(
         None, help="Log map decoding and per-term gradient norms every N steps (default 50; 0: off)."
     ),
     accuracy_every: int | None = typer.Option(
-        None, help="Log task accuracy on 200 fixed examples of every evaluated split every N steps (default 0: off)."
+        None, help="Log task accuracy on 200 fixed examples of every evaluated split every N steps (0: off)."
     ),
     alignment_balance: str | None = typer.Option(
         None, help="none (default) or early_grad: scale the alignment so its early-block gradient is m x the task's."
@@ -507,13 +507,13 @@ def ood_command(
     setting: str | None = typer.Option(
         None, help="A sweep setting for the inject runs (default: results/injection/gate.json's, else m1)."
     ),
-    gate: Path = typer.Option(Path("results/injection/gate.json"), help="The sweep's choice, read when present."),
-    budget: str = typer.Option("ood", help="ood (the cpu budget, full-size accuracy) or a reproduce budget (smoke)."),
+    gate: Path = typer.Option(Path("results/injection/gate.json"), help="The sweep's choice, used when present."),
+    budget: str = typer.Option("ood", help="ood (the cpu budget, accuracy on 1,000 per split) or smoke."),
     runs_root: Path = typer.Option(Path("runs/ood"), help="Where run folders go."),
-    results: Path = typer.Option(Path("results/ood"), help="Where evaluations, comparison and summary.json go."),
+    results: Path = typer.Option(Path("results/ood"), help="Where evaluations, comparison, summary.json go."),
     model: str = typer.Option("smollm2", help="The LM to train."),
     status: bool = typer.Option(False, "--status", help="Only show each planned run's state."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Only print the plan: the setting and each train command."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only print the setting and each train command."),
 ) -> None:
     """Inject against baseline on Dyck out of distribution, paired over seeds, with bootstrap intervals and
     accuracy over training (start it in two shells to share the plan; re-run it to continue)."""
@@ -525,7 +525,8 @@ def ood_command(
     try:
         choice = inject_setting(setting, gate)
         if status or dry_run:
-            console.print(f"inject setting {choice['name']} ({choice['source']}): {choice['overrides']}", highlight=False)
+            line = f"inject setting {choice['name']} ({choice['source']}): {choice['overrides']}"
+            console.print(line, highlight=False)
             runs = plan_ood(seeds, choice, ood_budget(budget), runs_root, results, model)
             for run, row in zip(runs, status_rows(runs)):
                 console.print(f"{run.name}: {row['state']}, {row['steps']} steps", highlight=False)
@@ -533,7 +534,8 @@ def ood_command(
                     typer.echo(f"  {run.config.command()}")
             return
         command = f"tracr-inject ood --seeds {seeds} --budget {budget} --gate {gate} --model {model}"
-        command += (f" --setting {setting}" if setting else "") + f" --runs-root {runs_root} --results {results}"
+        command += f" --setting {setting}" if setting else ""
+        command += f" --runs-root {runs_root} --results {results}"
         folder = ood(
             seeds, setting, budget, gate=gate, runs_root=runs_root, results_root=results, model=model,
             command=command, on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),

@@ -87,7 +87,10 @@ def run_row(metrics: dict[str, Any]) -> dict[str, float | None]:
 
 def ood_rows(views: dict[str, Any]) -> dict[str, float]:
     """Accuracy rows of the OOD views (`evaluate.ood`): almost_balanced per length bin, the balanced accuracy."""
-    rows = {f"acc almost_balanced {name}": cell["accuracy"] for name, cell in views.get("almost_balanced_by_length", {}).items()}
+    rows = {
+        f"acc almost_balanced {name}": cell["accuracy"]
+        for name, cell in views.get("almost_balanced_by_length", {}).items()
+    }
     if "balanced_accuracy" in views:
         rows[BALANCED_ACC] = views["balanced_accuracy"]["accuracy"]
     return rows
@@ -167,7 +170,10 @@ def plot_comparison(tables: dict[str, tuple[list[str], dict]], path: Path) -> Pa
 
 
 def bootstrap_ci(
-    values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95
+    values: Sequence[float],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values` (e.g. paired gains): `resamples` draws of
     len(values) values with replacement from a fixed-seed generator, so the interval is reproducible."""
@@ -206,7 +212,12 @@ def paired_statistics(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any
             "gains": gains, "gain_mean": statistics.fmean(gains), "gain_std": mean_std(gains)[1],
             "gain_ci95": list(bootstrap_ci(gains)),
         }  # fmt: skip
-    return {"seeds": seeds, "resamples": BOOTSTRAP_RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED, "splits": splits}
+    return {
+        "seeds": seeds,
+        "resamples": BOOTSTRAP_RESAMPLES,
+        "bootstrap_seed": BOOTSTRAP_SEED,
+        "splits": splits,
+    }
 
 
 def paired_table(paired: dict[str, Any]) -> str:
@@ -299,7 +310,9 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path) -> Path:
                 mean, std = mean_std(present) if present else (None, None)
                 csv_rows.append([task, method, name, mean, std, len(present), json.dumps(per_metric[name])])
     sections.append("![comparison.png](comparison.png)")
-    paired_by_task = {task: p for task, methods in sorted(groups.items()) if (p := paired_statistics(methods))}
+    paired_by_task = {
+        task: p for task, methods in sorted(groups.items()) if (p := paired_statistics(methods))
+    }
     for task, paired in paired_by_task.items():
         sections.append(f"## {task}: inject vs baseline, paired by seed\n\n" + paired_table(paired))
     if paired_by_task:

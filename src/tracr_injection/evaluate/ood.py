@@ -32,7 +32,11 @@ def accuracy_by_length_bin(
     for low, high in bins:
         hits = [ok for n, ok in zip(lengths, correct) if low <= n <= high]
         if hits:
-            out[bin_label(low, high)] = {"n": len(hits), "correct": sum(hits), "accuracy": sum(hits) / len(hits)}
+            out[bin_label(low, high)] = {
+                "n": len(hits),
+                "correct": sum(hits),
+                "accuracy": sum(hits) / len(hits),
+            }
     return out
 
 

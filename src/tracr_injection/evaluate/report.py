@@ -139,7 +139,9 @@ def accuracy_section(accuracy: dict[str, Any]) -> str:
 
 def ood_section(views: Mapping[str, Any]) -> str:
     """report.md's section: almost_balanced by length bin and the balanced accuracy."""
-    rows = [[name, cell["n"], pct(cell["accuracy"])] for name, cell in views["almost_balanced_by_length"].items()]
+    rows = [
+        [name, cell["n"], pct(cell["accuracy"])] for name, cell in views["almost_balanced_by_length"].items()
+    ]
     parts = [
         "## Out of distribution: generalisation or bias?",
         "`almost_balanced` (always no) by input length:",

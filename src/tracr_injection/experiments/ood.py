@@ -42,7 +42,12 @@ from tracr_injection.experiments.reproduce import (
     status_rows,
 )
 from tracr_injection.inject.config import TrainConfig
-from tracr_injection.inject.probing import ACCURACY_PLOT, accuracy_series, plot_accuracy_curves, read_probe_lines
+from tracr_injection.inject.probing import (
+    ACCURACY_PLOT,
+    accuracy_series,
+    plot_accuracy_curves,
+    read_probe_lines,
+)
 from tracr_injection.inject.trainer import METRICS_NAME, versions
 
 TASK = "dyck"
@@ -101,7 +106,12 @@ def inject_setting(setting: str | None = None, gate: Path = GATE) -> dict[str, A
 
 
 def plan_ood(
-    seeds: int, choice: Mapping[str, Any], budget: Budget, runs_root: Path, results_root: Path, model: str = "smollm2",
+    seeds: int,
+    choice: Mapping[str, Any],
+    budget: Budget,
+    runs_root: Path,
+    results_root: Path,
+    model: str = "smollm2",
     task: str = TASK,
 ) -> list[PlannedRun]:
     """Seed by seed, baseline then inject (the chosen setting's overrides); both with the chosen teacher."""
@@ -157,7 +167,9 @@ def write_curves(curves: Mapping[str, Any], folder: Path) -> None:
     (folder / "accuracy_curves.json").write_text(json.dumps(curves, indent=2))
     lines = {f"{m} (n={c['runs']})": {s: list(zip(v["steps"], v["mean"])) for s, v in c["splits"].items()}
              for m, c in curves.items()}  # fmt: skip
-    spread = {f"{m} (n={c['runs']})": {s: v["std"] for s, v in c["splits"].items()} for m, c in curves.items()}
+    spread = {
+        f"{m} (n={c['runs']})": {s: v["std"] for s, v in c["splits"].items()} for m, c in curves.items()
+    }
     plot_accuracy_curves(lines, folder / ACCURACY_PLOT, spread)
 
 
@@ -189,7 +201,9 @@ def publish_ood(
                 "inject_setting": dict(choice),
                 "command": command,
                 "versions": versions(),
-                "runs": [{"train_command": r.config.command(), **row} for r, row in zip(runs, status_rows(runs))],
+                "runs": [
+                    {"train_command": r.config.command(), **row} for r, row in zip(runs, status_rows(runs))
+                ],
             },
             indent=2,
         )

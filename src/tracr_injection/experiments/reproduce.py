@@ -254,7 +254,8 @@ def eval_settings(budget: Budget) -> EvalSettings:
 
 def publish_run(run: PlannedRun) -> None:
     """Copy an evaluated run's eval folder (no weights, no probe), manifest, record, training metrics
-    (`metrics.jsonl`: every step's losses and the probe lines, small), probe and accuracy curves to results/."""
+    (`metrics.jsonl`: every step's losses and the probe lines, small), probe and accuracy curves to
+    results/."""
     shutil.rmtree(run.published, ignore_errors=True)
     shutil.copytree(run.out / EVAL_DIR, run.published, ignore=shutil.ignore_patterns("*.safetensors"))
     for name in (MANIFEST_NAME, RECORD_NAME, METRICS_NAME, PLOT_NAME, ACCURACY_PLOT):

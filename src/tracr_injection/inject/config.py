@@ -184,7 +184,8 @@ class TrainConfig:
     def resume_key(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint (not the budget or bookkeeping)."""
         free = {
-            "steps", "out", "checkpoint_every", "keep_checkpoints", "eval_examples", "probe_every", "accuracy_every",
+            "steps", "out", "checkpoint_every", "keep_checkpoints", "eval_examples", "probe_every",
+            "accuracy_every",
         }  # fmt: skip
         return {k: v for k, v in self.to_dict().items() if k not in free}
 

@@ -270,7 +270,8 @@ def accuracy_series(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, 
 
 
 def plot_accuracy_curves(
-    curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path,
+    curves: dict[str, dict[str, list[tuple[int, float]]]],
+    path: Path,
     spread: dict[str, dict[str, list[float]]] | None = None,
 ) -> Path | None:
     """One panel per split: accuracy vs step, a line per curve (a run, or a method's mean over seeds, with

@@ -36,7 +36,11 @@ from tqdm.auto import tqdm
 from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.compile.teacher import CONFIG_NAME, WEIGHTS_NAME, TeacherModel
 from tracr_injection.hub import model_fingerprint, model_folder
-from tracr_injection.inject.answers import answer_accuracy, answers_correct, answers_hit  # noqa: F401 (re-exported)
+from tracr_injection.inject.answers import (  # noqa: F401 (answers_correct, answers_hit: re-exported)
+    answer_accuracy,
+    answers_correct,
+    answers_hit,
+)
 from tracr_injection.inject.config import ConfigError, TrainConfig
 from tracr_injection.inject.data import TaskData, batch_positions
 from tracr_injection.inject.levers import (

@@ -7,7 +7,8 @@ no), `new_token` (a fourth pair `<>` appears: outside the program's vocabulary),
 (lengths 31-90), `balanced_long` (balanced strings of length 32-90: always yes, the companion of
 `almost_balanced`, so a model that says no to every long string is not counted as generalising) and
 `length_5_90` (the authors' `length` split: lengths 5-90, half random, half balanced, as
-`create_dyck_data(max_length * 3, ...)` in their `data/dyck_3.py`).  `dyck_frac` is the same task (same prompts and splits) taught by the teacher
+`create_dyck_data(max_length * 3, ...)` in their `data/dyck_3.py`).
+`dyck_frac` is the same task (same prompts and splits) taught by the teacher
 whose counter is numerical (`programs.paper.make_dyck_frac_trigger`).  `dyck` can also be taught by
 `dyck_authors_trigger` (`TrainConfig.teacher`, `tracr-inject train --teacher`), the authors' teacher
 built on per-type differences (`programs.paper.make_dyck_authors_trigger`); it has the same symbols,
@@ -57,7 +58,8 @@ def almost_balanced(rng: random.Random) -> Example:
 def balanced_long(rng: random.Random) -> Example:
     """A shuffle-balanced string of even length 32-90 (answer: yes): `almost_balanced` before its last
     symbol is dropped, with the lengths of `length`."""
-    return dyck_example(balanced_brackets(list(DYCK_PAIRS), 2 * rng.randint(16, 45), rng), source="balanced_long")
+    brackets = balanced_brackets(list(DYCK_PAIRS), 2 * rng.randint(16, 45), rng)
+    return dyck_example(brackets, source="balanced_long")
 
 
 def with_new_token(rng: random.Random) -> Example:
