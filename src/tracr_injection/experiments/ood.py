@@ -32,12 +32,9 @@ from tracr_injection.experiments.injection_sweep import SETTINGS
 from tracr_injection.experiments.reproduce import (
     DONE_STATES,
     PlannedRun,
-    claim,
     eval_settings,
-    execute_run,
-    lock_holder,
     publish_run,
-    release,
+    run_claimed,
     run_state,
     status_rows,
 )
@@ -232,16 +229,6 @@ def ood(
     runs = plan_ood(seeds, choice, budget, runs_root, results_root, model, task)
     settings = ood_eval_settings(budget)
     for run in runs:
-        state = run_state(run)
-        if state != "published" and not claim(run):
-            state = f"running elsewhere ({lock_holder(run)})"
-        if on_run is not None:
-            on_run(run, state)
-        if state == "published" or state.startswith("running"):
-            continue
-        try:
-            execute_run(run, settings, progress)
-        finally:
-            release(run)
-        publish_ood(runs, results_root, budget, choice, command)
+        if run_claimed(run, settings, on_run, progress):
+            publish_ood(runs, results_root, budget, choice, command)
     return publish_ood(runs, results_root, budget, choice, command)
