@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny_llama
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.evaluate.language import (
     HELDOUT_SEED_OFFSET,
     LM_EVAL_MISSING,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import (
     decoder_blocks,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.evaluate.report import markdown_table, plt
 
 METHOD_ORDER = {"pretrained": 0, "baseline": 1, "inject": 2}

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.inject.lm import inference
 from tracr_injection.inject.natural_text import SELF_SOURCE, sample_self_windows, text_windows
 
