@@ -14,15 +14,15 @@ from typer.testing import CliRunner
 
 from tracr_injection import compile_program, load_teacher
 from tracr_injection.cli.main import app
-from tracr_injection.compile.compiler import artifact_dir
+from tracr_injection.compile.compiler import artifact_dir, compile_spec
 from tracr_injection.compile.errors import (
-    ArtifactError,
     CompiledModelMismatchError,
     InvalidInputError,
     InvalidVocabError,
     UnsupportedProgramError,
 )
 from tracr_injection.compile.teacher import CONFIG_NAME, WEIGHTS_NAME
+from tracr_injection.errors import ArtifactError
 from tracr_injection.programs.registry import get_program
 
 VOCAB = {"a", "b", "c"}
@@ -107,7 +107,7 @@ def test_too_small_exactness_is_caught_by_validation():
 
 def test_automatic_exactness_fixes_what_tracr_default_breaks():
     spec = get_program("shuffle_dyck1")
-    teacher = spec.compile(16)
+    teacher = compile_spec(spec, 16)
     assert teacher.config.mlp_exactness >= 1000
     assert teacher.config.validation["mismatches"] == 0
     assert teacher.evaluate(list("(()())" * 2)) == [1] * 12
@@ -196,7 +196,7 @@ def test_corrupt_or_incomplete_artifacts_give_clear_errors(tmp_path):
 
 
 def test_decode_names_every_variable_at_every_position():
-    teacher = get_program("shuffle_dyck1").compile(6)
+    teacher = compile_spec(get_program("shuffle_dyck1"), 6)
     output, _ = teacher.run([list("(())"), list("())(")])
     rows = teacher.decode(output.residuals[-1][0, 1:5])
     assert [row["shuffle_dyck"] for row in rows] == [True] * 4  # non-causal: the verdict on the whole input
@@ -210,7 +210,7 @@ def test_decode_names_every_variable_at_every_position():
 
 
 def test_padded_batch_equals_single_runs():
-    teacher = get_program("sort").compile(6)
+    teacher = compile_spec(get_program("sort"), 6)
     inputs = [[3, 1, 2], [5, 4, 3, 2, 1, 1], [2]]
     output, mask = teacher.run(inputs)
     for row, tokens in enumerate(inputs):

@@ -14,19 +14,19 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny_llama
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.evaluate import language
 from tracr_injection.evaluate.language import (
     HELDOUT_SEED_OFFSET,
     LM_EVAL_MISSING,
     LanguageEvalError,
-    heldout_cache_dir,
     heldout_windows,
     language_metrics,
     run_lm_eval,
 )
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject.natural_text import text_windows
+from tracr_injection.paths import heldout_dir
 
 TEXTS = [
     (
@@ -210,7 +210,7 @@ def test_self_heldout_windows_are_kept_on_disk_per_model_key(original, tokenizer
     kept_NT = heldout_windows(
         "self", tokenizer, 4, 8, train_seed=3, train_windows=4, model=original, model_key="a"
     )
-    assert torch.equal(kept_NT, fresh_NT) and len(list(heldout_cache_dir().glob("*.pt"))) == 1
+    assert torch.equal(kept_NT, fresh_NT) and len(list(heldout_dir().glob("*.pt"))) == 1
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled again")

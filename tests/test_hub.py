@@ -14,18 +14,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.hub import (
     ModelNotFoundError,
     TokenizerFilesNotFoundError,
     gpt2_bpe_files,
     load_tokenizer,
-    models_cache_dir,
     resolve_model,
 )
 from tracr_injection.hub import models as hub_models
 from tracr_injection.hub.gpt2_bpe import GPT2_BPE_ENV
-from tracr_injection.hub.models import DONE_MARKER, MODELS_ENV, SMOLLM2_DIRNAME, load_smollm2_gguf
+from tracr_injection.hub.models import DONE_MARKER, SMOLLM2_DIRNAME, load_smollm2_gguf
+from tracr_injection.paths import MODELS_ENV, models_dir
 
 PARAGRAPH = (
     "The city council met on Tuesday evening to discuss the new budget for the coming year. "
@@ -85,7 +85,7 @@ def test_second_resolve_is_fast_and_does_not_reconvert(smollm2_dir):
         assert resolve_model(name) == smollm2_dir
         assert time.perf_counter() - start < 1.0
     assert weights.stat().st_mtime_ns == before
-    assert models_cache_dir() == smollm2_dir.parent
+    assert models_dir() == smollm2_dir.parent
 
 
 def test_converted_model_loads_without_gguf(converted_model):

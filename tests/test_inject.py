@@ -18,7 +18,7 @@ from tracr.rasp import rasp
 from transformers import AutoModelForCausalLM
 
 from tracr_injection import compile_program
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.losses import (

@@ -8,7 +8,7 @@ import torch
 import transformers
 from torch import nn
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.hub import ModelNotFoundError
 from tracr_injection.inject.lm import (
     BLOCK_PATHS,

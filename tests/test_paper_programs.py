@@ -18,6 +18,7 @@ from tracr.compiler import compiling
 from tracr.rasp import causal_eval, rasp
 
 from tracr_injection import compile_program
+from tracr_injection.compile.compiler import compile_spec
 from tracr_injection.compile.fingerprint import walk as rasp_walk
 from tracr_injection.programs import paper as P
 from tracr_injection.programs.registry import get_program
@@ -262,7 +263,7 @@ def test_plain_tracr_miscompiles_the_fraction_counter():
 
 
 def test_dyck_frac_compiled_at_the_task_length_is_small_and_exact():
-    teacher = get_program("dyck_frac_trigger").compile(112)
+    teacher = compile_spec(get_program("dyck_frac_trigger"), 112)
     assert teacher.config.validation["mismatches"] == 0
     assert teacher.config.num_layers == 4  # opener indicator (MLP) before the mean
     frac = next(v for v in teacher.config.variables if v.name == "dyck_open_frac")

@@ -12,6 +12,7 @@ import random
 import pytest
 from tracr.rasp import causal_eval
 
+from tracr_injection.compile.compiler import compile_spec
 from tracr_injection.programs import paper
 from tracr_injection.programs import reverse as R
 from tracr_injection.programs.registry import get_program, program_names
@@ -114,7 +115,7 @@ def test_bad_arguments():
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     # Compiling validates against RASP on the registered sampler's 256 inputs (raises on a mismatch).
-    return get_program("reverse_trigger").compile(N, cache_dir=tmp_path_factory.mktemp("cache"))
+    return compile_spec(get_program("reverse_trigger"), N, cache_dir=tmp_path_factory.mktemp("cache"))
 
 
 def test_registered():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tracr.rasp import causal_eval, rasp
 
-from tracr_injection.compile.compiler import tracr_version
+from tracr_injection.compile.compiler import compile_spec, tracr_version
 from tracr_injection.compile.convert import teacher_from_compilation
 from tracr_injection.compile.tracr_pipeline import COMPILER_BOS, run_tracr
 from tracr_injection.programs.registry import get_program, program_names
@@ -93,7 +93,7 @@ def test_residuals_match_jax_at_every_level(name, causal):
 def test_evaluate_equals_rasp_on_random_inputs(name):
     spec = get_program(name)
     max_seq_len = 8
-    teacher = spec.compile(max_seq_len)
+    teacher = compile_spec(spec, max_seq_len)
     program = spec.build(max_seq_len)
     rng = random.Random(1)
     inputs = [

@@ -4,15 +4,12 @@
 is loaded on first use; loading a saved teacher (`load_teacher`) needs neither.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from typing import Any
 
 from tracr_injection.compile.teacher import TeacherConfig, TeacherModel, TeacherVariable
 
-try:
-    __version__ = version("tracr-injection")
-except PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
+__version__ = version("tracr-injection")  # pyproject.toml's, as installed (`pip install -e .`)
 
 __all__ = [
     "__version__",

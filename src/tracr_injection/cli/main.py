@@ -21,9 +21,9 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from tracr_injection.compile.errors import TracrInjectionError
 from tracr_injection.compile.teacher import TeacherModel
-from tracr_injection.programs.registry import UnknownNameError
+from tracr_injection.errors import TracrInjectionError
+from tracr_injection.registry import UnknownNameError
 
 USER_ERRORS = (TracrInjectionError, UnknownNameError, ValueError)  # ValueError: a bad argument value
 
@@ -55,9 +55,10 @@ def fail(message: str) -> NoReturn:
 
 def compile_registered(name: str, max_len: int | None, cache_dir: Path | None, force: bool) -> TeacherModel:
     """Compile (or load from cache) the registered program `name`."""
+    from tracr_injection.compile.compiler import compile_spec
     from tracr_injection.programs.registry import get_program
 
-    return get_program(name).compile(max_len, cache_dir=cache_dir, use_cache=not force)
+    return compile_spec(get_program(name), max_len, cache_dir=cache_dir, use_cache=not force)
 
 
 @app.command("compile")
@@ -440,7 +441,7 @@ def reproduce_command(
 ) -> None:
     """Train and evaluate baseline and inject runs (or one method) for each seed, then compare (re-run it to
     continue)."""
-    from tracr_injection.experiments.budgets import METHODS, TASKS, get_budget
+    from tracr_injection.experiments.budgets import TASKS, get_budget
     from tracr_injection.experiments.reproduce import (
         DONE_STATES,
         fresh_root,
@@ -449,7 +450,7 @@ def reproduce_command(
         run_state,
         status_rows,
     )
-    from tracr_injection.inject.config import alignment_scale_flags
+    from tracr_injection.inject.config import METHODS, alignment_scale_flags
     from tracr_injection.tasks import task_names
 
     tasks = list(TASKS) if task == "all" else [task]

@@ -4,20 +4,20 @@ The stages: check the vocabulary and that tracr supports the program; look the p
 in the artifact cache (a hit loads safetensors + JSON, no JAX); otherwise compile with
 tracr (fast matrix assembly) at an automatically chosen `mlp_exactness`, convert to
 torch, validate against the RASP evaluator on random inputs up to `max_seq_len`, retry
-with a larger exactness if validation fails, and save the artifact.
+with a larger exactness if validation fails, and save the artifact.  `compile_spec` does the
+same for a registered `ProgramSpec` (its build, vocabulary, causal flag and sampled inputs).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
-import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tracr.rasp import rasp
 
@@ -33,16 +33,14 @@ from tracr_injection.compile.tracr_pipeline import (
     run_tracr,
 )
 from tracr_injection.compile.validate import ValidationReport, random_inputs, validate_teacher
+from tracr_injection.paths import teachers_dir
+
+if TYPE_CHECKING:
+    from tracr_injection.programs.registry import ProgramSpec
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "TRACR_INJECTION_CACHE"
 MAX_REPORTED_MISMATCHES = 5
-
-
-def default_cache_dir() -> Path:
-    """`$TRACR_INJECTION_CACHE`, else `~/.cache/tracr-injection`; teachers go in `teachers/`."""
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "tracr-injection")) / "teachers"
 
 
 def tracr_version() -> str:
@@ -53,7 +51,7 @@ def tracr_version() -> str:
 def artifact_dir(name: str, digest: str, cache_dir: Path | None = None) -> Path:
     """Where the artifact of program `name` with hash `digest` lives in the cache."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return (cache_dir or default_cache_dir()) / f"{safe}-{digest[:16]}"
+    return (cache_dir or teachers_dir()) / f"{safe}-{digest[:16]}"
 
 
 def compile_program(
@@ -85,7 +83,7 @@ def compile_program(
         (e.g. balanced strings for Dyck, which uniform sampling rarely produces).
       accept_mismatch: keep a model that disagrees with RASP (recorded in its manifest)
         instead of raising `CompiledModelMismatchError`.
-      cache_dir: artifact cache (default `$TRACR_INJECTION_CACHE` or ~/.cache/tracr-injection).
+      cache_dir: artifact cache (default `paths.teachers_dir()`: `$TRACR_INJECTION_CACHE/teachers`).
       use_cache: load a cached artifact when one exists (a fresh compile is always saved).
     """
     check_max_seq_len(max_seq_len)
@@ -140,6 +138,22 @@ def compile_program(
         raise CompiledModelMismatchError(describe_failure(name, attempts, unsettled_means))
     save_artifact(teacher, target)
     return teacher
+
+
+def compile_spec(spec: ProgramSpec, max_seq_len: int | None = None, **kwargs: Any) -> TeacherModel:
+    """Compile (or load from cache) the teacher of a registered program at `max_seq_len` (default: the
+    spec's), validated on its sampled inputs too (only on those when uniform random inputs are
+    meaningless for it); `kwargs` go to `compile_program`."""
+    length = spec.max_seq_len if max_seq_len is None else max_seq_len
+    if length < 1:
+        raise ValueError(f"max_seq_len (--max-len) must be >= 1, got {length}.")
+    kwargs.setdefault(
+        "validation_inputs",
+        spec.validation_inputs(length, count=256 if not spec.uniform_random_inputs else 64),
+    )
+    if not spec.uniform_random_inputs:
+        kwargs.setdefault("num_random_inputs", 0)
+    return compile_program(spec.build(length), spec.vocab, length, spec.causal, name=spec.name, **kwargs)
 
 
 def check_max_seq_len(max_seq_len: Any) -> None:

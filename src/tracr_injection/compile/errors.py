@@ -1,8 +1,10 @@
-"""Errors of the compile stage: each says what is wrong and how to fix it."""
+"""Errors of the compile stage: each says what is wrong and how to fix it.
 
+The root `TracrInjectionError` and `ArtifactError` (a damaged teacher folder too) live in
+`tracr_injection.errors`, below every stage.
+"""
 
-class TracrInjectionError(Exception):
-    """Base class of every error this package raises on purpose."""
+from tracr_injection.errors import TracrInjectionError
 
 
 class UnsupportedProgramError(TracrInjectionError, ValueError):
@@ -19,7 +21,3 @@ class InvalidInputError(TracrInjectionError, ValueError):
 
 class CompiledModelMismatchError(TracrInjectionError):
     """The compiled model disagrees with the RASP evaluator on some input."""
-
-
-class ArtifactError(TracrInjectionError, OSError):
-    """A teacher artifact on disk is missing, corrupt or from an incompatible version."""

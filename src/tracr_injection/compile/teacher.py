@@ -24,7 +24,8 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from tracr_injection.compile.errors import ArtifactError, InvalidInputError
+from tracr_injection.compile.errors import InvalidInputError
+from tracr_injection.errors import ArtifactError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "teacher.json"

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.evaluate.split_pass import length_sorted_batches
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import (

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.evaluate.report import markdown_table, plt
 
 METHOD_ORDER = {"pretrained": 0, "baseline": 1, "inject": 2}

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.inject.lm import inference
 
 

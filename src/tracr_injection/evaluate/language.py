@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.inject.lm import inference
 from tracr_injection.inject.natural_text import SELF_SOURCE, sample_self_windows, text_windows
+from tracr_injection.paths import heldout_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -100,7 +101,7 @@ def cached_self_windows(
     if model_key is None:
         return sample_self_windows(model, tokenizer, num_windows, window_len, seed=seed)
     key = json.dumps([model_key, tokenizer.name_or_path, len(tokenizer), num_windows, window_len, seed])
-    path = heldout_cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    path = heldout_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
     windows_NT = sample_self_windows(model, tokenizer, num_windows, window_len, seed=seed)
@@ -109,13 +110,6 @@ def cached_self_windows(
     torch.save(windows_NT, partial)
     partial.replace(path)  # atomic: a concurrent evaluation never reads half a file
     return windows_NT
-
-
-def heldout_cache_dir() -> Path:
-    """Where sampled held-out windows are kept: `heldout/` next to the teacher cache."""
-    from tracr_injection.compile.compiler import default_cache_dir
-
-    return default_cache_dir().parent / "heldout"
 
 
 def _draw_past_training(

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from tracr_injection.compile.errors import TracrInjectionError
 from tracr_injection.compile.teacher import TeacherConfig
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.evaluate.decoding import LinearDecoder, decode_mapped, reference_dims, reference_scale
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import inference, logits_at

@@ -17,8 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.compile.teacher import TeacherModel
+from tracr_injection.errors import ArtifactError, TracrInjectionError
 from tracr_injection.hub import ModelNotFoundError, model_fingerprint, model_folder
 from tracr_injection.hub.models import in_local_hf_cache, is_smollm2
 from tracr_injection.inject.lm import layer_mapping, load_causal_lm, num_blocks

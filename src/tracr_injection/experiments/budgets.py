@@ -14,7 +14,6 @@ import dataclasses
 from typing import Any
 
 TASKS = ("dyck", "count", "sum")
-METHODS = ("baseline", "inject")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 from tracr_injection.evaluate.compare import compare_runs, load_metrics, paired_statistics
 from tracr_injection.evaluate.pipeline import EvalSettings
-from tracr_injection.experiments.budgets import CPU, METHODS, Budget, get_budget
+from tracr_injection.experiments.budgets import CPU, Budget, get_budget
 from tracr_injection.experiments.injection_sweep import SETTINGS
 from tracr_injection.experiments.reproduce import (
     DONE_STATES,
@@ -38,7 +38,7 @@ from tracr_injection.experiments.reproduce import (
     run_state,
     status_rows,
 )
-from tracr_injection.inject.config import TrainConfig
+from tracr_injection.inject.config import METHODS, TrainConfig
 from tracr_injection.inject.probing import (
     ACCURACY_PLOT,
     accuracy_series,

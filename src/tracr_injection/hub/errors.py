@@ -1,6 +1,6 @@
 """Errors of the hub module: a model or tokenizer that cannot be found on this machine."""
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 
 
 class ModelNotFoundError(TracrInjectionError, FileNotFoundError):

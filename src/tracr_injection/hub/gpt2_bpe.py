@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from tracr_injection.hub.errors import TokenizerFilesNotFoundError
-from tracr_injection.hub.models import models_cache_dir
+from tracr_injection.paths import models_dir
 
 GPT2_BPE_ENV = "TRACR_INJECTION_GPT2_BPE"
 GPT2_BPE_DIRNAME = "gpt2-bpe"
@@ -53,7 +53,7 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
                 f"${GPT2_BPE_ENV}={override} has neither {VOCAB_NAME} + {MERGES_NAME} nor vocab.json + merges.txt."
             )
         return found
-    cached = models_cache_dir() / GPT2_BPE_DIRNAME
+    cached = models_dir() / GPT2_BPE_DIRNAME
     found = _files_in(cached)
     if found is None:
         fetch_gpt2_bpe(cached)

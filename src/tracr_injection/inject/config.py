@@ -18,9 +18,9 @@ from typing import Any
 
 import yaml
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 
-METHODS = ("inject", "baseline")
+METHODS = ("baseline", "inject")  # also the order `tracr-inject reproduce` runs them in
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ROLL_ALIGN = ("answer", "position")
 KL_REDUCTIONS = ("token_mean", "window_sum")

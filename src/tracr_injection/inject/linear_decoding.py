@@ -28,7 +28,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.compile.teacher import (
     CATEGORICAL_NONE_THRESHOLD,
     NUMERICAL_SNAP_TOLERANCE,
@@ -36,6 +35,7 @@ from tracr_injection.compile.teacher import (
     TeacherModel,
     TeacherVariable,
 )
+from tracr_injection.errors import ArtifactError, TracrInjectionError
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import hidden_states
 from tracr_injection.inject.losses import AlignmentMap

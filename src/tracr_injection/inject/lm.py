@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
+from tracr_injection.errors import ArtifactError, TracrInjectionError
 from tracr_injection.hub import ModelNotFoundError, resolve_model
 
 if TYPE_CHECKING:

@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tracr_injection.compile.errors import ArtifactError
 from tracr_injection.compile.teacher import TeacherConfig
+from tracr_injection.errors import ArtifactError
 from tracr_injection.inject.lm import edit_block_output
 
 MAP_WEIGHTS = "map.safetensors"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -385,11 +385,6 @@ class KLCache:
             "log_tail": self.log_tail_NT[indices],
         }
         return {key: value.to(device) for key, value in rows.items()} if device is not None else rows
-
-    def nbytes(self) -> int:
-        """Bytes the cache's tensors take (about its size on disk)."""
-        tensors = (self.input_ids_NT, self.topk_ids_NTK, self.topk_logp_NTK, self.log_tail_NT)
-        return sum(t.numel() * t.element_size() for t in tensors)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the cache as one safetensors file (written to a temporary name, then renamed)."""

@@ -33,8 +33,8 @@ from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
-from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.compile.teacher import CONFIG_NAME, WEIGHTS_NAME, TeacherModel
+from tracr_injection.errors import ArtifactError, TracrInjectionError
 from tracr_injection.hub import model_fingerprint, model_folder
 from tracr_injection.inject.answers import (  # noqa: F401 (answers_correct, answers_hit: re-exported)
     answer_accuracy,
@@ -76,6 +76,7 @@ from tracr_injection.inject.losses import (
 )
 from tracr_injection.inject.natural_text import KLCache, build_kl_cache, text_windows, topk_kl
 from tracr_injection.inject.probing import AccuracyProber, Prober, block_groups, term_gradient_norms
+from tracr_injection.paths import kl_dir
 
 STATE_NAME = "trainer_state.json"
 MANIFEST_NAME = "manifest.json"
@@ -178,11 +179,9 @@ def checked_roll_block(roll_block: int | None, layer_map: list[int], blocks: int
 
 def kl_cache_path(config: TrainConfig) -> Path:
     """Where the KL cache of this config's model, text source, window shape, k and seed is stored."""
-    from tracr_injection.compile.compiler import default_cache_dir
-
     source = config.kl_source.replace("/", "_")
     shape = f"{config.kl_windows}x{config.kl_window_len}-k{config.kl_top_k}-s{config.seed}"
-    return default_cache_dir().parent / "kl" / f"{Path(str(config.model)).name}-{source}-{shape}.safetensors"
+    return kl_dir() / f"{Path(str(config.model)).name}-{source}-{shape}.safetensors"
 
 
 def kl_data(config: TrainConfig, model: Any, tokenizer: Any) -> KLCache:

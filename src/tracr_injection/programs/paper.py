@@ -54,9 +54,6 @@ __all__ = [
     "END",
     "DIGITS",
     "DYCK_PAIRS",
-    "DYCK_SYMBOLS",
-    "COUNT_SYMBOLS",
-    "SUM_SYMBOLS",
     "dyck_vocab",
     "count_vocab",
     "sum_vocab",
@@ -83,28 +80,6 @@ END = "end"
 DIGITS: tuple[str, ...] = tuple(str(d) for d in range(10))
 
 DYCK_PAIRS: tuple[str, ...] = ("()", "[]", "{}")
-
-DYCK_SYMBOLS = {
-    "pairs": DYCK_PAIRS,
-    "filler": FILLER,
-    "trigger": TRIGGER,
-    "answers": ("yes", "no"),
-}
-COUNT_SYMBOLS = {
-    "counted": "x",
-    "other": "y",
-    "digits": DIGITS,
-    "filler": FILLER,
-    "trigger": TRIGGER,
-    "end": END,
-}
-SUM_SYMBOLS = {
-    "digits": DIGITS,
-    "plus": "+",
-    "filler": FILLER,
-    "trigger": TRIGGER,
-    "end": END,
-}
 
 
 def _check_pairs(pairs: Sequence[str]) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 
 
 class UnknownSplitError(TracrInjectionError):
@@ -197,9 +197,10 @@ class Task:
 
     def teacher(self, program: str | None = None, **compile_kwargs: Any) -> Any:
         """The compiled teacher (`teacher_program(program)`; cached on disk after the first compile)."""
+        from tracr_injection.compile.compiler import compile_spec
         from tracr_injection.programs.registry import get_program
 
-        return get_program(self.teacher_program(program)).compile(self.teacher_max_len, **compile_kwargs)
+        return compile_spec(get_program(self.teacher_program(program)), self.teacher_max_len, **compile_kwargs)
 
 
 def export_jsonl(examples: Iterable[Example], path: str | Path) -> Path:

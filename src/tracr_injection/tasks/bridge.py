@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tracr_injection.compile.errors import TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.programs.paper import FILLER, TRIGGER
 from tracr_injection.tasks.base import Example, Segment, Task
 

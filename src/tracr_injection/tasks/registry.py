@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tracr_injection.programs.registry import Registry
+from tracr_injection.registry import Registry
 from tracr_injection.tasks.base import Task
 
 

@@ -28,8 +28,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tracr_injection.compile.convert import first_write_levels
-from tracr_injection.compile.errors import ArtifactError, TracrInjectionError
 from tracr_injection.compile.teacher import TeacherModel
+from tracr_injection.errors import ArtifactError, TracrInjectionError
+from tracr_injection.paths import targets_dir
 from tracr_injection.tasks.bridge import BridgedExample
 
 MANIFEST_NAME = "targets.json"
@@ -333,9 +334,7 @@ def targets_folder(
     task: str, split: str, tokenizer: str, teacher: TeacherModel, root: str | Path | None = None
 ) -> Path:
     """Where the targets of (task, split, tokenizer, teacher) live: `$TRACR_INJECTION_CACHE/targets/...`."""
-    from tracr_injection.compile.compiler import default_cache_dir
-
-    base = Path(root) if root is not None else default_cache_dir().parent / "targets"
+    base = Path(root) if root is not None else targets_dir()
     safe_tokenizer = hashlib.sha256(tokenizer.encode()).hexdigest()[:8]
     name = f"{task}-{Path(tokenizer).name}-{safe_tokenizer}-{teacher.config.program_hash[:12]}"
     return base / name / split
