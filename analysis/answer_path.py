@@ -31,7 +31,6 @@ import torch
 from common import load_run, split_data
 
 from tracr_injection.evaluate.causal import edited_answer_logits
-from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.lm import decoder_blocks, hidden_states
 from tracr_injection.inject.losses import (
     alignment_dim_scales,
@@ -96,7 +95,7 @@ class Tally:
 
 def run_objective(subject, data) -> InjectionObjective:
     """The run's training objective (its recorded config) over the subject's model and map; no KL term."""
-    config = TrainConfig.from_record(subject.manifest["config"])
+    config = subject.manifest.config
     parts = RunParts(
         model=subject.model, tokenizer=subject.tokenizer, amap=subject.amap, data=data, kl_cache=None,
         layer_map=subject.layer_map, roll_block=subject.block, output_dims=subject.output_dims,

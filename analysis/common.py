@@ -7,9 +7,10 @@ from typing import Any
 import torch
 
 from tracr_injection.evaluate.decoding import AlignedBatch, LinearDecoder, reference_dims, reference_scale
-from tracr_injection.evaluate.pipeline import map_decoder
+from tracr_injection.evaluate.pipeline import PROBE_FILE, map_decoder
 from tracr_injection.evaluate.subject import load_subject
 from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.run import RunFolder
 
 
 def bucket(count: int) -> str:
@@ -36,7 +37,7 @@ def load_run(run: str) -> tuple[Any, LinearDecoder]:
     subject = load_subject(run)
     if subject.amap is not None:
         return subject, map_decoder(subject)
-    return subject, LinearDecoder.load(f"{run}/eval/probe.safetensors")
+    return subject, LinearDecoder.load(RunFolder(run).eval_dir / PROBE_FILE)
 
 
 def last_level_mapped(subject: Any, decoder: LinearDecoder, batch: AlignedBatch) -> tuple[torch.Tensor, ...]:

@@ -458,22 +458,19 @@ def run_summary(run: Any, process: dict[str, Any]) -> dict[str, Any]:
 
     from tracr_injection.inject.probing import is_probe_line
 
-    lines = (
-        (run.out / "metrics.jsonl").read_text().splitlines() if (run.out / "metrics.jsonl").is_file() else []
-    )
+    folder = run.folder
+    lines = folder.metrics_file.read_text().splitlines() if folder.metrics_file.is_file() else []
     records = [json.loads(line) for line in lines if line]
     seconds = [record["seconds"] for record in records if not is_probe_line(record)]
-    manifest = (
-        json.loads((run.out / "manifest.json").read_text()) if (run.out / "manifest.json").is_file() else {}
-    )
+    manifest = folder.read_manifest() if folder.is_finished else None
     return {
         **process,
         "steps_trained": len(seconds),
         "steps_planned": run.config.steps,
         "median_step_s": round(median(seconds[1:] or seconds), 4) if seconds else None,
         "train_s": round(sum(seconds), 1),
-        "test_accuracy_after": manifest.get("test_accuracy_after"),
-        "evaluated": (run.out / "eval" / "metrics.json").is_file(),
+        "test_accuracy_after": manifest.accuracy_after if manifest else None,
+        "evaluated": folder.evaluation_file.is_file(),
     }
 
 

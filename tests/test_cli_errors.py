@@ -17,12 +17,13 @@ from typer.testing import CliRunner
 
 import tracr_injection
 import tracr_injection.evaluate.subject as subject_module
+import tracr_injection.inject.run as run_module
 import tracr_injection.inject.trainer as trainer_module
 from tracr_injection.cli.main import app
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject.config import ConfigError, TrainConfig
 from tracr_injection.inject.losses import AlignmentMap
-from tracr_injection.inject.trainer import MANIFEST_NAME, STATE_NAME
+from tracr_injection.inject.run import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,7 @@ def no_lm_loading(monkeypatch):
 
     monkeypatch.setattr(trainer_module, "load_causal_lm", refuse)
     monkeypatch.setattr(subject_module, "load_causal_lm", refuse)
+    monkeypatch.setattr(run_module, "load_causal_lm", refuse)
 
 
 def cli_error(args: list[str]) -> str:
@@ -64,7 +66,7 @@ def fake_run(folder: Path, model: str, tokenizer) -> Path:
     """A finished inject run folder as `train` leaves it (manifest, model/, map/), without training."""
     folder.mkdir()
     manifest = {"task": "dyck", "method": "inject", "model": model, "layer_mapping": [0, 1], "roll_block": 1}
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    RunFolder(folder).manifest_file.write_text(json.dumps(manifest))
     save_tiny_llama(folder / "model", tokenizer)
     AlignmentMap(32, 8).save_pretrained(folder / "map")
     return folder
@@ -156,18 +158,18 @@ def test_changed_config_on_resume_is_found_before_the_lm_loads(tmp_path, tiny_mo
     recorded = TrainConfig(model=tiny_model, out=str(out), kl_top_k=16)
     checkpoint = out / "checkpoints" / "step-2"
     checkpoint.mkdir(parents=True)
-    (checkpoint / STATE_NAME).write_text(json.dumps({"step": 2, "config": recorded.resume_key()}))
+    RunFolder.state_file(checkpoint).write_text(json.dumps({"step": 2, "config": recorded.resume_key()}))
     args = ["train", "--model", tiny_model, "--out", out, "--kl-top-k", "16", "--resume"]
     assert "different configuration (['lr_lm'])" in cli_error([*args, "--lr-lm", "5e-4"])
 
 
 def test_a_finished_run_is_not_overwritten(tmp_path, tiny_model, tokenizer, no_lm_loading):
     run = fake_run(tmp_path / "run", tiny_model, tokenizer)
-    before = (run / MANIFEST_NAME).read_text()
+    before = RunFolder(run).manifest_file.read_text()
     for resume in ([], ["--resume"]):
         line = cli_error(["train", "--model", tiny_model, "--out", run, "--kl-top-k", "16", *resume])
         assert "already holds a finished run" in line
-    assert (run / MANIFEST_NAME).read_text() == before
+    assert RunFolder(run).manifest_file.read_text() == before
 
 
 def test_a_long_message_stays_on_one_line(tmp_path, no_lm_loading):
@@ -221,4 +223,4 @@ def test_readme_evaluate_names_are_importable():
 def test_version_is_the_projects():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert tracr_injection.__version__ == project["version"]
-    assert trainer_module.versions()["tracr_injection"] == project["version"]
+    assert run_module.versions()["tracr_injection"] == project["version"]

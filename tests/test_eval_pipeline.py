@@ -23,7 +23,6 @@ from tracr_injection.evaluate.report import pct
 from tracr_injection.evaluate.subject import RunFolderError, TaskMismatchError, load_subject
 from tracr_injection.experiments.budgets import SMOKE
 from tracr_injection.experiments.reproduce import (
-    LOCK_NAME,
     claim,
     lock_holder,
     plan_runs,
@@ -289,7 +288,7 @@ def test_reproduce_skips_finished_work_and_resumes_partial_runs(tiny_model, tmp_
               model=tiny_model, progress=False, on_run=lambda run, state: states.append(state))  # fmt: skip
     assert states == ["evaluated", "evaluated"]
     assert (partial.out / "eval" / "metrics.json").stat().st_mtime_ns == stamp
-    assert not any(r.out.joinpath(LOCK_NAME).exists() for r in runs)
+    assert not any(r.folder.lock_file.exists() for r in runs)
 
     # A fresh machine: run folders gone, results/ committed -> nothing is trained again.
     shutil.rmtree(tmp_path / "runs")
@@ -351,7 +350,7 @@ def test_run_locks_let_processes_share_a_plan(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         run.out.mkdir(parents=True)
-        (run.out / LOCK_NAME).write_text(f"{socket.gethostname()}:{other.pid}")
+        run.folder.lock_file.write_text(f"{socket.gethostname()}:{other.pid}")
         assert lock_holder(run) == f"{socket.gethostname()}:{other.pid}"
         assert not claim(run)  # a live process holds it
         assert status_rows([run])[0]["state"].startswith("running")
@@ -361,7 +360,7 @@ def test_run_locks_let_processes_share_a_plan(tmp_path):
     assert lock_holder(run) is None  # its holder died
     assert claim(run) and claim(run)  # taken over; claiming again in the same process is fine
     release(run)
-    assert not (run.out / LOCK_NAME).exists()
+    assert not run.folder.lock_file.exists()
 
 
 def test_cli_eval_compare_and_status(evaluated_runs, tmp_path, tiny_model):

@@ -11,6 +11,7 @@ import tracr_injection.inject as inject_module
 from tracr_injection.cli.main import app
 from tracr_injection.experiments.budgets import BUDGETS, TASKS
 from tracr_injection.experiments.reproduce import plan_runs
+from tracr_injection.inject.run import Manifest
 
 
 @pytest.fixture
@@ -20,8 +21,9 @@ def trained_configs(monkeypatch) -> list:
 
     def fake_train(config, resume=False):
         seen.append(config)
-        return {f"{config.eval_split}_accuracy_before": 0.0, f"{config.eval_split}_accuracy_after": 0.0,
-                "eval_examples": config.eval_examples}  # fmt: skip
+        return Manifest(task=config.task, method=config.method, model=config.model, layer_mapping=[],
+                        eval_split=config.eval_split, accuracy_before=0.0, accuracy_after=0.0,
+                        eval_examples=config.eval_examples)  # fmt: skip
 
     monkeypatch.setattr(inject_module, "train", fake_train)
     return seen

@@ -36,7 +36,8 @@ from tracr_injection.inject.losses import (
     teacher_inside,
 )
 from tracr_injection.inject.probing import is_probe_line
-from tracr_injection.inject.trainer import CheckpointError, checked_roll_block, checkpoint_dirs, train
+from tracr_injection.inject.run import RunFolder
+from tracr_injection.inject.trainer import CheckpointError, checked_roll_block, train
 
 pytestmark = pytest.mark.usefixtures("shared_cache")
 
@@ -300,7 +301,7 @@ def test_inject_run_lowers_alignment_and_saves_a_loadable_run(tiny_llama, tmp_pa
     last = sum(m["alignment"] for m in metrics[-5:]) / 5
     assert last < 0.8 * first, (first, last)
     assert {"task_ce", "kl", "alignment_L0", "alignment_L3"} <= set(metrics[0])
-    assert manifest["layer_mapping"] == [0, 1, 2, 3] and manifest["roll_block"] == 3
+    assert manifest.layer_mapping == [0, 1, 2, 3] and manifest.roll_block == 3
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
     assert reloaded.config.num_hidden_layers == 4
     assert AlignmentMap.from_pretrained(out / "map").linear.out_features > 0
@@ -321,7 +322,7 @@ def tensorboard_scalars(out, tag: str) -> list[float]:
 def test_baseline_has_no_alignment_and_differs_from_inject(tiny_llama, tmp_path):
     base = train(tiny_config(tiny_llama, tmp_path / "b", method="baseline", steps=5), progress=False)
     metrics = read_metrics(tmp_path / "b")
-    assert "alignment" not in metrics[0] and base["roll_block"] is None
+    assert "alignment" not in metrics[0] and base.roll_block is None
     assert not (tmp_path / "b" / "map").exists()
     train(tiny_config(tiny_llama, tmp_path / "i", steps=5), progress=False)
     inject = read_metrics(tmp_path / "i")
@@ -336,7 +337,7 @@ def test_alignment_scales_reach_the_training_loss(tiny_llama, tmp_path):
     stretched = tiny_config(tiny_llama, tmp_path / "stretched", steps=2, alignment_scales={"reverse_out": 4.0})
     manifest = train(stretched, progress=False)
     plain, scaled = read_metrics(tmp_path / "plain")[0], read_metrics(tmp_path / "stretched")[0]
-    assert manifest["config"]["alignment_scales"] == {"reverse_out": 4.0}
+    assert manifest.config.alignment_scales == {"reverse_out": 4.0}
     # same start, data and task loss; the stretched dims change the cosine at every level (before the
     # output is written the target is 0 there, and the stretch charges the map's output in them more)
     assert scaled["task_ce"] == pytest.approx(plain["task_ce"], rel=1e-5)
@@ -367,7 +368,7 @@ def test_same_seed_same_weights_and_exact_resume(tiny_llama, tmp_path):
     train(again, progress=False)
     interrupted = tiny_config(tiny_llama, tmp_path / "resumed", steps=6, checkpoint_every=4)
     train(interrupted, progress=False)  # "killed" after step 6: the last checkpoint is step 4
-    assert [d.name for d in checkpoint_dirs(tmp_path / "resumed")] == ["step-4"]
+    assert [d.name for d in RunFolder(tmp_path / "resumed").checkpoints()] == ["step-4"]
     resumed = tiny_config(tiny_llama, tmp_path / "resumed", steps=8, checkpoint_every=4)
     train(resumed, resume=True, progress=False)
     weights = {
@@ -390,7 +391,7 @@ def test_bad_checkpoints_are_clear_errors(tiny_llama, tmp_path):
         train(tiny_config(tiny_llama, out, steps=3, checkpoint_every=2), progress=False)
     with pytest.raises(CheckpointError, match="different configuration.*lr_lm"):
         train(tiny_config(tiny_llama, out, steps=4, lr_lm=5e-4), resume=True, progress=False)
-    for weights in (checkpoint_dirs(out)[-1]).glob("*.safetensors"):
+    for weights in RunFolder(out).checkpoints()[-1].glob("*.safetensors"):
         weights.write_bytes(b"not a tensor file")
     with pytest.raises(CheckpointError, match="corrupt"):
         train(tiny_config(tiny_llama, out, steps=4, checkpoint_every=2), resume=True, progress=False)
@@ -400,7 +401,7 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(tiny_llama, tm
     train(tiny_config(tiny_llama, tmp_path / "full", steps=6), progress=False)
     out = tmp_path / "run"
     train(tiny_config(tiny_llama, out, steps=5, checkpoint_every=2), progress=False)  # "killed" after step 5
-    assert [d.name for d in checkpoint_dirs(out)] == ["step-2", "step-4"]
+    assert [d.name for d in RunFolder(out).checkpoints()] == ["step-2", "step-4"]
     for weights in (out / "checkpoints" / "step-4").glob("*.safetensors"):
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a write cut short
     with pytest.warns(UserWarning, match=r"(?s)step-4 is corrupt.*Resuming from step-2 instead"):
@@ -465,11 +466,11 @@ def test_real_smollm2_injection_end_to_end(tmp_path):
     assert len(metrics) == 2 and all(
         m["alignment"] > 0 and m["kl"] > -1e-4 for m in metrics
     )  # KL ~ 0 at step 1
-    assert manifest["layer_mapping"] == [0, 1, 2, 3] and manifest["roll_block"] == 3
-    assert 0.0 <= manifest["test_accuracy_before"] <= 1.0
+    assert manifest.layer_mapping == [0, 1, 2, 3] and manifest.roll_block == 3
+    assert manifest.eval_split == "test" and 0.0 <= manifest.accuracy_before <= 1.0
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert reloaded.config.num_hidden_layers == 30
-    assert [d.name for d in checkpoint_dirs(tmp_path / "run")] == ["step-1"]
+    assert [d.name for d in RunFolder(tmp_path / "run").checkpoints()] == ["step-1"]
 
 
 def test_two_cpu_processes_with_gloo(tiny_llama, tmp_path):

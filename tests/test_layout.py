@@ -20,7 +20,7 @@ BOTTOM_STAGE = "bottom"
 
 # tracr_injection/__init__.py is not only metadata: it re-exports the compile stage's teacher classes and,
 # lazily, `compile_program`, `get_program` and `fraction_mean`.  So it is a facade placed right after the
-# stages it re-exports, and a later stage may read `tracr_injection.__version__` (inject/trainer.py does).
+# stages it re-exports, and a later stage may read `tracr_injection.__version__` (inject/run.py does).
 FACADE = "package __init__"
 
 # Each stage imports only itself, earlier stages and the bottom.  hub (model and tokenizer lookup) imports

@@ -37,7 +37,8 @@ from tracr_injection.inject.levers import (
 )
 from tracr_injection.inject.lm import load_causal_lm
 from tracr_injection.inject.losses import AlignmentMap, level_alignment
-from tracr_injection.inject.trainer import InjectionObjective, build_parts, checkpoint_dirs, warmup_schedule
+from tracr_injection.inject.run import RunFolder
+from tracr_injection.inject.trainer import InjectionObjective, build_parts, warmup_schedule
 from tracr_injection.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")
@@ -132,7 +133,7 @@ def test_lstsq_map_init_fits_every_aligned_level_jointly(tiny_llama, tmp_path):
 def test_a_lstsq_run_records_its_fit_and_starts_lower(tiny_llama, tmp_path):
     plain = train(tiny_config(tiny_llama, tmp_path / "plain", steps=1), progress=False)
     fitted = train(tiny_config(tiny_llama, tmp_path / "lstsq", steps=1, map_init="lstsq"), progress=False)
-    assert "map_init_fit" not in plain and 0 <= fitted["map_init_fit"] < 1
+    assert plain.map_init_fit is None and 0 <= fitted.map_init_fit < 1
     assert read_metrics(tmp_path / "lstsq")[0]["alignment"] < read_metrics(tmp_path / "plain")[0]["alignment"]
 
 
@@ -171,7 +172,7 @@ def test_equal_weighting_gives_each_variable_a_one_hots_norm_in_the_cosine():
 def test_equal_weighting_reaches_the_training_loss(tiny_llama, tmp_path):
     config = tiny_config(tiny_llama, tmp_path / "equal", steps=1, alignment_variable_weighting="equal")
     manifest = train(config, progress=False)
-    scales = manifest["alignment_variable_scales"]
+    scales = manifest.alignment_variable_scales
     assert set(scales) == {v.name for v in get_task("reverse").teacher().config.variables}
     assert all(1 / 10 <= s <= 10 for s in scales.values())
 
@@ -206,7 +207,7 @@ def test_balanced_run_logs_its_factor_and_resumes_exactly(tiny_llama, tmp_path):
     )
     cut = tiny_config(tiny_llama, tmp_path / "resumed", steps=3, checkpoint_every=2, **balance)
     train(cut, progress=False)
-    assert [d.name for d in checkpoint_dirs(tmp_path / "resumed")] == ["step-2"]
+    assert [d.name for d in RunFolder(tmp_path / "resumed").checkpoints()] == ["step-2"]
     train(dataclasses.replace(cut, steps=4), resume=True, progress=False)
     resumed = read_metrics(tmp_path / "resumed")
     assert [m["alignment_factor"] for m in resumed] == pytest.approx([m["alignment_factor"] for m in metrics])

@@ -16,7 +16,8 @@ from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig, train
 from tracr_injection.inject.answers import answers_correct
 from tracr_injection.inject.data import TaskData
-from tracr_injection.inject.probing import ACCURACY_EXAMPLES, ACCURACY_PLOT, accuracy_series, is_probe_line
+from tracr_injection.inject.probing import ACCURACY_EXAMPLES, accuracy_series, is_probe_line
+from tracr_injection.inject.run import RunFolder
 
 pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")
 
@@ -54,7 +55,7 @@ def test_accuracy_lines_every_k_steps_match_the_trained_model(tiny_llama, tmp_pa
             p[f"probe/accuracy/{split}"] for p in lines
         ]
     assert accuracy_series(lines)["test"] == [(p["step"], p["probe/accuracy/test"]) for p in lines]
-    assert (out / ACCURACY_PLOT).stat().st_size > 5_000
+    assert RunFolder(out).accuracy_plot.stat().st_size > 5_000
     # the same config without accuracy lines trains the same weights and step lines
     plain = tmp_path / "plain"
     train(tiny_config(tiny_llama, plain, method="baseline", steps=3, probe_every=0), progress=False)

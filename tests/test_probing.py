@@ -21,13 +21,13 @@ from tracr_injection.inject.linear_decoding import LinearDecoder
 from tracr_injection.inject.lm import decoder_blocks, load_causal_lm
 from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.inject.probing import (
-    PLOT_NAME,
     PROBE_EXAMPLES,
     block_groups,
     is_probe_line,
     probe_data,
     term_gradient_norms,
 )
+from tracr_injection.inject.run import RunFolder
 from tracr_injection.inject.trainer import InjectionObjective, build_parts
 from tracr_injection.tasks import get_task
 
@@ -68,7 +68,7 @@ def test_probes_are_logged_every_k_steps_with_the_expected_keys(tiny_llama, tmp_
     assert probes[-1]["probe/grad/task_ce/late"] > 0
     tag = "probe/grad/task_ce/early"
     assert tensorboard_scalars(out, tag) == [p[tag] for p in probes]
-    assert (out / PLOT_NAME).stat().st_size > 10_000
+    assert RunFolder(out).probe_plot.stat().st_size > 10_000
 
 
 def test_baseline_probes_log_gradient_norms_only(tiny_llama, tmp_path):
@@ -79,7 +79,7 @@ def test_baseline_probes_log_gradient_norms_only(tiny_llama, tmp_path):
     assert set(probes[0]) == {"step", "seconds"} | {
         f"probe/grad/{t}/{g}" for t in ("task_ce", "kl") for g in ("early", "late")
     }
-    assert (out / PLOT_NAME).is_file()
+    assert RunFolder(out).probe_plot.is_file()
 
 
 def test_probing_leaves_the_trained_weights_and_losses_unchanged(tiny_llama, tmp_path):

@@ -8,7 +8,6 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -283,10 +282,10 @@ def train_command(
     if out is None and config is None:
         cfg.out = f"runs/{cfg.task}-{cfg.method}-s{cfg.seed}"
     manifest = train(cfg, resume=resume)  # checks the task, model, kl_top_k and a resumed checkpoint first
-    split = cfg.eval_split
+    split = manifest.eval_split
     console.print(
-        f"[bold]{cfg.method}[/] on {cfg.task}: {split} accuracy {100 * manifest[f'{split}_accuracy_before']:.1f}% "
-        f"before -> {100 * manifest[f'{split}_accuracy_after']:.1f}% after ({manifest['eval_examples']} examples)"
+        f"[bold]{cfg.method}[/] on {cfg.task}: {split} accuracy {100 * manifest.accuracy_before:.1f}% "
+        f"before -> {100 * manifest.accuracy_after:.1f}% after ({manifest.eval_examples} examples)"
     )
     typer.echo(cfg.out)
 
@@ -490,11 +489,11 @@ def reproduce_command(
         if run_state(run) not in DONE_STATES:
             console.print(f"{run.name}: {run_state(run)} (another process is on it, or it stopped; run again)")
             continue
-        manifest = json.loads((run.published / "manifest.json").read_text())
-        split = run.config.eval_split
+        manifest = run.published_folder.read_manifest()
+        split = manifest.eval_split
         console.print(
-            f"{run.name}: {split} accuracy {100 * manifest[f'{split}_accuracy_before']:.1f}% before training -> "
-            f"{100 * manifest[f'{split}_accuracy_after']:.1f}% after ({manifest['eval_examples']} examples)"
+            f"{run.name}: {split} accuracy {100 * manifest.accuracy_before:.1f}% before training -> "
+            f"{100 * manifest.accuracy_after:.1f}% after ({manifest.eval_examples} examples)"
         )
     typer.echo((folder / "comparison.md").read_text())
     if fresh and reference.is_file():

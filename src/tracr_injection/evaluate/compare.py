@@ -24,6 +24,7 @@ import numpy as np
 
 from tracr_injection.errors import TracrInjectionError
 from tracr_injection.evaluate.report import markdown_table, plt
+from tracr_injection.inject.run import RunFolder
 
 METHOD_ORDER = {"pretrained": 0, "baseline": 1, "inject": 2}
 BOOTSTRAP_RESAMPLES = 10_000
@@ -40,10 +41,12 @@ def load_metrics(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise CompareError(f"{path} does not exist; pass run folders evaluated by `tracr-inject eval`.")
-    for candidate in (path / "eval" / "metrics.json", path / "metrics.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    raise CompareError(f"{path} has no evaluation (eval/metrics.json); run `tracr-inject eval {path}` first.")
+    found = RunFolder(path).find_evaluation()
+    if found is None:
+        raise CompareError(
+            f"{path} has no evaluation ({RunFolder(path).evaluation_file}); run `tracr-inject eval {path}` first."
+        )
+    return json.loads(found.read_text())
 
 
 def output_decoding(metrics: dict[str, Any], decoder: str, split: str) -> float | None:

@@ -43,18 +43,17 @@ from tracr_injection.evaluate.subject import (
     TaskMismatchError,
     is_run_dir,
     load_subject,
-    read_manifest,
 )
 from tracr_injection.hub.models import resolve_model
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import load_causal_lm
 from tracr_injection.inject.natural_text import KLCache
+from tracr_injection.inject.run import EVALUATION_NAME, RunFolder
 from tracr_injection.inject.trainer import kl_cache_path
 from tracr_injection.tasks import TeacherCannotRepresentError
 
-EVAL_DIR = "eval"
-METRICS_FILE = "metrics.json"
+UNTRAINED_EVAL_ROOT = Path("eval")  # where an untrained model's evaluation goes (a run's: its eval/)
 PROBE_FILE = "probe.safetensors"
 RASP_EXAMPLES = 24  # examples per split the teacher is checked against the RASP evaluator on
 
@@ -104,28 +103,28 @@ def evaluate_target(
 def read_baseline_metrics(baseline: str | Path, target: str | Path) -> dict[str, Any]:
     """The baseline's evaluation metrics (`BASELINE/eval/metrics.json`, or the `metrics.json` of a published
     result folder), checked against the run's manifest: an inject run, the same teacher and layer map."""
-    if not is_run_dir(target) or read_manifest(target)["method"] != "inject":
+    if not is_run_dir(target) or RunFolder(target).read_manifest().method != "inject":
         raise RunFolderError(
             f"--baseline sets an inject run's map beside a baseline's probe; {target} is not an inject run."
         )
-    manifest = read_manifest(target)
-    candidates = (Path(baseline) / EVAL_DIR / METRICS_FILE, Path(baseline) / METRICS_FILE)
-    path = next((p for p in candidates if p.is_file()), None)
+    manifest = RunFolder(target).read_manifest()
+    path = RunFolder(baseline).find_evaluation()
     if path is None:
         raise RunFolderError(
-            f"{baseline} has no {EVAL_DIR}/{METRICS_FILE}; evaluate it first: `tracr-inject eval {baseline}`."
+            f"{baseline} has no evaluation ({RunFolder(baseline).evaluation_file}); evaluate it first: "
+            f"`tracr-inject eval {baseline}`."
         )
     metrics = json.loads(path.read_text())
     theirs = metrics["subject"]
-    if theirs["teacher_program_hash"] != manifest["teacher_program_hash"]:
+    if theirs["teacher_program_hash"] != manifest.teacher_program_hash:
         raise TaskMismatchError(
             f"Baseline {baseline} was evaluated on task {theirs['task']!r} with another teacher than the "
-            f"run's ({manifest['task']!r}); pass a baseline run of the same task."
+            f"run's ({manifest.task!r}); pass a baseline run of the same task."
         )
-    if theirs["layer_map"] != manifest["layer_mapping"] or "probe" not in metrics.get("decoding", {}):
+    if theirs["layer_map"] != manifest.layer_mapping or "probe" not in metrics.get("decoding", {}):
         raise RunFolderError(
             f"Baseline {baseline} was probed at hidden states {theirs['layer_map']}, the run aligns "
-            f"{manifest['layer_mapping']} (or has no probe decoding); pass a baseline trained like the run."
+            f"{manifest.layer_mapping} (or has no probe decoding); pass a baseline trained like the run."
         )
     return metrics
 
@@ -155,7 +154,7 @@ def baseline_comparison(metrics: dict[str, Any], baseline_metrics: dict[str, Any
 def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:
     """Write metrics.json and report.md (with its plots) into `folder`; returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+    (folder / EVALUATION_NAME).write_text(json.dumps(metrics, indent=1))
     write_report(metrics, folder)
     return folder
 
@@ -164,11 +163,9 @@ def add_readout(run_dir: str | Path, progress: bool = True, base_model: str | No
     """Add the answer readout to a run evaluated before it existed (same settings, the saved probe)."""
     subject = load_subject(run_dir, base_model=base_model)
     folder = default_out(subject)
-    path = folder / METRICS_FILE
+    path = folder / EVALUATION_NAME
     if not path.is_file():
-        raise RunFolderError(
-            f"{run_dir} has no {EVAL_DIR}/{METRICS_FILE}; run `tracr-inject eval {run_dir}` first."
-        )
+        raise RunFolderError(f"{run_dir} has no evaluation ({path}); run `tracr-inject eval {run_dir}` first.")
     metrics = json.loads(path.read_text())
     settings = EvalSettings(**metrics["settings"])
     decoders = subject_decoders(subject, settings, folder)
@@ -184,8 +181,8 @@ def add_readout(run_dir: str | Path, progress: bool = True, base_model: str | No
 def default_out(subject: Subject) -> Path:
     """`<run>/eval` for a run, `eval/<model>-<task>` for an untrained model."""
     if subject.run_dir is not None:
-        return subject.run_dir / EVAL_DIR
-    return Path(EVAL_DIR) / f"{subject.name}-{subject.task}"
+        return RunFolder(subject.run_dir).eval_dir
+    return UNTRAINED_EVAL_ROOT / f"{subject.name}-{subject.task}"
 
 
 def timed(timings: dict[str, float], name: str, fn: Callable[[], Any], progress: bool) -> Any:
@@ -336,8 +333,8 @@ def decoding_results(
 
 def training_config(subject: Subject) -> TrainConfig:
     """The run's training config (an untrained model: the defaults, on its own model name)."""
-    if subject.manifest.get("config"):
-        return TrainConfig(**subject.manifest["config"])
+    if subject.manifest is not None and subject.manifest.config is not None:
+        return subject.manifest.config
     return TrainConfig(task=subject.task, model=subject.base_model)
 
 
@@ -361,7 +358,7 @@ def kept_language(subject: Subject, settings: EvalSettings) -> dict[str, Any]:
     result = language_metrics(original, subject.model, windows_NT).to_dict()
     result["text_source"] = config.kl_source
     if settings.lm_eval_tasks:
-        model_dir = subject.run_dir / "model" if subject.run_dir else subject.base_model
+        model_dir = RunFolder(subject.run_dir).model_dir if subject.run_dir else subject.base_model
         result["lm_eval"] = run_lm_eval(model_dir, settings.lm_eval_tasks).to_dict()
     return result
 

@@ -1,7 +1,7 @@
 """What an evaluation looks at: a finished run folder, or a plain model evaluated untrained.
 
-In: a run folder written by `inject.trainer.train` (manifest.json, model/, map/ for inject runs,
-teacher/) or a model name/folder plus the task to evaluate it on.  Out: a `Subject` holding the LM,
+In: a run folder written by `inject.trainer.train` (read through `inject.run.Run`) or a model
+name/folder plus the task to evaluate it on.  Out: a `Subject` holding the LM,
 its tokenizer, the base model's folder, the teacher, the alignment map (inject runs only), the layer
 mapping and the intervention block, with clear errors for an unfinished run, a run of another task,
 or a missing model.  A run folder is evaluated from any directory and on any machine: the base model
@@ -12,24 +12,19 @@ checked against its recorded fingerprint, and the teacher is the copy in the run
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 from tracr_injection.compile.teacher import TeacherModel
-from tracr_injection.errors import ArtifactError, TracrInjectionError
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.hub import ModelNotFoundError, model_fingerprint, model_folder
 from tracr_injection.hub.models import in_local_hf_cache, is_smollm2
 from tracr_injection.inject.lm import layer_mapping, load_causal_lm, num_blocks
 from tracr_injection.inject.losses import AlignmentMap
-from tracr_injection.inject.trainer import MANIFEST_NAME, TEACHER_DIR
+from tracr_injection.inject.run import BaseModelRecord, Manifest, Run, RunFolder, RunFolderError
 
 PRETRAINED = "pretrained"  # the method name of an untrained model
-
-
-class RunFolderError(ArtifactError):
-    """A run folder that cannot be evaluated (unfinished, incomplete or corrupt)."""
 
 
 class TaskMismatchError(TracrInjectionError, ValueError):
@@ -60,7 +55,7 @@ class Subject:
     block: int
     seed: int | None = None
     run_dir: Path | None = None
-    manifest: dict[str, Any] = dataclasses.field(default_factory=dict)
+    manifest: Manifest | None = None
 
     @property
     def output_dims(self) -> list[int]:
@@ -74,31 +69,13 @@ class Subject:
             "name": self.name,
             "task": self.task,
             "method": self.method,
-            "base_model": self.manifest.get("model", self.base_model),  # as typed, not this machine's folder
+            "base_model": self.manifest.model if self.manifest else self.base_model,  # as typed, not the folder
             "seed": self.seed,
             "run_dir": str(self.run_dir) if self.run_dir else None,
             "layer_map": self.layer_map,
             "block": self.block,
             "teacher_program_hash": self.teacher.config.program_hash,
         }
-
-
-def read_manifest(run_dir: str | Path) -> dict[str, Any]:
-    """The run's manifest; a clear error when the run is unfinished or the file is damaged."""
-    run_dir = Path(run_dir)
-    path = run_dir / MANIFEST_NAME
-    if not path.is_file():
-        hint = (
-            f"it holds checkpoints, so the run did not finish: finish it with "
-            f"`tracr-inject train ... --out {run_dir} --resume`"
-            if (run_dir / "checkpoints").is_dir()
-            else "pass a folder written by `tracr-inject train`, or a model name with --task"
-        )
-        raise RunFolderError(f"{run_dir} has no {MANIFEST_NAME}; {hint}.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RunFolderError(f"{path} is not valid JSON ({err}); the run folder is damaged.") from err
 
 
 def is_run_dir(target: str | Path) -> bool:
@@ -127,89 +104,63 @@ def load_subject(target: str | Path, task: str | None = None, base_model: str | 
     return load_pretrained(str(target), task)
 
 
-def run_base_model(run_dir: Path, manifest: dict[str, Any], override: str | None = None) -> str:
+def run_base_model(run_dir: Path, manifest: Manifest, override: str | None = None) -> str:
     """The folder of the model the run started from (`override` when given), with a warning when it is not
     the model the run recorded (another fingerprint: kept-language metrics would compare against it)."""
-    record = manifest.get("base_model") or {"name": manifest["model"]}  # runs from before the record
+    record = manifest.base_model_record
     folder = model_folder(override) if override is not None else recorded_base_model(run_dir, record)
-    recorded = record.get("fingerprint")
-    if recorded and (found := model_fingerprint(folder)) != recorded:
+    if record.fingerprint and (found := model_fingerprint(folder)) != record.fingerprint:
         warnings.warn(
             f"Base model {folder} is not the model run {run_dir} was trained from (fingerprint {found}, "
-            f"recorded {recorded}); kept-language metrics compare the run against it.",
+            f"recorded {record.fingerprint}); kept-language metrics compare the run against it.",
             stacklevel=2,
         )
     return str(folder)
 
 
-def recorded_base_model(run_dir: Path, record: dict[str, str]) -> Path:
+def recorded_base_model(run_dir: Path, record: BaseModelRecord) -> Path:
     """The absolute folder recorded at training if it is on this machine, else the name as typed then
     (resolved from here: the bundled 'smollm2' on another machine, a cached hub id, a relative folder)."""
-    path = record.get("path")
-    if path and (Path(path) / "config.json").is_file():
-        return Path(path)
+    if record.path and (Path(record.path) / "config.json").is_file():
+        return Path(record.path)
     try:
-        return model_folder(record["name"])
+        return model_folder(record.name)
     except ModelNotFoundError as err:
-        where = f" (at {path})" if path else ""
+        where = f" (at {record.path})" if record.path else ""
         raise RunFolderError(
-            f"Run {run_dir} started from model {record['name']!r}{where}, which is not on this machine; "
+            f"Run {run_dir} started from model {record.name!r}{where}, which is not on this machine; "
             "pass --base-model FOLDER, the model it was trained from."
         ) from err
 
 
-def run_teacher(run_dir: Path, manifest: dict[str, Any]) -> TeacherModel:
-    """The teacher the run was trained with: its copy in the run folder, else (runs from before the copy)
-    the task's teacher from the cache, compiled when missing, with a warning if it is another program."""
-    from tracr_injection.tasks import get_task
-
-    if (run_dir / TEACHER_DIR).is_dir():
-        return TeacherModel.from_pretrained(run_dir / TEACHER_DIR)
-    teacher = get_task(manifest["task"]).teacher(manifest.get("config", {}).get("teacher"))
-    recorded = manifest.get("teacher_program_hash")
-    if recorded and teacher.config.program_hash != recorded:
-        warnings.warn(
-            f"Run {run_dir} was trained with teacher {recorded[:16]}, but the task's teacher is now "
-            f"{teacher.config.program_hash[:16]}; its map decodes against the new one.",
-            stacklevel=2,
-        )
-    return teacher
-
-
 def load_run(run_dir: Path, task: str | None = None, base_model: str | None = None) -> Subject:
-    """A finished run: its trained LM, map (inject), teacher, base model and the layer mapping it was
-    trained with."""
-    from tracr_injection.hub import load_tokenizer
-
-    manifest = read_manifest(run_dir)
-    if task is not None and task != manifest["task"]:
+    """A finished run (`Run.from_pretrained`: its trained LM, map (inject), teacher and the layer mapping it was
+    trained with) and its base model; the task and the base model are checked before the LM loads."""
+    manifest = RunFolder(run_dir).read_manifest()
+    if task is not None and task != manifest.task:
         raise TaskMismatchError(
-            f"Run {run_dir} was trained on task {manifest['task']!r}, not {task!r}; "
-            f"evaluate it on {manifest['task']!r} (omit --task) or pick a run trained on {task!r}."
+            f"Run {run_dir} was trained on task {manifest.task!r}, not {task!r}; "
+            f"evaluate it on {manifest.task!r} (omit --task) or pick a run trained on {task!r}."
         )
-    model_dir = run_dir / "model"
-    if not (model_dir / "config.json").is_file():
-        raise RunFolderError(f"{run_dir} has a manifest but no model/ folder; the run folder is incomplete.")
     base = run_base_model(run_dir, manifest, base_model)
-    model = load_causal_lm(model_dir)
-    amap = AlignmentMap.from_pretrained(run_dir / "map") if manifest["method"] == "inject" else None
-    layer_map = list(manifest["layer_mapping"])
-    block = manifest.get("roll_block")
+    run = Run.from_pretrained(run_dir)
+    layer_map = list(run.manifest.layer_mapping)
+    block = run.manifest.roll_block
     return Subject(
         name=run_dir.name,
-        task=manifest["task"],
-        method=manifest["method"],
-        model=model,
-        tokenizer=load_tokenizer(model_dir),
-        tokenizer_name=str(manifest["model"]),
+        task=run.manifest.task,
+        method=run.manifest.method,
+        model=run.model,
+        tokenizer=run.tokenizer,
+        tokenizer_name=str(run.manifest.model),
         base_model=base,
-        teacher=run_teacher(run_dir, manifest),
-        amap=amap,
+        teacher=run.teacher,
+        amap=run.amap,
         layer_map=layer_map,
         block=layer_map[-1] if block is None else int(block),
-        seed=manifest.get("seed"),
+        seed=run.manifest.seed,
         run_dir=run_dir,
-        manifest=manifest,
+        manifest=run.manifest,
     )
 
 

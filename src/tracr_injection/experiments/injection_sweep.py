@@ -27,7 +27,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from tracr_injection.evaluate.pipeline import EVAL_DIR, METRICS_FILE
 from tracr_injection.experiments.budgets import Budget, get_budget
 from tracr_injection.experiments.reproduce import (
     DONE_STATES,
@@ -40,7 +39,7 @@ from tracr_injection.experiments.reproduce import (
 )
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.probing import read_probe_lines
-from tracr_injection.inject.trainer import METRICS_NAME, versions
+from tracr_injection.inject.run import versions
 
 TASK = "dyck"
 SEED = 0
@@ -148,8 +147,8 @@ def is_done(run: PlannedRun) -> bool:
 
 def evaluation(run: PlannedRun) -> dict[str, Any]:
     """The run's evaluation metrics (published copy first)."""
-    for path in (run.published / METRICS_FILE, run.out / EVAL_DIR / METRICS_FILE):
-        if path.is_file():
+    for folder in (run.published_folder, run.folder):
+        if (path := folder.find_evaluation()) is not None:
             return json.loads(path.read_text())
     raise FileNotFoundError(f"{run.name} has no evaluation yet.")
 
@@ -166,9 +165,9 @@ def written_level_accuracies(metrics: dict[str, Any], decoder: str, split: str) 
 
 def early_gradient_ratio(run: PlannedRun) -> float | None:
     """The last probe's alignment / task gradient norm on the early blocks (None without both)."""
-    for folder in (run.published, run.out):
-        if (folder / METRICS_NAME).is_file():
-            lines = read_probe_lines(folder / METRICS_NAME)
+    for folder in (run.published_folder, run.folder):
+        if folder.metrics_file.is_file():
+            lines = read_probe_lines(folder.metrics_file)
             if not lines:
                 return None
             last = lines[-1]
@@ -361,7 +360,7 @@ def baseline_of(run: PlannedRun, runs: Sequence[PlannedRun]) -> Path | None:
         return None
     for other in runs:
         if other.name == BASELINE and other.config.teacher == run.config.teacher and is_done(other):
-            return other.published if (other.published / METRICS_FILE).is_file() else other.out
+            return other.published if other.published_folder.find_evaluation() else other.out
     return None
 
 

@@ -39,13 +39,8 @@ from tracr_injection.experiments.reproduce import (
     status_rows,
 )
 from tracr_injection.inject.config import METHODS, TrainConfig
-from tracr_injection.inject.probing import (
-    ACCURACY_PLOT,
-    accuracy_series,
-    plot_accuracy_curves,
-    read_probe_lines,
-)
-from tracr_injection.inject.trainer import METRICS_NAME, versions
+from tracr_injection.inject.probing import accuracy_series, plot_accuracy_curves, read_probe_lines
+from tracr_injection.inject.run import ACCURACY_PLOT, versions
 
 TASK = "dyck"
 SEEDS = 5
@@ -142,7 +137,7 @@ def mean_curves(runs: Sequence[PlannedRun]) -> dict[str, Any]:
     for method in METHODS:
         series = []
         for run in runs:
-            path = run.published / METRICS_NAME
+            path = run.published_folder.metrics_file
             if run.method == method and path.is_file():
                 series.append(accuracy_series(read_probe_lines(path)))
         if not series:

@@ -20,28 +20,18 @@ import dataclasses
 import json
 import os
 import socket
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tracr_injection.evaluate.compare import compare_runs
-from tracr_injection.evaluate.pipeline import EVAL_DIR, METRICS_FILE, EvalSettings, add_readout, evaluate_target
+from tracr_injection.evaluate.pipeline import EvalSettings, add_readout, evaluate_target
 from tracr_injection.experiments.budgets import Budget, get_budget
 from tracr_injection.inject.config import METHODS, TrainConfig
-from tracr_injection.inject.probing import ACCURACY_PLOT, PLOT_NAME
-from tracr_injection.inject.trainer import (
-    MANIFEST_NAME,
-    METRICS_NAME,
-    checkpoint_dirs,
-    remove_checkpoints,
-    train,
-    versions,
-)
+from tracr_injection.inject.run import RunFolder, versions
+from tracr_injection.inject.trainer import train
 
-RECORD_NAME = "reproduce.json"
-LOCK_NAME = ".reproduce.lock"
 DONE_STATES = ("evaluated", "published")
 
 
@@ -59,6 +49,16 @@ class PlannedRun:
     def out(self) -> Path:
         """The run folder."""
         return Path(self.config.out)
+
+    @property
+    def folder(self) -> RunFolder:
+        """The run folder's layout."""
+        return RunFolder(self.out)
+
+    @property
+    def published_folder(self) -> RunFolder:
+        """The published copy: a run folder without weights, its evaluation at the top."""
+        return RunFolder(self.published)
 
     @property
     def name(self) -> str:
@@ -111,28 +111,25 @@ def fresh_root(runs_root: Path, budget_name: str) -> Path:
 
 def steps_done(run: PlannedRun) -> int:
     """Training steps a run has finished (all of them once its manifest exists)."""
-    if (run.out / MANIFEST_NAME).is_file():
-        return run.config.steps
-    checkpoints = checkpoint_dirs(run.out)
-    return int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
+    return run.config.steps if run.folder.is_finished else run.folder.last_checkpoint_step()
 
 
 def is_published(run: PlannedRun) -> bool:
     """Whether results/ holds this run's evaluation, trained with exactly the planned configuration."""
-    manifest = run.published / MANIFEST_NAME
-    if not (run.published / METRICS_FILE).is_file() or not manifest.is_file():
+    published = run.published_folder
+    if published.find_evaluation() is None or not published.is_finished:
         return False
-    trained = TrainConfig.from_record(json.loads(manifest.read_text())["config"])
-    return dataclasses.replace(trained, out=run.config.out) == run.config
+    trained = published.read_manifest().config
+    return trained is not None and dataclasses.replace(trained, out=run.config.out) == run.config
 
 
 def run_state(run: PlannedRun) -> str:
     """evaluated / published (evaluated on an earlier machine) / trained / partial / todo."""
-    if (run.out / EVAL_DIR / METRICS_FILE).is_file():
+    if run.folder.evaluation_file.is_file():
         return "evaluated"
     if is_published(run):
         return "published"
-    if (run.out / MANIFEST_NAME).is_file():
+    if run.folder.is_finished:
         return "trained"
     return "partial" if steps_done(run) else "todo"
 
@@ -140,7 +137,7 @@ def run_state(run: PlannedRun) -> str:
 def lock_holder(run: PlannedRun) -> str | None:
     """`host:pid` of the live process working on this run, or None (a dead process's lock does not count)."""
     try:
-        host, pid = (run.out / LOCK_NAME).read_text().split(":")
+        host, pid = run.folder.lock_file.read_text().split(":")
     except (OSError, ValueError):
         return None
     if host != socket.gethostname():
@@ -157,14 +154,14 @@ def lock_holder(run: PlannedRun) -> str | None:
 def claim(run: PlannedRun) -> bool:
     """Take the run's lock for this process; False when another live process holds it."""
     run.out.mkdir(parents=True, exist_ok=True)
-    path = run.out / LOCK_NAME
+    path = run.folder.lock_file
     me = f"{socket.gethostname()}:{os.getpid()}"
     if path.exists() and lock_holder(run) is None:
         path.unlink(missing_ok=True)  # left by a process that died
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        return (run.out / LOCK_NAME).read_text() == me
+        return path.read_text() == me
     with os.fdopen(fd, "w") as f:
         f.write(me)
     return True
@@ -172,7 +169,7 @@ def claim(run: PlannedRun) -> bool:
 
 def release(run: PlannedRun) -> None:
     """Drop this process's lock on the run."""
-    (run.out / LOCK_NAME).unlink(missing_ok=True)
+    run.folder.lock_file.unlink(missing_ok=True)
 
 
 def status_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
@@ -197,7 +194,7 @@ def status_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
 
 def read_record(out: Path) -> dict[str, Any]:
     """The run's reproduce record (wall times, commands), empty before the run starts."""
-    path = out / RECORD_NAME
+    path = RunFolder(out).record_file
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -205,12 +202,12 @@ def update_record(out: Path, **fields: Any) -> None:
     """Merge `fields` into the run's reproduce record."""
     out.mkdir(parents=True, exist_ok=True)
     record = read_record(out) | fields
-    (out / RECORD_NAME).write_text(json.dumps(record, indent=2))
+    RunFolder(out).record_file.write_text(json.dumps(record, indent=2))
 
 
 def training_seconds(out: Path) -> float:
     """Wall time of the training steps, summed from metrics.jsonl (survives interruptions and resumes)."""
-    path = out / METRICS_NAME
+    path = RunFolder(out).metrics_file
     if not path.is_file():
         return 0.0
     return sum(json.loads(line)["seconds"] for line in path.read_text().splitlines() if line)
@@ -230,13 +227,13 @@ def execute_run(run: PlannedRun, settings: EvalSettings, progress: bool, baselin
             train_seconds=round(training_seconds(run.out), 1),
             last_attempt_seconds=round(time.perf_counter() - began, 1),
         )
-    if (run.out / MANIFEST_NAME).is_file():
-        remove_checkpoints(run.out)  # trained: a 400-step SmolLM2 run would keep 3.2 GB of them
+    if run.folder.is_finished:
+        run.folder.remove_checkpoints()  # trained: a 400-step SmolLM2 run would keep 3.2 GB of them
     if run_state(run) == "trained":
         began = time.perf_counter()
         evaluate_target(run.out, settings=settings, progress=progress, baseline=baseline)
         update_record(run.out, eval_seconds=round(time.perf_counter() - began, 1), state="evaluated")
-    if "readout" not in json.loads((run.out / EVAL_DIR / METRICS_FILE).read_text()):
+    if "readout" not in json.loads(run.folder.evaluation_file.read_text()):
         add_readout(run.out, progress=progress)  # evaluated before the readout existed
 
 
@@ -256,11 +253,7 @@ def publish_run(run: PlannedRun) -> None:
     """Copy an evaluated run's eval folder (no weights, no probe), manifest, record, training metrics
     (`metrics.jsonl`: every step's losses and the probe lines, small), probe and accuracy curves to
     results/."""
-    shutil.rmtree(run.published, ignore_errors=True)
-    shutil.copytree(run.out / EVAL_DIR, run.published, ignore=shutil.ignore_patterns("*.safetensors"))
-    for name in (MANIFEST_NAME, RECORD_NAME, METRICS_NAME, PLOT_NAME, ACCURACY_PLOT):
-        if (run.out / name).is_file():
-            shutil.copy2(run.out / name, run.published / name)
+    run.folder.publish(run.published)
 
 
 def publish_results(runs: Sequence[PlannedRun], budget: Budget, results_root: Path, command: str) -> Path:

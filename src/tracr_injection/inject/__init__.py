@@ -3,7 +3,8 @@
 lm.py (find blocks and hidden states of any causal LM, layer mapping) -> natural_text.py (KL
 data and the original model's top-k distributions, computed once) -> data.py (bridged
 batches with stored teacher targets) -> losses.py (task CE, cosine alignment, detach-and-roll)
--> trainer.py (Accelerate loop, checkpoints, resume, run folder).  config.py holds `TrainConfig`.
+-> run.py (the run folder's layout, its manifest, saving and loading a finished run) -> trainer.py
+(Accelerate loop, checkpoints, resume).  config.py holds `TrainConfig`.
 """
 
 from tracr_injection.inject.config import TrainConfig

@@ -57,13 +57,12 @@ from tracr_injection.inject.linear_decoding import (
 )
 from tracr_injection.inject.lm import decoder_blocks
 from tracr_injection.inject.natural_text import KLCache
+from tracr_injection.inject.run import RunFolder
 from tracr_injection.tasks import TeacherCannotRepresentError, get_task
 
 PROBE_EXAMPLES = 32  # per split: the first examples of evaluation's seed-0 decoding draw
 PREFIX = "probe/"
-PLOT_NAME = "probes.png"
 ACCURACY_EXAMPLES = 200  # per split, for the accuracy over training
-ACCURACY_PLOT = "accuracy_curves.png"
 
 
 @dataclasses.dataclass
@@ -164,7 +163,7 @@ class Prober:
     ):
         self.config, self.objective, self.teacher = config, objective, teacher
         self.device = next(objective.parameters()).device
-        self.metrics_file, self.plot_file = out / "metrics.jsonl", out / PLOT_NAME
+        self.metrics_file, self.plot_file = RunFolder(out).metrics_file, RunFolder(out).probe_plot
         self.log, self.autocast = log, autocast
         layer_map = objective.parts.layer_map
         self.groups = block_groups(
@@ -225,7 +224,7 @@ class AccuracyProber:
                  log: Callable[[dict[str, float], int], None]):  # fmt: skip
         self.config, self.lm, self.log = config, lm, log
         self.device = next(lm.parameters()).device
-        self.metrics_file, self.plot_file = out / "metrics.jsonl", out / ACCURACY_PLOT
+        self.metrics_file, self.plot_file = RunFolder(out).metrics_file, RunFolder(out).accuracy_plot
         self.data = {
             split: TaskData(config.task, split, tokenizer, config.model, max_examples=ACCURACY_EXAMPLES, seed=0,
                             progress=False)

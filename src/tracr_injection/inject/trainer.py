@@ -1,14 +1,14 @@
 """The injection training loop (and the baseline: the same loop with alignment and detach-and-roll off).
 
-In: a `TrainConfig`.  Out: a run folder with the trained LM (`model/`, a standard
-`save_pretrained` folder), the alignment map (`map/`), the teacher (`teacher/`: its variable
-layout and weights, so the folder is evaluated anywhere without the teacher cache),
-`manifest.json` (task, teacher hash, the base model's absolute folder and fingerprint, layer
-mapping, method, config, versions, accuracy before/after), `metrics.jsonl` (one line per step,
-appended as training goes, and the probe lines of `inject.probing`, drawn in `probes.png`) and
-`checkpoints/step-N/` (model, map, optimizer, scheduler, RNG states via Accelerate; the data
-position is the step number).  Hugging Face Accelerate runs the loop, so `accelerate launch`
-spreads it over processes, GPUs or nodes.
+In: a `TrainConfig`.  Out: a run folder (`inject.run`, which names its files) with the trained LM
+(`model/`, a standard `save_pretrained` folder), the alignment map (`map/`), the teacher (`teacher/`:
+its variable layout and weights, so the folder is evaluated anywhere without the teacher cache),
+`manifest.json` (`inject.run.Manifest`: task, teacher hash, the base model's absolute folder and
+fingerprint, layer mapping, method, config, versions, accuracy before/after), `metrics.jsonl` (one
+line per step, appended as training goes, and the probe lines of `inject.probing`, drawn in
+`probes.png`) and `checkpoints/step-N/` (model, map, optimizer, scheduler, RNG states via
+Accelerate; the data position is the step number).  Hugging Face Accelerate runs the loop, so
+`accelerate launch` spreads it over processes, GPUs or nodes.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
-from tracr_injection.compile.teacher import CONFIG_NAME, WEIGHTS_NAME, TeacherModel
+from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.errors import ArtifactError, TracrInjectionError
-from tracr_injection.hub import model_fingerprint, model_folder
 from tracr_injection.inject.answers import (  # noqa: F401 (answers_correct, answers_hit: re-exported)
     answer_accuracy,
     answers_correct,
@@ -76,12 +75,8 @@ from tracr_injection.inject.losses import (
 )
 from tracr_injection.inject.natural_text import KLCache, build_kl_cache, text_windows, topk_kl
 from tracr_injection.inject.probing import AccuracyProber, Prober, block_groups, term_gradient_norms
+from tracr_injection.inject.run import BaseModelRecord, Manifest, Run, RunFolder, versions
 from tracr_injection.paths import kl_dir
-
-STATE_NAME = "trainer_state.json"
-MANIFEST_NAME = "manifest.json"
-METRICS_NAME = "metrics.jsonl"
-TEACHER_DIR = "teacher"
 
 
 class CheckpointError(ArtifactError):
@@ -350,33 +345,20 @@ class InjectionObjective(torch.nn.Module):
         return out.hidden_states if config.injecting else None
 
 
-def checkpoint_dirs(out: Path) -> list[Path]:
-    """Finished checkpoints (their state file is written last), oldest first."""
-    root = out / "checkpoints"
-    done = [d for d in root.glob("step-*") if (d / STATE_NAME).is_file()] if root.is_dir() else []
-    return sorted(done, key=lambda d: int(d.name.split("-")[1]))
-
-
-def remove_checkpoints(out: Path) -> None:
-    """Delete a finished run's checkpoints: only a resume reads them, `model/` and `map/` hold what it
-    trained, and each one (weights + optimizer state) is about three times the model's size."""
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-
-
 def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -> None:
     """Accelerate state (model, map, optimizer, scheduler, RNG) + our step, written atomically."""
-    out = Path(config.out)
-    final = out / "checkpoints" / f"step-{step}"
+    folder = RunFolder(config.out)
+    final = folder.checkpoint_dir(step)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / STATE_NAME).write_text(json.dumps({"step": step, "config": config.resume_key()}))
+        RunFolder.state_file(tmp).write_text(json.dumps({"step": step, "config": config.resume_key()}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        for old in checkpoint_dirs(out)[: -config.keep_checkpoints]:
+        for old in folder.checkpoints()[: -config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -385,7 +367,7 @@ def checkpoint_state(config: TrainConfig, folder: Path) -> dict[str, Any]:
     """The checkpoint's trainer state (step and config); a CheckpointError when it is unreadable or was
     written by a run with another configuration."""
     try:
-        state = json.loads((folder / STATE_NAME).read_text())
+        state = json.loads(RunFolder.state_file(folder).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CorruptCheckpointError(f"Checkpoint {folder} is unreadable ({err}).") from err
     recorded, expected = TrainConfig.from_record(state.get("config", {})).resume_key(), config.resume_key()
@@ -409,17 +391,17 @@ def load_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: Path)
     return int(state["step"])
 
 
-def load_last_good_checkpoint(accelerator: Accelerator, config: TrainConfig, out: Path) -> int:
+def load_last_good_checkpoint(accelerator: Accelerator, config: TrainConfig, folder: RunFolder) -> int:
     """Restore the newest checkpoint that loads and return its step: a corrupt one is skipped with a warning
     naming it (every checkpoint is a full state, so the previous one is as good a start, just earlier)."""
-    found = checkpoint_dirs(out)
+    found = folder.checkpoints()
     for index in range(len(found) - 1, -1, -1):
         try:
             return load_checkpoint(accelerator, config, found[index])
         except CorruptCheckpointError as err:
             if index == 0:
                 raise CorruptCheckpointError(
-                    f"{err} No earlier checkpoint loads; delete {out / 'checkpoints'} to start the run over."
+                    f"{err} No earlier checkpoint loads; delete {folder.checkpoints_dir} to start the run over."
                 ) from err
             warnings.warn(f"{err} Resuming from {found[index - 1].name} instead.", stacklevel=2)
     raise AssertionError("unreachable: called without checkpoints")
@@ -438,36 +420,11 @@ def resume_hint_on_failure(config: TrainConfig, show: bool) -> Iterator[None]:
         yield
     except BaseException as err:
         if show and not isinstance(err, TracrInjectionError):
-            last = checkpoint_dirs(Path(config.out))
+            last = RunFolder(config.out).checkpoints()
             start = f"its last checkpoint, {last[-1].name}" if last else "step 0 (no checkpoint yet)"
             stopped = f"Training stopped ({type(err).__name__}); resume it from {start} with:"
             print(f"\n{stopped}\n  {resume_command(config)}", file=sys.stderr, flush=True)
         raise
-
-
-def base_model_record(name: str) -> dict[str, str]:
-    """The base model as typed, its absolute folder and its fingerprint: what `eval` needs to find the
-    model a run started from from any directory, and to tell whether the one it found is the same."""
-    folder = model_folder(name)
-    return {"name": str(name), "path": str(folder), "fingerprint": model_fingerprint(folder)}
-
-
-def save_teacher(teacher: TeacherModel, folder: Path) -> None:
-    """Put the teacher artifact into the run folder: hard links to the cached files when the cache is on the
-    same disk (no space used), else a copy; a teacher that is not in the cache is written afresh."""
-    from tracr_injection.compile.compiler import artifact_dir
-
-    source = artifact_dir(teacher.config.program_name, teacher.config.program_hash)
-    if not all((source / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME)):
-        teacher.save_pretrained(folder)
-        return
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        try:
-            os.link(source / name, folder / name)
-        except OSError:  # another filesystem, or links not allowed
-            shutil.copy2(source / name, folder / name)
 
 
 def check_before_loading(config: TrainConfig, resume: bool) -> None:
@@ -476,14 +433,15 @@ def check_before_loading(config: TrainConfig, resume: bool) -> None:
     not on this machine, a KL top-k wider than the vocabulary, or a checkpoint of another configuration."""
     from tracr_injection.tasks import get_task
 
-    out = Path(config.out)
-    if not resume and checkpoint_dirs(out):
+    folder = RunFolder(config.out)
+    if not resume and folder.checkpoints():
         raise TracrInjectionError(
-            f"{out} already holds checkpoints; pass --resume to continue or choose another --out."
+            f"{folder.path} already holds checkpoints; pass --resume to continue or choose another --out."
         )
-    if (out / MANIFEST_NAME).is_file() and not checkpoint_dirs(out):
+    if folder.is_finished and not folder.checkpoints():
         raise TracrInjectionError(
-            f"{out} already holds a finished run ({MANIFEST_NAME}); choose another --out or delete the folder."
+            f"{folder.path} already holds a finished run ({folder.manifest_file.name}); choose another --out or "
+            "delete the folder."
         )
     task = get_task(config.task)
     task.teacher_program(config.teacher)  # a teacher the task cannot use
@@ -495,15 +453,16 @@ def check_before_loading(config: TrainConfig, resume: bool) -> None:
             f"kl_top_k {config.kl_top_k} is more than the vocabulary of {config.model!r} ({vocab} tokens); "
             f"pass --kl-top-k {vocab} or less."
         )
-    if resume and checkpoint_dirs(out):
+    if resume and folder.checkpoints():
         with contextlib.suppress(CorruptCheckpointError):  # a corrupt last one falls back when loading
-            checkpoint_state(config, checkpoint_dirs(out)[-1])
+            checkpoint_state(config, folder.checkpoints()[-1])
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Manifest:
     """Run (or resume) one training run; returns the manifest."""
     check_before_loading(config, resume)
-    out = Path(config.out)
+    folder = RunFolder(config.out)
+    out = folder.path
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         cpu=not torch.cuda.is_available(),
@@ -528,7 +487,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             "synchronise; run it in one process or drop --clip-per-term."
         )
     map_fit = None
-    if config.injecting and config.map_init == "lstsq" and not (resume and checkpoint_dirs(out)):
+    if config.injecting and config.map_init == "lstsq" and not (resume and folder.checkpoints()):
         map_fit = lstsq_map_init(parts.amap, model.to(accelerator.device), parts.data, parts.layer_map, parts.dim_levels)
     objective = InjectionObjective(config, parts)
     optimizer = make_optimizer(config, model, parts.amap)
@@ -538,10 +497,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     early_params = block_groups(model, parts.roll_block)["early"] if config.injecting else []
     trainable = [p for p in objective.parameters() if p.requires_grad]
     start = 0
-    if resume and checkpoint_dirs(out):
-        start = load_last_good_checkpoint(accelerator, config, out)
+    if resume and folder.checkpoints():
+        start = load_last_good_checkpoint(accelerator, config, folder)
     out.mkdir(parents=True, exist_ok=True)
-    metrics_file = out / METRICS_NAME
+    metrics_file = folder.metrics_file
     if accelerator.is_main_process:
         truncate_metrics(metrics_file, start)
     accelerator.init_trackers("tensorboard", config=tracker_config(config))
@@ -609,35 +568,30 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(objective).lm
     accuracy_after = answer_accuracy(trained, eval_data, config.eval_examples)
-    manifest = {
-        "task": config.task,
-        "method": config.method,
-        "model": config.model,
-        "base_model": base_model_record(config.model),
-        "teacher_program": parts.teacher.config.program_name,
-        "teacher_program_hash": parts.teacher.config.program_hash,
-        "layer_mapping": parts.layer_map,
-        "roll_block": parts.roll_block if config.injecting else None,
-        "config": config.to_dict(),
-        "seed": config.seed,
-        "versions": versions(),
-        "num_processes": accelerator.num_processes,
-        "distributed": str(accelerator.distributed_type),
-        f"{config.eval_split}_accuracy_before": accuracy_before,
-        f"{config.eval_split}_accuracy_after": accuracy_after,
-        "eval_examples": min(config.eval_examples, len(eval_data)),
-    }
-    if parts.variable_scales:
-        manifest["alignment_variable_scales"] = parts.variable_scales
-    if map_fit is not None:
-        manifest["map_init_fit"] = map_fit  # 1 - cos of the least-squares map on the rows it was fitted on
+    manifest = Manifest(
+        task=config.task,
+        method=config.method,
+        model=config.model,
+        base_model=BaseModelRecord.of(config.model),
+        teacher_program=parts.teacher.config.program_name,
+        teacher_program_hash=parts.teacher.config.program_hash,
+        layer_mapping=parts.layer_map,
+        roll_block=parts.roll_block if config.injecting else None,
+        config=config,
+        seed=config.seed,
+        versions=versions(),
+        num_processes=accelerator.num_processes,
+        distributed=str(accelerator.distributed_type),
+        eval_split=config.eval_split,
+        accuracy_before=accuracy_before,
+        accuracy_after=accuracy_after,
+        eval_examples=min(config.eval_examples, len(eval_data)),
+        alignment_variable_scales=parts.variable_scales or None,
+        map_init_fit=map_fit,
+    )
     if accelerator.is_main_process:
-        trained.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-        if parts.amap is not None:
-            accelerator.unwrap_model(objective).amap.save_pretrained(out / "map")
-        save_teacher(parts.teacher, out / TEACHER_DIR)
-        (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        amap = accelerator.unwrap_model(objective).amap if parts.amap is not None else None
+        Run(manifest, trained, tokenizer, parts.teacher, amap).save_pretrained(out)
     accelerator.wait_for_everyone()
     return manifest
 
@@ -705,18 +659,3 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in keep))
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that decide a run's numbers."""
-    import accelerate
-    import transformers
-
-    import tracr_injection
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "tracr_injection": tracr_injection.__version__,
-    }
