@@ -1,5 +1,8 @@
 """`tracr-inject`: compile and inspect teachers, train, evaluate and compare runs from the command line.
 
+In: command-line arguments naming programs, tasks, models and run folders.  Out: compiled teachers, run
+folders, evaluations and comparisons on disk, tables and JSON (`answer-path`) on stdout.
+
 Every error caused by the user's input (an error of this package, a bad value, an unknown program or
 task name) is one `error: ...` line on stderr and exit status 1 (`UserErrorGroup`); anything else is
 a bug and keeps its traceback.
@@ -417,6 +420,28 @@ def compare_command(
     folder = compare_runs(runs, out)
     typer.echo((folder / "comparison.md").read_text())
     typer.echo(folder)
+
+
+@app.command("answer-path")
+def answer_path_command(
+    run: Path = typer.Argument(..., help="An inject run folder written by `train`."),
+    examples: int = typer.Option(96, help="Examples measured: the first of the split's seed-0 draw."),
+    batch_size: int = typer.Option(8, help="Examples per batch (the roll's donor is the previous row, as in training)."),
+    split: str = typer.Option("train", help="Task split measured."),
+    base_model: str | None = typer.Option(
+        None, help="The model the run started from, when the folder its manifest records is not here."
+    ),
+) -> None:
+    """Does the answer go through the output subspace? Answer CE under edits of the roll block's output, the
+    map's output accuracy and the early-block gradient norms of an inject run, as JSON."""
+    from tracr_injection.evaluate.answer_path import answer_path, check_sizes
+    from tracr_injection.evaluate.subject import is_run_dir, load_subject
+
+    if not is_run_dir(run):
+        fail(f"{run} is not a run folder: pass an inject run folder written by `tracr-inject train`.")
+    check_sizes(examples, batch_size)  # before the LM loads
+    subject = load_subject(run, base_model=base_model)
+    typer.echo(json.dumps(answer_path(subject, examples, batch_size, split), indent=2))
 
 
 @app.command("reproduce")
