@@ -456,6 +456,11 @@ def reproduce_command(
     alignment_scale: list[str] | None = typer.Option(
         None, help="VAR=FACTOR for the inject runs, as in `train` (repeatable; use its own --runs-root/--results)."
     ),
+    setting: str | None = typer.Option(
+        None,
+        help="The inject runs' setting: gate (the sweep's choice in results/injection/gate.json, with its teacher) "
+        "or a sweep setting's name; default: no overrides.",
+    ),
     status: bool = typer.Option(False, "--status", help="Only show what is done and what is left."),
     fresh: bool = typer.Option(
         False,
@@ -475,6 +480,7 @@ def reproduce_command(
         run_state,
         status_rows,
     )
+    from tracr_injection.experiments.settings import inject_setting
     from tracr_injection.inject.config import METHODS, alignment_scale_flags
     from tracr_injection.tasks import task_names
 
@@ -486,10 +492,16 @@ def reproduce_command(
         fail(f"--method must be baseline, inject or both, got {method!r}")
     reference = results / budget / "comparison.md"
     scales = parse_alignment_scales(alignment_scale or [])
+    try:
+        choice = inject_setting(setting) if setting is not None else None
+    except ValueError as err:
+        fail(str(err))
+    if choice is not None:
+        console.print(f"inject setting {choice['name']} ({choice['source']}): {choice['overrides']}", highlight=False)
     if fresh and not status:
         runs_root = fresh_root(runs_root, get_budget(budget).name)
         results = runs_root / "results"
-    plan = (tasks, seeds, get_budget(budget), runs_root, model, results, methods, scales)
+    plan = (tasks, seeds, get_budget(budget), runs_root, model, results, methods, scales, choice)
     if status:
         rows = status_rows(plan_runs(*plan))
         table = Table(*rows[0].keys(), title=f"reproduce --budget {budget}")
@@ -502,10 +514,11 @@ def reproduce_command(
     command += "" if runs_root == Path("runs/reproduce") else f" --runs-root {runs_root}"
     command += "" if results == Path("results") else f" --results {results}"
     command += "".join(f" {flag}" for flag in alignment_scale_flags(scales))
+    command += "" if setting is None else f" --setting {setting}"
     try:
         folder = reproduce(
             tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, methods=methods,
-            alignment_scales=scales, command=command,
+            alignment_scales=scales, setting=choice, command=command,
             on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
         )  # fmt: skip
     except KeyboardInterrupt:
@@ -543,7 +556,8 @@ def ood_command(
 ) -> None:
     """Inject against baseline on Dyck out of distribution, paired over seeds, with bootstrap intervals and
     accuracy over training (start it in two shells to share the plan; re-run it to continue)."""
-    from tracr_injection.experiments.ood import inject_setting, ood, ood_budget, plan_ood
+    from tracr_injection.experiments.ood import ood, ood_budget, plan_ood
+    from tracr_injection.experiments.settings import inject_setting
     from tracr_injection.experiments.reproduce import status_rows
 
     if seeds < 1:
@@ -587,7 +601,8 @@ def sweep_command(
 ) -> None:
     """The alignment levers on Dyck, seed 0, one resumable run per setting and teacher, then a long run and
     gate.json (start it in several shells to share the plan; re-run it to continue)."""
-    from tracr_injection.experiments.injection_sweep import SETTINGS, TEACHERS, plan_rows, plan_sweep, sweep, sweep_budget
+    from tracr_injection.experiments.injection_sweep import TEACHERS, plan_rows, plan_sweep, sweep, sweep_budget
+    from tracr_injection.experiments.settings import SETTINGS
 
     teachers, settings = teacher or list(TEACHERS), setting or list(SETTINGS)
     long_setting = None if long == "none" else long
