@@ -31,18 +31,19 @@ import torch
 from common import load_run, split_data
 
 from tracr_injection.evaluate.causal import edited_answer_logits
+from tracr_injection.inject.answers import answer_positions, answers_hit
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.lm import decoder_blocks, hidden_states
-from tracr_injection.inject.losses import (
+from tracr_injection.inject.objective import (
+    InjectionObjective,
+    RunParts,
     alignment_dim_scales,
-    answer_positions,
     detach_and_roll,
     first_answer_positions,
     output_projector,
     teacher_inside,
 )
 from tracr_injection.inject.probing import block_groups, term_gradient_norms
-from tracr_injection.inject.trainer import InjectionObjective, RunParts, answers_hit
 
 CONDITIONS = ("plain", "roll", "roll_truth", "roll_empty", "plain_truth")
 

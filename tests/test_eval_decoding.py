@@ -31,9 +31,9 @@ from tracr_injection.evaluate.decoding import (
     split_rasp_agreement,
 )
 from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import hidden_states
-from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.tasks import TokenBridge, get_task
 
 TOKENIZER = "smollm2"
