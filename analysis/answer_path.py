@@ -7,7 +7,7 @@ output of the roll block L:
 - `plain`: unedited (what evaluation sees);
 - `roll`: detach-and-roll as in training (the rest of the state from the previous row);
 - `roll_truth`: roll, with the output-subspace part replaced by the teacher's true output variable
-  (`losses.teacher_inside`: the map then reads exactly c * truth, c the mapped state's own scale);
+  (`objective.teacher_inside`: the map then reads exactly c * truth, c the mapped state's own scale);
 - `roll_empty`: roll, with the output-subspace part removed (nothing of this example is left);
 - `plain_truth`: unedited but the output-subspace part replaced by the truth as in `roll_truth`.
 

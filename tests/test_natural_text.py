@@ -16,7 +16,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tracr_injection.errors import TracrInjectionError
 from tracr_injection.inject.kl_cache import KLCache, KLCacheError, build_kl_cache, topk_of_logits
-from tracr_injection.inject.natural_text import NaturalTextError, document_start_ids, opening_prompts, text_windows
+from tracr_injection.inject.natural_text import (
+    NaturalTextError,
+    document_start_ids,
+    opening_prompts,
+    text_windows,
+)
 from tracr_injection.inject.objective import exact_kl, topk_kl
 
 VOCAB = 128

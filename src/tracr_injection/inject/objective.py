@@ -208,7 +208,7 @@ class InjectionObjective(torch.nn.Module):
         return topk_kl(self.lm(input_ids=kl_batch["input_ids"]).logits, kl_batch, self.config.kl_reduction)
 
     def balance_due(self, step: int) -> bool:
-        """Whether training step `step` re-measures the balance (`alignment_balance`, every `balance_every`)."""
+        """Whether step `step` re-measures the balance (`alignment_balance`: every `balance_every` steps)."""
         config = self.config
         return config.injecting and config.alignment_balance != "none" and step % config.balance_every == 0
 
