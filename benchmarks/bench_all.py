@@ -58,7 +58,8 @@ from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.data import batch_positions
 from tracr_injection.inject.lm import load_causal_lm
-from tracr_injection.inject.trainer import RunParts, versions
+from tracr_injection.inject.objective import RunParts
+from tracr_injection.inject.trainer import versions
 from tracr_injection.programs.registry import get_program
 from tracr_injection.tasks import get_task
 

@@ -26,8 +26,8 @@ from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.data import batch_positions
 from tracr_injection.inject.lm import load_causal_lm
-from tracr_injection.inject.natural_text import exact_kl
-from tracr_injection.inject.trainer import InjectionObjective, RunParts, build_parts, make_optimizer
+from tracr_injection.inject.objective import InjectionObjective, RunParts, exact_kl
+from tracr_injection.inject.trainer import build_parts, make_optimizer
 
 
 def teacher_targets_now(

@@ -20,8 +20,8 @@ import tracr_injection.evaluate.subject as subject_module
 import tracr_injection.inject.trainer as trainer_module
 from tracr_injection.cli.main import app
 from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.config import ConfigError, TrainConfig
-from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.inject.trainer import MANIFEST_NAME, STATE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,8 +28,8 @@ from tracr_injection.evaluate.generation import (
     until_eos,
 )
 from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject.answers import answers_correct
 from tracr_injection.inject.data import TaskData, run_subset
-from tracr_injection.inject.trainer import answers_correct
 from tracr_injection.tasks import TokenBridge, get_task
 from tracr_injection.tasks.count import count_example
 from tracr_injection.tasks.sum import decimal_example, sum_example

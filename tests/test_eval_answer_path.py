@@ -26,9 +26,8 @@ from tracr_injection.evaluate.answer_path import (
 from tracr_injection.evaluate.subject import load_subject
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig, train
-from tracr_injection.inject.answers import answers_correct
+from tracr_injection.inject.answers import answer_positions, answers_correct
 from tracr_injection.inject.lm import decoder_blocks, hidden_states
-from tracr_injection.inject.losses import answer_positions
 from tracr_injection.inject.trainer import MANIFEST_NAME
 
 pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")

@@ -29,10 +29,10 @@ from tracr_injection.evaluate.decoding import (
 from tracr_injection.evaluate.probe import fit_ridge, fit_task_probe, ridge_solution
 from tracr_injection.evaluate.subject import PRETRAINED, Subject
 from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.linear_decoding import AlignedBatch
 from tracr_injection.inject.lm import hidden_states
-from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.tasks import TokenBridge, get_task
 
 TOKENIZER = "smollm2"

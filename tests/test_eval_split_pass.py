@@ -14,9 +14,9 @@ from tracr_injection.evaluate.readout import answer_readout, readout_rates, symb
 from tracr_injection.evaluate.split_pass import PassInputs, length_sorted_batches, split_pass
 from tracr_injection.evaluate.subject import PRETRAINED, Subject
 from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.linear_decoding import NO_VALUE, OFF_VALUES, true_indices
-from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("shared_cache")

@@ -36,8 +36,8 @@ from tracr_injection.inject.levers import (
     target_norm_shares,
 )
 from tracr_injection.inject.lm import load_causal_lm
-from tracr_injection.inject.losses import AlignmentMap, level_alignment
-from tracr_injection.inject.trainer import InjectionObjective, build_parts, checkpoint_dirs, warmup_schedule
+from tracr_injection.inject.objective import InjectionObjective, level_alignment
+from tracr_injection.inject.trainer import build_parts, checkpoint_dirs, warmup_schedule
 from tracr_injection.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")

@@ -18,9 +18,10 @@ from tracr_injection.evaluate.decoding import evaluate_decoding
 from tracr_injection.evaluate.subject import load_subject
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig, train
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.linear_decoding import LinearDecoder
 from tracr_injection.inject.lm import decoder_blocks, load_causal_lm
-from tracr_injection.inject.losses import AlignmentMap
+from tracr_injection.inject.objective import InjectionObjective
 from tracr_injection.inject.probing import (
     PLOT_NAME,
     PROBE_EXAMPLES,
@@ -29,7 +30,7 @@ from tracr_injection.inject.probing import (
     probe_data,
     term_gradient_norms,
 )
-from tracr_injection.inject.trainer import InjectionObjective, build_parts
+from tracr_injection.inject.trainer import build_parts
 from tracr_injection.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")

@@ -139,7 +139,7 @@ def split_accuracy(
     Decodes at most as many tokens as the longest answer (EOS included): enough to decide every
     example, since an answer is right iff its tokens come first.  `forced_correct`, per chosen example
     whether teacher forcing gets the whole answer right (`split_pass`), is the same verdict (see
-    `inject.trainer.answers_correct`): given it, only the wrong examples are decoded, for their text.
+    `inject.answers.answers_correct`): given it, only the wrong examples are decoded, for their text.
     """
     examples = task.examples(split)
     chosen = [examples[i] for i in run_subset(len(examples), max_examples or len(examples), seed)]

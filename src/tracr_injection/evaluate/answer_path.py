@@ -9,7 +9,7 @@ teacher forcing, overall and per answer step:
 - `plain`: unedited (what evaluation sees);
 - `roll`: detach-and-roll as in training (the rest of the state from the previous row);
 - `roll_truth`: roll, with the output-subspace part replaced by the teacher's true output variable
-  (`losses.teacher_inside`: the map then reads exactly c * truth, c the mapped state's own scale);
+  (`objective.teacher_inside`: the map then reads exactly c * truth, c the mapped state's own scale);
 - `roll_empty`: roll, with the output-subspace part removed (nothing of this example is left);
 - `plain_truth`: unedited but the output-subspace part replaced by the truth as in `roll_truth`.
 
@@ -31,21 +31,21 @@ import torch
 from tracr_injection.errors import TracrInjectionError
 from tracr_injection.evaluate.causal import edited_answer_logits
 from tracr_injection.evaluate.subject import Subject
-from tracr_injection.inject.answers import answers_hit
+from tracr_injection.inject.alignment_map import AlignmentMap
+from tracr_injection.inject.answers import answer_positions, answers_hit
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import decoder_blocks, hidden_states
-from tracr_injection.inject.losses import (
-    AlignmentMap,
+from tracr_injection.inject.objective import (
+    InjectionObjective,
+    RunParts,
     alignment_dim_scales,
-    answer_positions,
     detach_and_roll,
     first_answer_positions,
     output_projector,
     teacher_inside,
 )
 from tracr_injection.inject.probing import block_groups, term_gradient_norms
-from tracr_injection.inject.trainer import InjectionObjective, RunParts
 
 CONDITIONS = ("plain", "roll", "roll_truth", "roll_empty", "plain_truth")
 GRADIENT_BATCHES = 4  # batches the early-block gradient norms are averaged over

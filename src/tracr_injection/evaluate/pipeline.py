@@ -48,9 +48,8 @@ from tracr_injection.evaluate.subject import (
 from tracr_injection.hub.models import resolve_model
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.kl_cache import KLCache, kl_cache_path
 from tracr_injection.inject.lm import load_causal_lm
-from tracr_injection.inject.natural_text import KLCache
-from tracr_injection.inject.trainer import kl_cache_path
 from tracr_injection.tasks import TeacherCannotRepresentError
 
 EVAL_DIR = "eval"

@@ -22,9 +22,9 @@ from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.errors import ArtifactError, TracrInjectionError
 from tracr_injection.hub import ModelNotFoundError, model_fingerprint, model_folder
 from tracr_injection.hub.models import in_local_hf_cache, is_smollm2
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import layer_mapping, load_causal_lm, num_blocks
-from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.inject.trainer import MANIFEST_NAME, TEACHER_DIR
 from tracr_injection.tasks import Task
 

@@ -56,7 +56,7 @@ from tracr_injection.inject.linear_decoding import (
     decode_counts,
 )
 from tracr_injection.inject.lm import decoder_blocks
-from tracr_injection.inject.natural_text import KLCache
+from tracr_injection.inject.kl_cache import KLCache
 from tracr_injection.tasks import TeacherCannotRepresentError, get_task
 
 PROBE_EXAMPLES = 32  # per split: the first examples of evaluation's seed-0 decoding draw
