@@ -45,7 +45,7 @@ from tracr_injection.evaluate.subject import (
     load_subject,
     read_manifest,
 )
-from tracr_injection.hub.models import resolve_model
+from tracr_injection.hub import model_fingerprint, model_folder
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.kl_cache import KLCache, kl_cache_path
@@ -333,7 +333,7 @@ def kept_language(subject: Subject, settings: EvalSettings) -> dict[str, Any]:
         train_windows=config.kl_windows,
         model=original,
         training_NT=training_NT,
-        model_key=model_fingerprint(subject.base_model),
+        model_key=model_fingerprint(model_folder(subject.base_model)),
     )
     result = language_metrics(original, subject.model, windows_NT).to_dict()
     result["text_source"] = config.kl_source
@@ -341,14 +341,6 @@ def kept_language(subject: Subject, settings: EvalSettings) -> dict[str, Any]:
         model_dir = subject.run_dir / "model" if subject.run_dir else subject.base_model
         result["lm_eval"] = run_lm_eval(model_dir, settings.lm_eval_tasks).to_dict()
     return result
-
-
-def model_fingerprint(name_or_path: str) -> str:
-    """What identifies a model's weights: its resolved location and, for a folder, each weights file's size
-    and modification time."""
-    location = resolve_model(name_or_path)
-    files = sorted(Path(location).glob("*.safetensors")) + sorted(Path(location).glob("*.bin"))
-    return json.dumps([str(location), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
 
 
 def task_probe(subject: Subject, settings: EvalSettings, folder: Path) -> LinearDecoder:
