@@ -16,13 +16,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Main job: baseline and inject on Shuffle-Dyck with the offline SmolLM2, one seed, 150 steps each, both
+# Main job: baseline and inject on Shuffle-Dyck with the offline SmolLM2, one seed, 150 steps each, inject with
+# the setting and teacher the sweep chose (results/injection/gate.json; today's inject before it exists), both
 # trained and evaluated anew every time (about 21 minutes on this 2-core CPU) into a new folder
 # runs/demo-<date>-<time>/ (run folders, and results/ with the tables, plots and reports), with progress
 # bars; prints each run's test accuracy before and after training and the comparison table, then names
 # the committed reference to compare it with (results/demo/comparison.md, left untouched).
 demo: setup
-	$(VENV)/bin/tracr-inject reproduce --task dyck --seeds 1 --budget demo --fresh --runs-root runs
+	$(VENV)/bin/tracr-inject reproduce --task dyck --seeds 1 --budget demo --setting gate --fresh --runs-root runs
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,4 +1,9 @@
-"""What the analyses share: a run's decoder, a split's first examples with teacher targets, count buckets."""
+"""What the analyses share.
+
+In: a trained run folder, or a run's `Subject`, decoder and an `AlignedBatch`.  Out: the run's subject and
+decoder (an inject run's map, else its evaluation's probe), a batch's last aligned level mapped into the
+teacher's space with its reference scale and truth, and ten-wide count buckets.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,9 @@ from typing import Any
 
 import torch
 
-from tracr_injection.evaluate.decoding import AlignedBatch, LinearDecoder, reference_dims, reference_scale
 from tracr_injection.evaluate.pipeline import PROBE_FILE, map_decoder
 from tracr_injection.evaluate.subject import load_subject
-from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.linear_decoding import AlignedBatch, LinearDecoder, reference_dims, reference_scale
 from tracr_injection.inject.run import RunFolder
 
 
@@ -21,14 +25,6 @@ def bucket(count: int) -> str:
 def bucket_order(name: str) -> int:
     """Sort key of a `bucket` name."""
     return int(name.split("-")[0].rstrip("+"))
-
-
-def split_data(subject: Any, split: str, examples: int) -> TaskData:
-    """The first `examples` of a split (seed 0, as the evaluation draws them), with the teacher's targets."""
-    return TaskData(
-        subject.task, split, subject.tokenizer, subject.tokenizer_name,
-        teacher=subject.teacher, max_examples=examples, seed=0, progress=False,
-    )  # fmt: skip
 
 
 def load_run(run: str) -> tuple[Any, LinearDecoder]:

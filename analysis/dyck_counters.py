@@ -14,7 +14,7 @@ import collections
 import json
 import sys
 
-from common import bucket, bucket_order, last_level_mapped, load_run, split_data
+from common import bucket, bucket_order, last_level_mapped, load_run
 
 from tracr_injection.evaluate.decoding import (
     LinearDecoder,
@@ -29,7 +29,7 @@ COUNTERS = ("dyck_lhs", "dyck_rhs")
 def counter_errors(subject, decoder: LinearDecoder, split: str, examples: int = 100) -> dict:
     """Error shares and accuracy per true-count bucket of each counter on `split`."""
     config = subject.teacher.config
-    data = split_data(subject, split, examples)
+    data = subject.task_data(split, examples, seed=0, with_targets=True)
     errors = {name: collections.Counter() for name in COUNTERS}
     hits = {name: collections.defaultdict(lambda: [0, 0]) for name in COUNTERS}
     for batch in aligned_batches(subject.model, data, subject.layer_map, list(range(len(data)))):

@@ -17,7 +17,7 @@ import collections
 import json
 import sys
 
-from common import bucket, bucket_order, last_level_mapped, load_run, split_data
+from common import bucket, bucket_order, last_level_mapped, load_run
 
 from tracr_injection.evaluate.decoding import (
     LinearDecoder,
@@ -46,7 +46,7 @@ def averaged_over(symbols: list[str]) -> list[int | None]:
 def split_report(subject, decoder: LinearDecoder, split: str, examples: int = 100) -> dict:
     """Per bucket of n: fraction error, comparison and flag accuracy; the decoded comparison at the trigger."""
     config = subject.teacher.config
-    data = split_data(subject, split, examples)
+    data = subject.task_data(split, examples, seed=0, with_targets=True)
     fraction_dim = config.variable(FRACTION).dims[0]
     rows = collections.defaultdict(lambda: {"abs_error": 0.0, "comparison": 0, "flag": 0, "positions": 0})
     at_trigger = collections.Counter()

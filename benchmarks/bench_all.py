@@ -10,7 +10,9 @@ Measured, by importing the single-purpose benchmark scripts next to this file:
    (the teacher and a frozen original LM run every step) over ``--train-steps`` steps, their
    ratios, tokens per second (real task-batch tokens plus KL-window tokens per step, divided by
    the median step time) and peak memory (process peak RSS; ``torch.cuda.max_memory_allocated``
-   on CUDA);
+   on CUDA); then baseline and inject again with the forward pass under bf16 autocast (what
+   ``--mixed-precision bf16`` trains with), written to ``run_cost.json`` as ``step_fp32_s`` and
+   ``step_bf16_s`` (inject) beside the baseline's;
 3. evaluation (``bench_generation.bench_task``): batched greedy generation against one
    ``model.generate`` call per prompt on the task's test prompts, in prompts per second;
 4. with ``--eval-run RUN``, a whole ``tracr-inject eval`` of a trained run (``bench_eval.measure``):
@@ -58,8 +60,8 @@ from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.data import batch_positions
 from tracr_injection.inject.lm import load_causal_lm
+from tracr_injection.inject.objective import RunParts
 from tracr_injection.inject.run import versions
-from tracr_injection.inject.trainer import RunParts
 from tracr_injection.programs.registry import get_program
 from tracr_injection.tasks import get_task
 
@@ -147,6 +149,7 @@ def train_section(task: str, model: str, steps: int, batch_size: int, device: st
         torch.cuda.reset_peak_memory_stats(device)
     config, parts, original = bench_train.setup(task, model, steps, batch_size, device)
     medians = bench_train.median_step_times(config, parts, original, steps, device)
+    bf16 = bench_train.median_step_times(config, parts, original, steps, device, "bf16", ("baseline", "inject"))
     tokens = tokens_per_step(config, parts, steps)
     return {
         "steps": steps,
@@ -156,6 +159,8 @@ def train_section(task: str, model: str, steps: int, batch_size: int, device: st
         "kl_top_k": config.kl_top_k,
         "tokens_per_step": tokens,
         "median_step_s": medians,
+        "median_step_s_bf16": bf16,
+        "bf16_speedup": {kind: medians[kind] / bf16[kind] for kind in bf16},
         "tokens_per_s": {kind: tokens / medians[kind] for kind in KINDS},
         "inject_over_baseline": medians["inject"] / medians["baseline"],
         "inject_over_naive": medians["inject"] / medians["naive"],
@@ -262,6 +267,12 @@ def train_tables(train: dict[str, Any], device: str) -> list[TableSpec]:
         ]
         for kind in KINDS
     ]
+    bf16 = train["median_step_s_bf16"]
+    rows += [
+        [f"{kind} (bf16)", f"{bf16[kind]:.3f}", f"{bf16[kind] / medians['baseline']:.2f}x",
+         f"{train['tokens_per_step'] / bf16[kind]:.1f}"]
+        for kind in bf16
+    ]  # fmt: skip
     memory = [["process peak RSS", f"{train['peak_rss_mb']:.0f}"]]
     if train["cuda_max_allocated_mb"] is not None:
         memory.append(["torch.cuda.max_memory_allocated", f"{train['cuda_max_allocated_mb']:.0f}"])
@@ -402,6 +413,15 @@ def main() -> None:
     (args.out / "all.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "all.md").write_text(markdown(report))
     print(f"wrote {args.out / 'all.json'} and {args.out / 'all.md'}")
+    step_cost = {
+        "step_fp32_s": results["train"]["median_step_s"]["inject"],
+        "step_bf16_s": results["train"]["median_step_s_bf16"]["inject"],
+        "step_baseline_fp32_s": results["train"]["median_step_s"]["baseline"],
+        "step_baseline_bf16_s": results["train"]["median_step_s_bf16"]["baseline"],
+        "step_note": f"median inject/baseline step, bf16 autocast forward vs fp32, {args.task}, {args.model}, "
+        f"batch {sizes.batch_size}, {torch.get_num_threads()} threads, {results['environment']['mode']}",
+    }
+    bench_eval.write_run_cost(step_cost, args.out)
     if args.eval_run is not None:
         cost = bench_eval.measure(args.eval_run, bench_eval.BEFORE_REF, threads=args.threads or 1)
         bench_eval.write_run_cost(cost, args.out)

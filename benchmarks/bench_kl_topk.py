@@ -32,7 +32,9 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM
 
 from tracr_injection.hub import load_tokenizer, resolve_model
-from tracr_injection.inject.natural_text import KLCache, build_kl_cache, exact_kl, text_windows, topk_kl
+from tracr_injection.inject.kl_cache import KLCache, build_kl_cache
+from tracr_injection.inject.natural_text import text_windows
+from tracr_injection.inject.objective import exact_kl, topk_kl
 
 KS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 ACCURACY_TARGET = 0.02

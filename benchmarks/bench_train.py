@@ -12,6 +12,7 @@ Writes benchmarks/results/train_step.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -26,8 +27,8 @@ from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.data import batch_positions
 from tracr_injection.inject.lm import load_causal_lm
-from tracr_injection.inject.natural_text import exact_kl
-from tracr_injection.inject.trainer import InjectionObjective, RunParts, build_parts, make_optimizer
+from tracr_injection.inject.objective import InjectionObjective, RunParts, exact_kl
+from tracr_injection.inject.trainer import build_parts, make_optimizer
 
 
 def teacher_targets_now(
@@ -43,10 +44,18 @@ def teacher_targets_now(
     return final, real
 
 
+def precision_context(precision: str, device: str) -> contextlib.AbstractContextManager:
+    """The forward pass's autocast, as training's `Accelerator(mixed_precision=...)` sets it: bf16 or none."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def timed_steps(
-    kind: str, objective, optimizer, parts, config, steps: int, teacher=None, original=None, device="cpu"
+    kind: str, objective, optimizer, parts, config, steps: int, teacher=None, original=None, device="cpu",
+    precision: str = "fp32",
 ) -> list[float]:
-    """Seconds per full step (forward, backward, AdamW) of one kind, batches moved to `device`."""
+    """Seconds per full step (forward under `precision`, backward, AdamW) of one kind, batches on `device`."""
     times = []
     for step in range(steps):
         began = time.perf_counter()
@@ -64,7 +73,8 @@ def timed_steps(
                 original_logits = original(input_ids=kl_batch["input_ids"]).logits
             loss = loss + exact_kl(original_logits, objective.lm(input_ids=kl_batch["input_ids"]).logits)
         else:
-            loss, _ = objective(batch, kl_batch)
+            with precision_context(precision, device):
+                loss, _ = objective(batch, kl_batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -94,21 +104,23 @@ def setup(
 
 
 def median_step_times(
-    config: TrainConfig, parts: RunParts, original: torch.nn.Module, steps: int, device: str = "cpu"
+    config: TrainConfig, parts: RunParts, original: torch.nn.Module, steps: int, device: str = "cpu",
+    precision: str = "fp32", kinds: tuple[str, ...] = ("baseline", "inject", "naive"),
 ) -> dict[str, float]:
-    """Median seconds per step of baseline, inject and naive over `steps` steps (after one warm-up each)."""
+    """Median seconds per step of each kind (baseline, inject, naive) over `steps` steps after one warm-up,
+    the forward pass in `precision` (fp32, or bf16 autocast as `--mixed-precision bf16` trains)."""
     medians = {}
-    for kind in ("baseline", "inject", "naive"):
+    for kind in kinds:
         kind_config = dataclasses.replace(config, method="baseline" if kind == "baseline" else "inject")
         objective = InjectionObjective(
             kind_config if kind != "naive" else dataclasses.replace(kind_config, kl_weight=0.0), parts
         )
         optimizer = make_optimizer(kind_config, parts.model, parts.amap)
         times = timed_steps(
-            kind, objective, optimizer, parts, kind_config, steps + 1, parts.teacher, original, device
+            kind, objective, optimizer, parts, kind_config, steps + 1, parts.teacher, original, device, precision
         )[1:]
         medians[kind] = statistics.median(times)
-        print(f"{kind}: median {medians[kind]:.2f} s/step over {len(times)} steps", flush=True)
+        print(f"{kind} ({precision}): median {medians[kind]:.2f} s/step over {len(times)} steps", flush=True)
     return medians
 
 

@@ -126,7 +126,8 @@ def measure(threads: int) -> dict[str, Any]:
     from tracr_injection.inject import TrainConfig
     from tracr_injection.inject.data import batch_positions
     from tracr_injection.inject.lm import load_causal_lm
-    from tracr_injection.inject.trainer import InjectionObjective, build_parts, make_optimizer
+    from tracr_injection.inject.objective import InjectionObjective
+    from tracr_injection.inject.trainer import build_parts, make_optimizer
 
     class OpCounter(TorchDispatchMode):
         """Counts every operator that reaches a kernel."""

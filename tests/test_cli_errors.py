@@ -21,8 +21,8 @@ import tracr_injection.inject.run as run_module
 import tracr_injection.inject.trainer as trainer_module
 from tracr_injection.cli.main import app
 from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.config import ConfigError, TrainConfig
-from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.inject.run import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]

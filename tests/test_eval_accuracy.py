@@ -28,8 +28,8 @@ from tracr_injection.evaluate.generation import (
     until_eos,
 )
 from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject.answers import answers_correct
 from tracr_injection.inject.data import TaskData, run_subset
-from tracr_injection.inject.trainer import answers_correct
 from tracr_injection.tasks import TokenBridge, get_task
 from tracr_injection.tasks.count import count_example
 from tracr_injection.tasks.sum import decimal_example, sum_example
@@ -233,8 +233,9 @@ def test_breakdown_keys_by_hand():
 
 
 def test_always_yes_scores_exactly_the_balanced_strings(always_yes, tokenizer):
-    result = split_accuracy(always_yes, tokenizer, "dyck", "test", max_examples=40, batch_size=16, seed=3)
-    examples = get_task("dyck").examples("test")
+    dyck = get_task("dyck")
+    result = split_accuracy(always_yes, tokenizer, dyck, "test", max_examples=40, batch_size=16, seed=3)
+    examples = dyck.examples("test")
     chosen = [examples[i] for i in run_subset(len(examples), 40, 3)]
     balanced = sum(e.answer_text == " yes" for e in chosen)
     assert 0 < balanced < 40
@@ -251,7 +252,7 @@ def test_always_yes_scores_exactly_the_balanced_strings(always_yes, tokenizer):
 
 
 def test_always_one_on_x_only_by_answer_and_input_length(always_one, tokenizer):
-    result = split_accuracy(always_one, tokenizer, "count", "x_only", batch_size=16)
+    result = split_accuracy(always_one, tokenizer, get_task("count"), "x_only", batch_size=16)
     # x_only holds n x's for n = 1..40: only n = 1 is answered right
     assert (result.n, result.correct, result.kind) == (40, 1, "ood")
     assert result.breakdowns["by_answer_length"] == {
@@ -264,7 +265,7 @@ def test_always_one_on_x_only_by_answer_and_input_length(always_one, tokenizer):
 
 
 def test_task_accuracy_covers_every_non_train_split(always_yes, tokenizer):
-    results = task_accuracy(always_yes, tokenizer, "dyck", max_examples=8, batch_size=8)
+    results = task_accuracy(always_yes, tokenizer, get_task("dyck"), max_examples=8, batch_size=8)
     assert list(results) == ["test", "almost_balanced", "new_token", "length", "balanced_long", "length_5_90"]
     assert all(r.n == 8 for r in results.values())
     assert results["almost_balanced"].accuracy == 0.0  # every answer there is "no"
@@ -276,7 +277,7 @@ def test_task_accuracy_covers_every_non_train_split(always_yes, tokenizer):
 )
 def test_greedy_correctness_equals_teacher_forced(model_name, task, split, tokenizer, request):
     model = request.getfixturevalue(model_name)
-    result = split_accuracy(model, tokenizer, task, split, max_examples=30, batch_size=8, seed=5)
+    result = split_accuracy(model, tokenizer, get_task(task), split, max_examples=30, batch_size=8, seed=5)
     data = TaskData(task, split, tokenizer, "smollm2", max_examples=30, seed=5, progress=False)
     forced = answers_correct(model, data, len(data), batch_size=8)
     assert [p.correct for p in result.predictions] == forced.tolist()

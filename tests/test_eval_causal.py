@@ -33,10 +33,11 @@ from tracr_injection.evaluate.causal import (
     spliced_batch,
 )
 from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject.alignment_map import AlignmentMap
+from tracr_injection.inject.answers import answer_positions, answers_correct, exact_match_accuracy
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import decoder_blocks, hidden_states
-from tracr_injection.inject.losses import AlignmentMap, answer_positions, output_projector, task_loss
-from tracr_injection.inject.trainer import answer_accuracy, answers_correct
+from tracr_injection.inject.objective import output_projector, task_loss
 
 D = 32
 COUNT = 48
@@ -141,7 +142,7 @@ def test_zero_noise_in_the_model_leaves_logits_and_accuracy_unchanged(model, dat
         gaussian = draw(*batch["input_ids"].shape, 3)
         edit = partial(noise_edit, basis_KD=basis, norm=0.0, relative=relative, gaussian_BPK=gaussian)
         assert torch.equal(edited_answer_logits(model, block, batch, edit), clean_logits)
-    clean = answer_accuracy(model, data, COUNT)
+    clean = exact_match_accuracy(model, data, COUNT)
     assert 0 < clean < 1  # the fixture model is right on some examples, wrong on others
     curve = noise_curve(
         model, block, basis, data, [0.0, 30.0], relative=False, count=COUNT, seed=0, batch_size=16
@@ -301,7 +302,7 @@ def test_causal_tests_reports_every_measure_deterministically(model, data):
         32,
         10,
     )
-    clean = answer_accuracy(model, data, 32)
+    clean = exact_match_accuracy(model, data, 32)
     assert report["clean_accuracy"] == clean
     assert report["noise"]["output"][0] == clean and report["noise"]["random"][0] == clean
     assert len(report["relative_noise"]["output"]) == 1
@@ -344,4 +345,4 @@ def test_length_sorted_noise_curve_equals_the_in_order_reference(model, data, re
     curve = noise_curve(model, block, basis, data, norms, relative=relative, count=40, seed=7, batch_size=16)
     reference = [in_order_noise_accuracy(model, block, basis, data, n, relative, 40, 7, 16) for n in norms]
     assert curve == pytest.approx(reference, abs=1e-9)
-    assert len(set(curve + [answer_accuracy(model, data, 40)])) > 1  # the noise changes some answers
+    assert len(set(curve + [exact_match_accuracy(model, data, 40)])) > 1  # the noise changes some answers

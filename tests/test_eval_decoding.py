@@ -1,6 +1,6 @@
-"""Evaluate stage, decoding: exact maps decode 100% (scale-invariantly), hand-computed accuracies, the ridge
-probe against a direct least-squares solve, the end-to-end split runner on a tiny Llama with the real Dyck
-teacher, and the teacher's agreement with the RASP evaluator.
+"""Evaluate stage, decoding and the post-hoc probe: exact maps decode 100% (scale-invariantly), hand-computed
+accuracies, the ridge probe against a direct least-squares solve, the end-to-end split runner on a tiny Llama
+with the real Dyck teacher, and the teacher's agreement with the RASP evaluator.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from conftest import build_tiny_llama
 
 from tracr_injection.compile.teacher import TeacherConfig, TeacherModel, TeacherVariable
 from tracr_injection.evaluate.decoding import (
-    AlignedBatch,
     DecodingError,
     LinearDecoder,
     accuracy_table,
@@ -22,18 +21,18 @@ from tracr_injection.evaluate.decoding import (
     decode_split,
     evaluate_decoding,
     example_table,
-    fit_ridge,
-    fit_task_probe,
     rasp_agreement,
     reference_dims,
     reference_scale,
-    ridge_solution,
     split_rasp_agreement,
 )
+from tracr_injection.evaluate.probe import fit_ridge, fit_task_probe, ridge_solution
+from tracr_injection.evaluate.subject import PRETRAINED, Subject
 from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.linear_decoding import AlignedBatch
 from tracr_injection.inject.lm import hidden_states
-from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.tasks import TokenBridge, get_task
 
 TOKENIZER = "smollm2"
@@ -58,6 +57,16 @@ def tokenizer():
 def tiny_llama(tokenizer):
     """A 4-block random Llama (hidden 32) with SmolLM2's real tokenizer."""
     return build_tiny_llama(tokenizer).eval()
+
+
+@pytest.fixture(scope="module")
+def subject(tiny_llama, tokenizer, dyck_teacher) -> Subject:
+    """The tiny Llama as an untrained subject of Dyck, hidden states 0-3 aligned with the 4 levels."""
+    return Subject(
+        name="tiny", task="dyck", method=PRETRAINED, model=tiny_llama, tokenizer=tokenizer,
+        tokenizer_name=TOKENIZER, base_model=TOKENIZER, teacher=dyck_teacher, amap=None,
+        layer_map=[0, 1, 2, 3], block=3,
+    )  # fmt: skip
 
 
 def dyck_symbols(tokenizer, split: str, start: int, count: int) -> list[list[str]]:
@@ -274,22 +283,11 @@ def test_a_probe_fitted_on_noisy_mixed_states_decodes_held_out_examples(
 # ------------------------------------------------------------------------------ end to end
 
 
-def test_evaluate_decoding_runs_every_representable_dyck_split(tiny_llama, tokenizer, dyck_teacher):
+def test_evaluate_decoding_runs_every_representable_dyck_split(subject, tokenizer, dyck_teacher):
     config = dyck_teacher.config
     torch.manual_seed(3)
     decoder = LinearDecoder.from_map(AlignmentMap(32, config.d_model), config.num_levels)
-    layer_map = [0, 1, 2, 3]
-    results = evaluate_decoding(
-        tiny_llama,
-        tokenizer,
-        TOKENIZER,
-        dyck_teacher,
-        "dyck",
-        layer_map,
-        decoder,
-        max_examples=4,
-        rasp_examples=2,
-    )
+    results = evaluate_decoding(subject, decoder, max_examples=4, rasp_examples=2)
     assert [r.split for r in results] == [
         "test",
         "almost_balanced",
@@ -319,32 +317,20 @@ def test_evaluate_decoding_runs_every_representable_dyck_split(tiny_llama, token
         assert result.to_dict()["accuracy"] == result.accuracy
 
 
-def test_probe_end_to_end_and_the_example_table(tiny_llama, tokenizer, dyck_teacher):
+def test_probe_end_to_end_and_the_example_table(subject, tiny_llama, tokenizer, dyck_teacher):
     config = dyck_teacher.config
-    layer_map = [0, 1, 2, 3]
-    probe = fit_task_probe(tiny_llama, tokenizer, TOKENIZER, dyck_teacher, "dyck", layer_map, num_examples=10)
+    probe = fit_task_probe(subject, num_examples=10)
     output_dims = config.variable(config.output_variable).dims
     assert probe.weight_LTD.shape == (4, config.d_model, 32)
     assert torch.equal(probe.rows(output_dims), probe.weight_LTD[3][output_dims])
-    (result,) = evaluate_decoding(
-        tiny_llama,
-        tokenizer,
-        TOKENIZER,
-        dyck_teacher,
-        "dyck",
-        layer_map,
-        probe,
-        splits=["test"],
-        max_examples=3,
-        rasp_examples=0,
-    )
+    (result,) = evaluate_decoding(subject, probe, splits=["test"], max_examples=3, rasp_examples=0)
     assert result.decoder == "probe" and result.rasp_agreement == {}
     assert all(0.0 <= a <= 1.0 for accs in result.accuracy.values() for a in accs if a is not None)
 
     data = TaskData(
         "dyck", "test", tokenizer, TOKENIZER, teacher=dyck_teacher, max_examples=3, progress=False
     )
-    rows = example_table(tiny_llama, data, layer_map, probe, dyck_teacher, index=1, levels={"dyck_lhs": 1})
+    rows = example_table(subject, data, probe, index=1, levels={"dyck_lhs": 1})
     example = data.bridged[1]
     assert [r["token"] for r in rows] == example.tokens
     assert [r["symbol"] for r in rows] == example.teacher_symbols
@@ -360,22 +346,22 @@ def test_probe_end_to_end_and_the_example_table(tiny_llama, tokenizer, dyck_teac
     ]
     assert [r["values"][config.output_variable]["decoded"] for r in rows] == by_argmax
     with pytest.raises(DecodingError, match="written at level 1"):
-        example_table(tiny_llama, data, layer_map, probe, dyck_teacher, levels={"dyck_lhs": 0})
+        example_table(subject, data, probe, levels={"dyck_lhs": 0})
 
 
-def test_bad_inputs_raise_clear_errors(tiny_llama, tokenizer, dyck_teacher):
+def test_bad_inputs_raise_clear_errors(subject, tokenizer, dyck_teacher):
     decoder = LinearDecoder.from_map(AlignmentMap(32, dyck_teacher.config.d_model), 4)
     with_teacher = TaskData(
         "dyck", "test", tokenizer, TOKENIZER, teacher=dyck_teacher, max_examples=2, progress=False
     )
     with pytest.raises(DecodingError, match="4 levels"):
-        decode_split(tiny_llama, with_teacher, "test", [0, 1, 2], decoder, dyck_teacher)
+        decode_split(dataclasses.replace(subject, layer_map=[0, 1, 2]), with_teacher, "test", decoder)
     other_teacher = LinearDecoder.from_map(AlignmentMap(32, 10), 4)
     with pytest.raises(DecodingError, match="width 10"):
-        decode_split(tiny_llama, with_teacher, "test", [0, 1, 2, 3], other_teacher, dyck_teacher)
+        decode_split(subject, with_teacher, "test", other_teacher)
     without = TaskData("dyck", "test", tokenizer, TOKENIZER, max_examples=2, progress=False)
     with pytest.raises(DecodingError, match="teacher="):
-        decode_split(tiny_llama, without, "test", [0, 1, 2, 3], decoder, dyck_teacher)
+        decode_split(subject, without, "test", decoder)
 
 
 # ------------------------------------------------------------------------------------- RASP

@@ -12,10 +12,11 @@ from tracr_injection.evaluate.accuracy import split_accuracy
 from tracr_injection.evaluate.decoding import LinearDecoder, evaluate_decoding
 from tracr_injection.evaluate.readout import answer_readout, readout_rates, symbol_tokens
 from tracr_injection.evaluate.split_pass import PassInputs, length_sorted_batches, split_pass
+from tracr_injection.evaluate.subject import PRETRAINED, Subject
 from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.linear_decoding import NO_VALUE, OFF_VALUES, true_indices
-from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("shared_cache")
@@ -65,10 +66,11 @@ def test_accuracy_from_the_pass_equals_greedy_generation_of_every_prompt(setup):
     _, tokenizer, model, _ = setup
     data, result = run_pass(setup, "test", 20, 8)
     forced = result.correct_N.tolist()
+    dyck = get_task("dyck")
     fast = split_accuracy(
-        model, tokenizer, "dyck", "test", max_examples=20, batch_size=8, forced_correct=forced
+        model, tokenizer, dyck, "test", max_examples=20, batch_size=8, forced_correct=forced
     )
-    reference = split_accuracy(model, tokenizer, "dyck", "test", max_examples=20, batch_size=8)
+    reference = split_accuracy(model, tokenizer, dyck, "test", max_examples=20, batch_size=8)
     assert fast == reference
     assert len(data) == 20
 
@@ -77,18 +79,13 @@ def test_accuracy_from_the_pass_equals_greedy_generation_of_every_prompt(setup):
 def test_decoding_counts_from_the_pass_equal_evaluate_decoding_per_decoder(setup, split):
     teacher, tokenizer, model, decoders = setup
     _, result = run_pass(setup, split, COUNT + 4, COUNT)  # more examples than decoded: only the first count
+    subject = Subject(
+        name="tiny", task="dyck", method=PRETRAINED, model=model, tokenizer=tokenizer,
+        tokenizer_name=TOKENIZER, base_model=TOKENIZER, teacher=teacher, amap=None, layer_map=LAYER_MAP,
+        block=LAYER_MAP[-1],
+    )  # fmt: skip
     for kind, decoder in decoders.items():
-        (reference,) = evaluate_decoding(
-            model,
-            tokenizer,
-            TOKENIZER,
-            teacher,
-            "dyck",
-            LAYER_MAP,
-            decoder,
-            splits=[split],
-            max_examples=COUNT,
-        )
+        (reference,) = evaluate_decoding(subject, decoder, splits=[split], max_examples=COUNT)
         hits, totals = result.decoding[kind]
         assert totals == reference.positions
         accuracy = {n: [None if not t else h / t for h, t in zip(hits[n], totals[n])] for n in totals}

@@ -11,6 +11,7 @@ import tracr_injection.inject as inject_module
 from tracr_injection.cli.main import app
 from tracr_injection.experiments.budgets import BUDGETS, TASKS
 from tracr_injection.experiments.reproduce import plan_runs
+from tracr_injection.experiments.settings import inject_setting
 from tracr_injection.inject.run import Manifest
 
 
@@ -91,3 +92,21 @@ def test_planned_alignment_scales_reach_the_inject_runs_and_their_recorded_comma
     assert status.exit_code == 0, status.output
     bad = CliRunner().invoke(app, ["reproduce", "--task", "dyck_frac", "--alignment-scale", "x", "--status"])
     assert bad.exit_code != 0 and "VAR=FACTOR" in bad.output
+
+
+def test_the_chosen_setting_reaches_the_inject_runs_with_its_teacher(trained_configs, tmp_path):
+    gate = tmp_path / "gate.json"
+    gate.write_text('{"setting": {"name": "align-first", "alignment_first_steps": 100}, "teacher": '
+                    '"dyck_authors_trigger", "passed": false}')  # fmt: skip
+    choice = inject_setting("gate", gate)
+    assert choice["overrides"] == {"alignment_first_steps": 100} and choice["source"] == str(gate)
+    baseline, inject = plan_runs(["dyck"], 1, BUDGETS["cpu"], tmp_path, "m", setting=choice)
+    assert (baseline.config.alignment_first_steps, inject.config.alignment_first_steps) == (0, 100)
+    assert baseline.config.teacher == inject.config.teacher == "dyck_authors_trigger"
+    result = CliRunner().invoke(app, shlex.split(inject.config.command())[1:])
+    assert result.exit_code == 0, result.output
+    assert trained_configs[-1].to_dict() == inject.config.to_dict()
+    assert inject_setting("equal", gate)["overrides"] == {"alignment_variable_weighting": "equal"}
+    assert inject_setting("gate", tmp_path / "missing.json")["overrides"] == {}  # before the sweep chose
+    bad = CliRunner().invoke(app, ["reproduce", "--task", "dyck", "--setting", "m7", "--status"])
+    assert bad.exit_code == 1 and "Unknown setting 'm7'" in bad.output and "Traceback" not in bad.output

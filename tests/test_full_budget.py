@@ -12,7 +12,8 @@ from accelerate import Accelerator
 
 from tracr_injection.experiments.budgets import FULL, TASKS
 from tracr_injection.inject import TrainConfig
-from tracr_injection.inject.natural_text import topk_kl, topk_of_logits
+from tracr_injection.inject.kl_cache import topk_of_logits
+from tracr_injection.inject.objective import topk_kl
 
 
 def test_full_budget_is_the_authors_schedule_with_bf16_only_on_cuda():

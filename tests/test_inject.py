@@ -21,11 +21,11 @@ from tracr_injection import compile_program
 from tracr_injection.errors import TracrInjectionError
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
-from tracr_injection.inject.losses import (
-    AlignmentMap,
+from tracr_injection.inject.alignment_map import AlignmentMap
+from tracr_injection.inject.answers import answer_positions
+from tracr_injection.inject.objective import (
     alignment_dim_scales,
     alignment_loss,
-    answer_positions,
     detach_and_roll,
     detach_and_roll_at,
     donor_positions,

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from tracr_injection.cli.main import app
 from tracr_injection.experiments.injection_sweep import (
     BASELINE,
-    SETTINGS,
     SWEEP,
     TEACHERS,
     best_setting,
@@ -21,6 +20,7 @@ from tracr_injection.experiments.injection_sweep import (
     sweep,
 )
 from tracr_injection.experiments.reproduce import run_state
+from tracr_injection.experiments.settings import SETTINGS
 from tracr_injection.hub import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")

@@ -36,9 +36,9 @@ from tracr_injection.inject.levers import (
     target_norm_shares,
 )
 from tracr_injection.inject.lm import load_causal_lm
-from tracr_injection.inject.losses import AlignmentMap, level_alignment
+from tracr_injection.inject.objective import InjectionObjective, level_alignment
 from tracr_injection.inject.run import RunFolder
-from tracr_injection.inject.trainer import InjectionObjective, build_parts, warmup_schedule
+from tracr_injection.inject.trainer import build_parts, warmup_schedule
 from tracr_injection.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")

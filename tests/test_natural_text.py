@@ -15,18 +15,14 @@ from tokenizers import Tokenizer, decoders, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tracr_injection.errors import TracrInjectionError
+from tracr_injection.inject.kl_cache import KLCache, KLCacheError, build_kl_cache, topk_of_logits
 from tracr_injection.inject.natural_text import (
-    KLCache,
-    KLCacheError,
     NaturalTextError,
-    build_kl_cache,
     document_start_ids,
-    exact_kl,
     opening_prompts,
     text_windows,
-    topk_kl,
-    topk_of_logits,
 )
+from tracr_injection.inject.objective import exact_kl, topk_kl
 
 VOCAB = 128
 SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>"]

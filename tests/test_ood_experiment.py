@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 import tracr_injection.experiments.ood as ood_module
 from tracr_injection.cli.main import app
 from tracr_injection.evaluate.compare import bootstrap_ci
-from tracr_injection.experiments.ood import OOD, inject_setting, ood, plan_ood
+from tracr_injection.experiments.ood import OOD, ood, plan_ood
+from tracr_injection.experiments.settings import inject_setting
 from tracr_injection.hub import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("shared_cache")

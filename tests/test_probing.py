@@ -15,11 +15,13 @@ from test_inject import read_metrics, tensorboard_scalars, tiny_config
 from transformers import AutoModelForCausalLM
 
 from tracr_injection.evaluate.decoding import evaluate_decoding
+from tracr_injection.evaluate.subject import load_subject
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig, train
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.linear_decoding import LinearDecoder
 from tracr_injection.inject.lm import decoder_blocks, load_causal_lm
-from tracr_injection.inject.losses import AlignmentMap
+from tracr_injection.inject.objective import InjectionObjective
 from tracr_injection.inject.probing import (
     PROBE_EXAMPLES,
     block_groups,
@@ -28,7 +30,7 @@ from tracr_injection.inject.probing import (
     term_gradient_norms,
 )
 from tracr_injection.inject.run import RunFolder
-from tracr_injection.inject.trainer import InjectionObjective, build_parts
+from tracr_injection.inject.trainer import build_parts
 from tracr_injection.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")
@@ -107,13 +109,11 @@ def test_probe_decoding_is_evaluations_decoding_of_the_trained_run(tiny_llama, t
     train(tiny_config(tiny_llama, out, steps=6, probe_every=3), progress=False)
     last = probe_lines(out)[-1]
     assert last["step"] == 6  # the final weights, as saved
-    tokenizer = load_tokenizer(tiny_llama)
-    model, amap = load_causal_lm(out / "model"), AlignmentMap.from_pretrained(out / "map")
-    teacher = get_task("reverse").teacher()
-    decoder = LinearDecoder.from_map(amap, teacher.config.num_levels)
-    results = evaluate_decoding(
-        model, tokenizer, tiny_llama, teacher, "reverse", [0, 1, 2, 3], decoder, max_examples=PROBE_EXAMPLES
-    )
+    subject = load_subject(out)
+    teacher = subject.teacher
+    assert subject.layer_map == [0, 1, 2, 3] and subject.tokenizer_name == tiny_llama
+    decoder = LinearDecoder.from_map(subject.amap, teacher.config.num_levels)
+    results = evaluate_decoding(subject, decoder, max_examples=PROBE_EXAMPLES)
     compared = 0
     for result in results:
         assert result.split in ("test", "length") and result.num_examples == PROBE_EXAMPLES

@@ -19,8 +19,8 @@ from test_eval_decoding import toy_config
 from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import run as run_module
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.config import TrainConfig
-from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.inject.run import BaseModelRecord, Manifest, Run, RunFolder, RunFolderError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +45,13 @@ def tokenizer():
 def full_manifest(method: str = "inject", **fields) -> Manifest:
     """A manifest with every field `train` fills."""
     config = TrainConfig(task="dyck", method=method, model="tiny", out="runs/x")
-    values = dict(
-        task="dyck", method=method, model="tiny", base_model=BaseModelRecord("tiny", "/models/tiny", "abc"),
-        teacher_program="toy", teacher_program_hash="toy", layer_mapping=[0, 1],
-        roll_block=1 if method == "inject" else None, config=config, seed=0, versions={"torch": "2"},
-        num_processes=1, distributed="DistributedType.NO", eval_split="test", accuracy_before=0.25,
-        accuracy_after=0.75, eval_examples=8,
-    )  # fmt: skip
+    values = {
+        "task": "dyck", "method": method, "model": "tiny", "base_model": BaseModelRecord("tiny", "/models/tiny", "abc"),
+        "teacher_program": "toy", "teacher_program_hash": "toy", "layer_mapping": [0, 1],
+        "roll_block": 1 if method == "inject" else None, "config": config, "seed": 0, "versions": {"torch": "2"},
+        "num_processes": 1, "distributed": "DistributedType.NO", "eval_split": "test", "accuracy_before": 0.25,
+        "accuracy_after": 0.75, "eval_examples": 8,
+    }  # fmt: skip
     return Manifest(**{**values, **fields})
 
 

@@ -1,5 +1,8 @@
 """`tracr-inject`: compile and inspect teachers, train, evaluate and compare runs from the command line.
 
+In: command-line arguments naming programs, tasks, models and run folders.  Out: compiled teachers, run
+folders, evaluations and comparisons on disk, tables and JSON (`answer-path`) on stdout.
+
 Every error caused by the user's input (an error of this package, a bad value, an unknown program or
 task name) is one `error: ...` line on stderr and exit status 1 (`UserErrorGroup`); anything else is
 a bug and keeps its traceback.
@@ -8,6 +11,7 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -418,6 +422,28 @@ def compare_command(
     typer.echo(folder)
 
 
+@app.command("answer-path")
+def answer_path_command(
+    run: Path = typer.Argument(..., help="An inject run folder written by `train`."),
+    examples: int = typer.Option(96, help="Examples measured: the first of the split's seed-0 draw."),
+    batch_size: int = typer.Option(8, help="Examples per batch (the roll's donor is the previous row, as in training)."),
+    split: str = typer.Option("train", help="Task split measured."),
+    base_model: str | None = typer.Option(
+        None, help="The model the run started from, when the folder its manifest records is not here."
+    ),
+) -> None:
+    """Does the answer go through the output subspace? Answer CE under edits of the roll block's output, the
+    map's output accuracy and the early-block gradient norms of an inject run, as JSON."""
+    from tracr_injection.evaluate.answer_path import answer_path, check_sizes
+    from tracr_injection.evaluate.subject import is_run_dir, load_subject
+
+    if not is_run_dir(run):
+        fail(f"{run} is not a run folder: pass an inject run folder written by `tracr-inject train`.")
+    check_sizes(examples, batch_size)  # before the LM loads
+    subject = load_subject(run, base_model=base_model)
+    typer.echo(json.dumps(answer_path(subject, examples, batch_size, split), indent=2))
+
+
 @app.command("reproduce")
 def reproduce_command(
     task: str = typer.Option("all", help="dyck, count, sum or all (the paper's three), or any registered task."),
@@ -429,6 +455,11 @@ def reproduce_command(
     method: str = typer.Option("both", help="baseline, inject or both."),
     alignment_scale: list[str] | None = typer.Option(
         None, help="VAR=FACTOR for the inject runs, as in `train` (repeatable; use its own --runs-root/--results)."
+    ),
+    setting: str | None = typer.Option(
+        None,
+        help="The inject runs' setting: gate (the sweep's choice in results/injection/gate.json, with its teacher) "
+        "or a sweep setting's name; default: no overrides.",
     ),
     status: bool = typer.Option(False, "--status", help="Only show what is done and what is left."),
     fresh: bool = typer.Option(
@@ -449,6 +480,7 @@ def reproduce_command(
         run_state,
         status_rows,
     )
+    from tracr_injection.experiments.settings import inject_setting
     from tracr_injection.inject.config import METHODS, alignment_scale_flags
     from tracr_injection.tasks import task_names
 
@@ -460,10 +492,16 @@ def reproduce_command(
         fail(f"--method must be baseline, inject or both, got {method!r}")
     reference = results / budget / "comparison.md"
     scales = parse_alignment_scales(alignment_scale or [])
+    try:
+        choice = inject_setting(setting) if setting is not None else None
+    except ValueError as err:
+        fail(str(err))
+    if choice is not None:
+        console.print(f"inject setting {choice['name']} ({choice['source']}): {choice['overrides']}", highlight=False)
     if fresh and not status:
         runs_root = fresh_root(runs_root, get_budget(budget).name)
         results = runs_root / "results"
-    plan = (tasks, seeds, get_budget(budget), runs_root, model, results, methods, scales)
+    plan = (tasks, seeds, get_budget(budget), runs_root, model, results, methods, scales, choice)
     if status:
         rows = status_rows(plan_runs(*plan))
         table = Table(*rows[0].keys(), title=f"reproduce --budget {budget}")
@@ -476,10 +514,11 @@ def reproduce_command(
     command += "" if runs_root == Path("runs/reproduce") else f" --runs-root {runs_root}"
     command += "" if results == Path("results") else f" --results {results}"
     command += "".join(f" {flag}" for flag in alignment_scale_flags(scales))
+    command += "" if setting is None else f" --setting {setting}"
     try:
         folder = reproduce(
             tasks, seeds, budget, runs_root=runs_root, results_root=results, model=model, methods=methods,
-            alignment_scales=scales, command=command,
+            alignment_scales=scales, setting=choice, command=command,
             on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
         )  # fmt: skip
     except KeyboardInterrupt:
@@ -517,7 +556,8 @@ def ood_command(
 ) -> None:
     """Inject against baseline on Dyck out of distribution, paired over seeds, with bootstrap intervals and
     accuracy over training (start it in two shells to share the plan; re-run it to continue)."""
-    from tracr_injection.experiments.ood import inject_setting, ood, ood_budget, plan_ood
+    from tracr_injection.experiments.ood import ood, ood_budget, plan_ood
+    from tracr_injection.experiments.settings import inject_setting
     from tracr_injection.experiments.reproduce import status_rows
 
     if seeds < 1:
@@ -561,7 +601,8 @@ def sweep_command(
 ) -> None:
     """The alignment levers on Dyck, seed 0, one resumable run per setting and teacher, then a long run and
     gate.json (start it in several shells to share the plan; re-run it to continue)."""
-    from tracr_injection.experiments.injection_sweep import SETTINGS, TEACHERS, plan_rows, plan_sweep, sweep, sweep_budget
+    from tracr_injection.experiments.injection_sweep import TEACHERS, plan_rows, plan_sweep, sweep, sweep_budget
+    from tracr_injection.experiments.settings import SETTINGS
 
     teachers, settings = teacher or list(TEACHERS), setting or list(SETTINGS)
     long_setting = None if long == "none" else long

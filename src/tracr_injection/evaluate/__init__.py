@@ -13,7 +13,7 @@ _MODULE_OF = {
     "task_accuracy": "accuracy",
     "language_metrics": "language",
     "evaluate_decoding": "decoding",
-    "fit_task_probe": "decoding",
+    "fit_task_probe": "probe",
     "answer_readout": "readout",
     "causal_tests": "causal",
     "write_report": "report",

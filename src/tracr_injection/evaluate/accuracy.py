@@ -1,6 +1,6 @@
 """Task accuracy: greedy exact match on the in-distribution test split and every OOD split.
 
-In: a causal LM, its tokenizer and a task name.  Out: per split a `SplitAccuracy` (examples,
+In: a causal LM, its tokenizer and a `Task`.  Out: per split a `SplitAccuracy` (examples,
 correct answers, accuracy, a breakdown table per task, e.g. Dyck by yes/no and Count/Sum by
 answer and input length, and every prediction as text).  Prompts and answers come from the
 token bridge, so the LM is scored on exactly the tokens it was trained on: an answer is right
@@ -17,7 +17,7 @@ from typing import Any
 
 from tracr_injection.evaluate.generation import greedy_generate
 from tracr_injection.inject.data import run_subset
-from tracr_injection.tasks import Example, TokenBridge, get_task
+from tracr_injection.tasks import Example, Task, TokenBridge
 
 SAMPLES_PER_OUTCOME = 3
 LENGTH_BIN = 10
@@ -126,7 +126,7 @@ def breakdown(
 def split_accuracy(
     model: Any,
     tokenizer: Any,
-    task_name: str,
+    task: Task,
     split: str,
     *,
     max_examples: int | None = None,
@@ -139,9 +139,8 @@ def split_accuracy(
     Decodes at most as many tokens as the longest answer (EOS included): enough to decide every
     example, since an answer is right iff its tokens come first.  `forced_correct`, per chosen example
     whether teacher forcing gets the whole answer right (`split_pass`), is the same verdict (see
-    `inject.trainer.answers_correct`): given it, only the wrong examples are decoded, for their text.
+    `inject.answers.answers_correct`): given it, only the wrong examples are decoded, for their text.
     """
-    task = get_task(task_name)
     examples = task.examples(split)
     chosen = [examples[i] for i in run_subset(len(examples), max_examples or len(examples), seed)]
     bridged = TokenBridge(tokenizer, task).bridge_all(chosen)
@@ -163,9 +162,9 @@ def split_accuracy(
             generated[i] = tokens
     # `generated` stops at its first EOS, so with the EOS ending `a` this prefix test is exact match
     correct = [g[: len(a)] == a for g, a in zip(generated, answers)]
-    keys = BREAKDOWNS.get(task_name, DEFAULT_BREAKDOWNS)
+    keys = BREAKDOWNS.get(task.name, DEFAULT_BREAKDOWNS)
     return SplitAccuracy(
-        task=task_name,
+        task=task.name,
         split=split,
         kind=task.split_spec(split).kind,
         n=len(chosen),
@@ -182,18 +181,15 @@ def split_accuracy(
 def task_accuracy(
     model: Any,
     tokenizer: Any,
-    task_name: str,
+    task: Task,
     splits: Sequence[str] | None = None,
     *,
     max_examples: int | None = None,
     batch_size: int = 64,
 ) -> dict[str, SplitAccuracy]:
     """`split_accuracy` on each of `splits` (default: every split but train, LM-only ones included)."""
-    task = get_task(task_name)
     names = splits if splits is not None else [s.name for s in task.splits if s.kind != "train"]
     return {
-        name: split_accuracy(
-            model, tokenizer, task_name, name, max_examples=max_examples, batch_size=batch_size
-        )
+        name: split_accuracy(model, tokenizer, task, name, max_examples=max_examples, batch_size=batch_size)
         for name in names
     }

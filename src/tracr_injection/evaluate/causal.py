@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from tracr_injection.errors import TracrInjectionError
 from tracr_injection.evaluate.split_pass import length_sorted_batches
+from tracr_injection.inject.answers import answer_positions, answers_hit
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import (
     decoder_blocks,
@@ -40,8 +41,6 @@ from tracr_injection.inject.lm import (
     logits_at,
     num_blocks,
 )
-from tracr_injection.inject.losses import answer_positions
-from tracr_injection.inject.trainer import answers_hit
 from tracr_injection.tasks import IGNORE_INDEX
 
 NOISE_NORMS: tuple[float, ...] = (0.0, 5.0, 10.0, 30.0)
@@ -62,7 +61,7 @@ class CausalTestError(TracrInjectionError, ValueError):
 def row_space_basis(rows_KD: torch.Tensor) -> torch.Tensor:
     """Orthonormal rows [R, D] spanning the row space of `rows_KD` (R = its rank, float32).
 
-    The projector onto the span is `basis.T @ basis`, which is what `inject.losses.output_projector`
+    The projector onto the span is `basis.T @ basis`, which is what `inject.objective.output_projector`
     computes as pinv(rows) @ rows; the rank uses pinv's default tolerance for float32 rows.
     """
     rows = rows_KD.detach().to(torch.float64)

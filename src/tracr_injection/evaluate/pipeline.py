@@ -28,11 +28,11 @@ from tracr_injection.evaluate.decoding import (
     check_decoder,
     check_layer_map,
     example_table,
-    fit_task_probe,
     split_rasp_agreement,
 )
 from tracr_injection.evaluate.language import heldout_windows, language_metrics, run_lm_eval
 from tracr_injection.evaluate.ood import ood_views
+from tracr_injection.evaluate.probe import fit_task_probe
 from tracr_injection.evaluate.readout import readout_rates, symbol_tokens
 from tracr_injection.evaluate.report import write_report
 from tracr_injection.evaluate.split_pass import PassInputs, SplitPass, split_pass
@@ -44,13 +44,12 @@ from tracr_injection.evaluate.subject import (
     is_run_dir,
     load_subject,
 )
-from tracr_injection.hub.models import resolve_model
+from tracr_injection.hub import model_fingerprint, model_folder
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.kl_cache import KLCache, kl_cache_path
 from tracr_injection.inject.lm import load_causal_lm
-from tracr_injection.inject.natural_text import KLCache
 from tracr_injection.inject.run import EVALUATION_NAME, RunFolder
-from tracr_injection.inject.trainer import kl_cache_path
 from tracr_injection.tasks import TeacherCannotRepresentError
 
 UNTRAINED_EVAL_ROOT = Path("eval")  # where an untrained model's evaluation goes (a run's: its eval/)
@@ -227,7 +226,7 @@ def evaluate_subject(
 
 def evaluated_splits(subject: Subject) -> list[str]:
     """Every split of the subject's task but train (LM-only ones included)."""
-    return [spec.name for spec in subject_task(subject).splits if spec.kind != "train"]
+    return [spec.name for spec in subject.task_spec.splits if spec.kind != "train"]
 
 
 def split_evaluations(
@@ -241,7 +240,7 @@ def split_evaluations(
         check_decoder(decoder, subject.teacher.config)
     names = evaluated_splits(subject)
     count = max(settings.max_examples, settings.decoding_examples)
-    data = {name: split_data(subject, name, count, settings.seed) for name in names}
+    data = {name: subject.task_data(name, count, settings.seed) for name in names}
     tokens = symbol_tokens(*data.values())  # one table: an OOD split may hold one answer only
     results: dict[str, dict[str, Any]] = {
         "accuracy": {},
@@ -263,7 +262,7 @@ def split_evaluations(
         result = split_pass(subject.model, inputs, progress=bar.update)
         forced_correct = result.correct_N[: settings.max_examples].tolist()
         results["accuracy"][name] = split_accuracy(
-            subject.model, subject.tokenizer, subject.task, name, max_examples=settings.max_examples,
+            subject.model, subject.tokenizer, subject.task_spec, name, max_examples=settings.max_examples,
             batch_size=settings.batch_size, seed=settings.seed, forced_correct=forced_correct,
         )  # fmt: skip
         for kind, decoding_result in decoding_results(subject, name, targets, result, decoders).items():
@@ -276,33 +275,11 @@ def split_evaluations(
     return results
 
 
-def split_data(subject: Subject, split: str, count: int, seed: int) -> TaskData:
-    """A seeded subset of `count` examples of `split`, bridged for the subject's tokenizer (no teacher)."""
-    return TaskData(
-        subject.task,
-        split,
-        subject.tokenizer,
-        subject.tokenizer_name,
-        max_examples=count,
-        seed=seed,
-        progress=False,
-    )
-
-
 def decoding_targets(subject: Subject, split: str, settings: EvalSettings) -> TaskData | str:
     """The first `decoding_examples` examples of `split` with their teacher targets, or why the teacher
     cannot represent the split."""
     try:
-        return TaskData(
-            subject.task,
-            split,
-            subject.tokenizer,
-            subject.tokenizer_name,
-            teacher=subject.teacher,
-            max_examples=settings.decoding_examples,
-            seed=settings.seed,
-            progress=False,
-        )
+        return subject.task_data(split, settings.decoding_examples, settings.seed, with_targets=True)
     except TeacherCannotRepresentError as err:
         return str(err)
 
@@ -353,7 +330,7 @@ def kept_language(subject: Subject, settings: EvalSettings) -> dict[str, Any]:
         train_windows=config.kl_windows,
         model=original,
         training_NT=training_NT,
-        model_key=model_fingerprint(subject.base_model),
+        model_key=model_fingerprint(model_folder(subject.base_model)),
     )
     result = language_metrics(original, subject.model, windows_NT).to_dict()
     result["text_source"] = config.kl_source
@@ -363,29 +340,12 @@ def kept_language(subject: Subject, settings: EvalSettings) -> dict[str, Any]:
     return result
 
 
-def model_fingerprint(name_or_path: str) -> str:
-    """What identifies a model's weights: its resolved location and, for a folder, each weights file's size
-    and modification time."""
-    location = resolve_model(name_or_path)
-    files = sorted(Path(location).glob("*.safetensors")) + sorted(Path(location).glob("*.bin"))
-    return json.dumps([str(location), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
-
-
 def task_probe(subject: Subject, settings: EvalSettings, folder: Path) -> LinearDecoder:
     """The post-hoc ridge probe (fitted once on training-split examples, then loaded from the eval folder)."""
     path = folder / PROBE_FILE
     if path.is_file():
         return LinearDecoder.load(path)
-    probe = fit_task_probe(
-        subject.model,
-        subject.tokenizer,
-        subject.tokenizer_name,
-        subject.teacher,
-        subject.task,
-        subject.layer_map,
-        num_examples=settings.probe_examples,
-        seed=settings.seed,
-    )
+    probe = fit_task_probe(subject, num_examples=settings.probe_examples, seed=settings.seed)
     probe.save(path)
     return probe
 
@@ -403,24 +363,8 @@ def map_decoder(subject: Subject) -> LinearDecoder:
 
 def in_distribution_data(subject: Subject, count: int, teacher: bool = False) -> TaskData:
     """A seeded subset of the in-distribution test split, bridged for the subject's tokenizer."""
-    split = next(s.name for s in subject_task(subject).splits if s.kind == "test")
-    return TaskData(
-        subject.task,
-        split,
-        subject.tokenizer,
-        subject.tokenizer_name,
-        teacher=subject.teacher if teacher else None,
-        max_examples=count,
-        seed=1,
-        progress=False,
-    )
-
-
-def subject_task(subject: Subject) -> Any:
-    """The subject's `Task`."""
-    from tracr_injection.tasks import get_task
-
-    return get_task(subject.task)
+    split = next(s.name for s in subject.task_spec.splits if s.kind == "test")
+    return subject.task_data(split, count, seed=1, with_targets=teacher)
 
 
 def example_rows(subject: Subject, decoder: LinearDecoder) -> dict[str, Any]:
@@ -429,7 +373,7 @@ def example_rows(subject: Subject, decoder: LinearDecoder) -> dict[str, Any]:
     return {
         "decoder": decoder.kind,
         "prompt": data.bridged[0].tokens,
-        "rows": example_table(subject.model, data, subject.layer_map, decoder, subject.teacher),
+        "rows": example_table(subject, data, decoder),
     }
 
 

@@ -2,7 +2,7 @@
 
 In: an LM, a split's `TaskData` (no teacher needed), optionally the teacher targets of its first examples,
 the layer map and linear decoders.  Out: a `SplitPass`: per example whether the whole answer is right under
-teacher forcing (equal to greedy exact match, see `inject.trainer.answers_correct`), the readout rows
+teacher forcing (equal to greedy exact match, see `inject.answers.answers_correct`), the readout rows
 (hidden state at the last aligned level, the LM's argmax and the expected symbol at every answer-symbol
 position) and per decoder the decoding counts per variable and level.
 
@@ -22,10 +22,9 @@ import torch
 from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.inject.linear_decoding import AlignedBatch, LinearDecoder, count_batch, empty_table
 from tracr_injection.evaluate.readout import ReadoutStates
+from tracr_injection.inject.answers import answer_positions, answers_hit
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import hidden_size, inference, logits_at
-from tracr_injection.inject.losses import answer_positions
-from tracr_injection.inject.trainer import answers_hit
 from tracr_injection.tasks.targets import TeacherTargets
 
 Counts = dict[str, list[int | None]]

@@ -3,7 +3,8 @@
 In: a run folder written by `inject.trainer.train` (read through `inject.run.Run`) or a model
 name/folder plus the task to evaluate it on.  Out: a `Subject` holding the LM,
 its tokenizer, the base model's folder, the teacher, the alignment map (inject runs only), the layer
-mapping and the intervention block, with clear errors for an unfinished run, a run of another task,
+mapping and the intervention block (and, from these, its `Task` and seeded subsets of the task's splits
+bridged for its tokenizer), with clear errors for an unfinished run, a run of another task,
 or a missing model.  A run folder is evaluated from any directory and on any machine: the base model
 is found by the absolute folder recorded in the manifest (or as typed, or `base_model` when given) and
 checked against its recorded fingerprint, and the teacher is the copy in the run folder.
@@ -20,9 +21,11 @@ from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.errors import TracrInjectionError
 from tracr_injection.hub import ModelNotFoundError, model_fingerprint, model_folder
 from tracr_injection.hub.models import in_local_hf_cache, is_smollm2
+from tracr_injection.inject.alignment_map import AlignmentMap
+from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import layer_mapping, load_causal_lm, num_blocks
-from tracr_injection.inject.losses import AlignmentMap
 from tracr_injection.inject.run import BaseModelRecord, Manifest, Run, RunFolder, RunFolderError
+from tracr_injection.tasks import Task
 
 PRETRAINED = "pretrained"  # the method name of an untrained model
 
@@ -62,6 +65,27 @@ class Subject:
         """Teacher residual dims of the program's output variable."""
         config = self.teacher.config
         return list(config.variable(config.output_variable).dims)
+
+    @property
+    def task_spec(self) -> Task:
+        """The registered `Task` called `task`."""
+        from tracr_injection.tasks import get_task
+
+        return get_task(self.task)
+
+    def task_data(self, split: str, max_examples: int, seed: int, with_targets: bool = False) -> TaskData:
+        """A seeded subset of `max_examples` examples of `split`, bridged for the subject's tokenizer, with
+        the teacher's targets when `with_targets` (raises `TeacherCannotRepresentError` where it cannot)."""
+        return TaskData(
+            self.task,
+            split,
+            self.tokenizer,
+            self.tokenizer_name,
+            teacher=self.teacher if with_targets else None,
+            max_examples=max_examples,
+            seed=seed,
+            progress=False,
+        )
 
     def describe(self) -> dict[str, Any]:
         """The identity of what was evaluated, for metrics.json."""

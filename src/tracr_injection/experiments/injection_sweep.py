@@ -37,6 +37,7 @@ from tracr_injection.experiments.reproduce import (
     run_state,
     status_rows,
 )
+from tracr_injection.experiments.settings import SETTINGS
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.probing import read_probe_lines
 from tracr_injection.inject.run import versions
@@ -49,21 +50,6 @@ LONG_PREFIX = "long-"
 LONG_STEPS = 1500
 GATE_DECODING = 0.95
 GATE_ACCURACY = 0.97
-
-SETTINGS: dict[str, dict[str, Any]] = {  # in the order runs are taken: the likeliest levers first
-    "m1": {},
-    "align-first": {"alignment_first_steps": 100},
-    "equal": {"alignment_variable_weighting": "equal"},
-    "balance": {"alignment_balance": "early_grad"},
-    "m100": {"alignment_weight": 100.0},
-    "lstsq": {"map_init": "lstsq"},
-    "m10": {"alignment_weight": 10.0},
-    "m30": {"alignment_weight": 30.0},
-    "clip-per-term": {"clip_per_term": True},
-    "lr-map-1e-2": {"lr_map": 1e-2},
-    "balance-m10": {"alignment_balance": "early_grad", "alignment_weight": 10.0},
-    "lr-map-1e-4": {"lr_map": 1e-4},
-}
 
 SWEEP = Budget(
     name="sweep",

@@ -28,7 +28,6 @@ from typing import Any
 from tracr_injection.evaluate.compare import compare_runs, load_metrics, paired_statistics
 from tracr_injection.evaluate.pipeline import EvalSettings
 from tracr_injection.experiments.budgets import CPU, Budget, get_budget
-from tracr_injection.experiments.injection_sweep import SETTINGS
 from tracr_injection.experiments.reproduce import (
     DONE_STATES,
     PlannedRun,
@@ -38,6 +37,7 @@ from tracr_injection.experiments.reproduce import (
     run_state,
     status_rows,
 )
+from tracr_injection.experiments.settings import GATE, inject_setting
 from tracr_injection.inject.config import METHODS, TrainConfig
 from tracr_injection.inject.probing import accuracy_series, plot_accuracy_curves, read_probe_lines
 from tracr_injection.inject.run import ACCURACY_PLOT, versions
@@ -46,8 +46,6 @@ TASK = "dyck"
 SEEDS = 5
 ACCURACY_EVERY = 100
 FULL_SPLITS = 1000  # accuracy on every example of every evaluated split
-GATE = Path("results/injection/gate.json")
-DEFAULT_SETTING = "m1"  # today's inject: no overrides
 
 OOD = Budget(
     name="ood",
@@ -80,21 +78,6 @@ def ood_eval_settings(budget: Budget) -> EvalSettings:
     if budget is OOD:
         return dataclasses.replace(eval_settings(CPU), max_examples=OOD.eval_examples)
     return eval_settings(budget)
-
-
-def inject_setting(setting: str | None = None, gate: Path = GATE) -> dict[str, Any]:
-    """`{"name", "teacher", "overrides", "source"}` of the inject runs: the named sweep setting, else the
-    setting in `gate` (the sweep's choice, whether or not it passed), else today's inject."""
-    if setting is not None:
-        if setting not in SETTINGS:
-            raise ValueError(f"Unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}.")
-        return {"name": setting, "teacher": None, "overrides": SETTINGS[setting], "source": "--setting"}
-    if gate.is_file():
-        chosen = json.loads(gate.read_text())
-        overrides = {k: v for k, v in chosen["setting"].items() if k != "name"}
-        return {"name": chosen["setting"]["name"], "teacher": chosen.get("teacher"), "overrides": overrides,
-                "source": str(gate), "gate_passed": chosen.get("passed")}  # fmt: skip
-    return {"name": DEFAULT_SETTING, "teacher": None, "overrides": {}, "source": "default"}
 
 
 def plan_ood(

@@ -75,21 +75,27 @@ def plan_runs(
     results_root: Path = Path("results"),
     methods: Sequence[str] = METHODS,
     alignment_scales: Mapping[str, float] | None = None,
+    setting: Mapping[str, Any] | None = None,
 ) -> list[PlannedRun]:
     """Every run of the experiment: seed by seed, each task in turn, baseline before inject, so an
     experiment stopped part-way has covered every task before it repeats one with a new seed.
-    `alignment_scales` (see `TrainConfig`) goes to the inject runs; the baseline has no alignment."""
+    `alignment_scales` (see `TrainConfig`) and the chosen `setting`'s overrides (`settings.inject_setting`)
+    go to the inject runs (the baseline has no alignment); both methods train with the setting's teacher."""
     runs = []
+    teacher = setting.get("teacher") if setting else None
     for seed in range(seeds):
         for task in tasks:
             for method in methods:
                 name = f"{task}-{method}-s{seed}"
                 fields = budget.train_fields(task)
+                if method == "inject" and setting:
+                    fields.update(setting["overrides"])
                 if method == "inject" and alignment_scales:
                     fields["alignment_scales"] = dict(alignment_scales)
                 config = TrainConfig(
-                    task=task, method=method, model=model, seed=seed, out=str(runs_root / budget.name / name), **fields
-                )
+                    task=task, method=method, model=model, seed=seed, out=str(runs_root / budget.name / name),
+                    teacher=teacher, **fields,
+                )  # fmt: skip
                 runs.append(PlannedRun(task, method, seed, config, results_root / budget.name / "runs" / name))
     return runs
 
@@ -293,6 +299,7 @@ def reproduce(
     model: str = "smollm2",
     methods: Sequence[str] = METHODS,
     alignment_scales: Mapping[str, float] | None = None,
+    setting: Mapping[str, Any] | None = None,
     progress: bool = True,
     command: str = "",
     on_run: Callable[[PlannedRun, str], None] | None = None,
@@ -300,7 +307,7 @@ def reproduce(
     """Bring every planned run to 'evaluated' (skipping what is done or claimed by another live process),
     publishing the comparison after each run."""
     budget = get_budget(budget_name)
-    runs = plan_runs(tasks, seeds, budget, runs_root, model, results_root, methods, alignment_scales)
+    runs = plan_runs(tasks, seeds, budget, runs_root, model, results_root, methods, alignment_scales, setting)
     settings = eval_settings(budget)
     for run in runs:
         if run_claimed(run, settings, on_run, progress):

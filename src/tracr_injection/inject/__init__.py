@@ -1,10 +1,12 @@
 """Inject stage: train a Hugging Face causal LM on a task while aligning its hidden states to the teacher.
 
-lm.py (find blocks and hidden states of any causal LM, layer mapping) -> natural_text.py (KL
-data and the original model's top-k distributions, computed once) -> data.py (bridged
-batches with stored teacher targets) -> losses.py (task CE, cosine alignment, detach-and-roll)
--> run.py (the run folder's layout, its manifest, saving and loading a finished run) -> trainer.py
-(Accelerate loop, checkpoints, resume).  config.py holds `TrainConfig`.
+lm.py (find blocks and hidden states of any causal LM, layer mapping) -> natural_text.py (where the
+KL term's text windows come from) -> kl_cache.py (the original model's top-k distributions on them,
+computed once) -> data.py (bridged batches with stored teacher targets) -> answers.py (answer positions,
+exact match) -> alignment_map.py (the map A) -> run.py (the run folder's layout, its manifest, saving and
+loading a finished run) -> objective.py (the loss: task CE, cosine alignment, KL, detach-and-roll;
+levers.py and probing.py supply its levers and per-term gradient norms) -> trainer.py (Accelerate loop,
+checkpoints, resume).  config.py holds `TrainConfig`.
 """
 
 from tracr_injection.inject.config import TrainConfig

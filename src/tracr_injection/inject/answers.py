@@ -1,8 +1,11 @@
-"""Whether an LM answers a task's examples right, at one teacher-forced forward pass per batch.
+"""Where a batch's answer tokens are, and whether an LM answers right, at one teacher-forced pass per batch.
 
-In: a causal LM and `TaskData` (bridged examples with answer labels).  Out: per example whether the whole
-answer (EOS included) is the argmax at every answer position, which equals greedy exact match.  Used by the
-trainer (accuracy before and after training, accuracy over training) and by the causal tests.
+In: answer labels [B, P] (-100 outside the answer tokens), an LM's logits at the answer-predicting
+positions, or a causal LM and `TaskData`.  Out: the answer positions and their target tokens
+(`answer_positions`, also what the objective's task term reads), per row whether the whole answer (EOS
+included) is the argmax at every answer position, which equals greedy exact match (`answers_hit`,
+`answers_correct`), and that exact-match accuracy (`exact_match_accuracy`).  Used by the trainer (accuracy
+before and after training), the accuracy probe over training and evaluation's causal tests and split pass.
 """
 
 from __future__ import annotations
@@ -13,7 +16,14 @@ import torch
 
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import inference, logits_at
-from tracr_injection.inject.losses import answer_positions
+
+
+def answer_positions(
+    labels_BP: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch index, position, target token) of every answer token: the model at p-1 predicts label p."""
+    batch_idx, pos = torch.nonzero(labels_BP[:, 1:] != ignore_index, as_tuple=True)
+    return batch_idx, pos, labels_BP[batch_idx, pos + 1]
 
 
 def answers_correct(model: Any, data: TaskData, count: int, batch_size: int = 16) -> torch.Tensor:
@@ -48,7 +58,7 @@ def answers_hit(logits_NV: torch.Tensor, labels_BP: torch.Tensor) -> torch.Tenso
     return ~wrong_B.index_put_((b_idx,), miss, accumulate=True)
 
 
-def answer_accuracy(model: Any, data: TaskData, count: int, batch_size: int = 16) -> float:
+def exact_match_accuracy(model: Any, data: TaskData, count: int, batch_size: int = 16) -> float:
     """Teacher-forced exact-match accuracy (equal to greedy decoding's, EOS included) on the first `count` examples."""
     correct_N = answers_correct(model, data, count, batch_size)
     return float(correct_N.float().mean()) if len(correct_N) else 0.0

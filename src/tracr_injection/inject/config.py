@@ -50,13 +50,13 @@ class TrainConfig:
     `method="baseline"` is the same run with the alignment term and detach-and-roll off.
     `roll_block` is the LM block whose output detach-and-roll edits (default: the block right
     after the last aligned hidden state); `roll_align="answer"` lines the rolled-in example up with
-    this one (first token and answer position; `losses.donor_positions`), `"position"` rolls by
+    this one (first token and answer position; `objective.donor_positions`), `"position"` rolls by
     absolute position as the paper's code does (under right padding that hands the answer position
     another example's pad state).  Learning rates are separate for the LM and the map.
     `alignment_scales` maps teacher variable names to a factor that stretches their dims in the
-    alignment cosine (`losses.alignment_dim_scales`), e.g. to make a numerical share count.
+    alignment cosine (`objective.alignment_dim_scales`), e.g. to make a numerical share count.
     For the first `subspace_forcing_steps` steps of an inject run the rolled output subspace holds the
-    teacher's output variable instead of the LM's own (`losses.teacher_inside`): the later layers learn
+    teacher's output variable instead of the LM's own (`objective.teacher_inside`): the later layers learn
     to read the subspace before the early layers can fill it, which they learn from the alignment alone
     meanwhile. 0 (default, the paper's method) never forces it.
     Every `probe_every` steps (and before the first, and after the last) the run measures how strongly the

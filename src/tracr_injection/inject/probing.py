@@ -49,6 +49,7 @@ from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.inject.answers import answers_correct
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.kl_cache import KLCache
 from tracr_injection.inject.linear_decoding import (
     LinearDecoder,
     accuracy_table,
@@ -56,7 +57,6 @@ from tracr_injection.inject.linear_decoding import (
     decode_counts,
 )
 from tracr_injection.inject.lm import decoder_blocks
-from tracr_injection.inject.natural_text import KLCache
 from tracr_injection.inject.run import RunFolder
 from tracr_injection.tasks import TeacherCannotRepresentError, get_task
 

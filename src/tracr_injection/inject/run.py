@@ -24,9 +24,9 @@ from typing import Any
 from tracr_injection.compile.teacher import CONFIG_NAME, WEIGHTS_NAME, TeacherModel
 from tracr_injection.errors import ArtifactError
 from tracr_injection.hub import model_fingerprint, model_folder
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.lm import load_causal_lm
-from tracr_injection.inject.losses import AlignmentMap
 
 MANIFEST_NAME = "manifest.json"
 MODEL_DIR = "model"

@@ -8,13 +8,13 @@ fingerprint, layer mapping, method, config, versions, accuracy before/after), `m
 line per step, appended as training goes, and the probe lines of `inject.probing`, drawn in
 `probes.png`) and `checkpoints/step-N/` (model, map, optimizer, scheduler, RNG states via
 Accelerate; the data position is the step number).  Hugging Face Accelerate runs the loop, so
-`accelerate launch` spreads it over processes, GPUs or nodes.
+`accelerate launch` spreads it over processes, GPUs or nodes.  Each step's loss is
+`inject.objective.InjectionObjective`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -33,50 +33,23 @@ from accelerate import Accelerator
 from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
-from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.errors import ArtifactError, TracrInjectionError
-from tracr_injection.inject.answers import (  # noqa: F401 (answers_correct, answers_hit: re-exported)
-    answer_accuracy,
-    answers_correct,
-    answers_hit,
-)
+from tracr_injection.inject.alignment_map import AlignmentMap
+from tracr_injection.inject.answers import exact_match_accuracy
 from tracr_injection.inject.config import ConfigError, TrainConfig
 from tracr_injection.inject.data import TaskData, batch_positions
+from tracr_injection.inject.kl_cache import load_or_build_kl_cache
 from tracr_injection.inject.levers import (
-    applied_factor,
-    balance_ratio,
     clip_terms_into_grads,
     combined_dim_scales,
     equal_variable_scales,
     lstsq_map_init,
-    smoothed_ratio,
     target_rows,
 )
-from tracr_injection.inject.lm import (
-    decoder_blocks,
-    hidden_size,
-    hidden_states,
-    layer_mapping,
-    load_causal_lm,
-    logits_at,
-    num_blocks,
-    vocab_size,
-)
-from tracr_injection.inject.losses import (
-    AlignmentMap,
-    alignment_dim_scales,
-    alignment_loss,
-    answer_positions,
-    detach_and_roll_at,
-    first_answer_positions,
-    output_projector,
-    task_loss,
-    teacher_inside,
-)
-from tracr_injection.inject.natural_text import KLCache, build_kl_cache, text_windows, topk_kl
-from tracr_injection.inject.probing import AccuracyProber, Prober, block_groups, term_gradient_norms
+from tracr_injection.inject.lm import hidden_size, layer_mapping, load_causal_lm, num_blocks, vocab_size
+from tracr_injection.inject.objective import InjectionObjective, RunParts, alignment_dim_scales
+from tracr_injection.inject.probing import AccuracyProber, Prober, block_groups
 from tracr_injection.inject.run import BaseModelRecord, Manifest, Run, RunFolder, versions
-from tracr_injection.paths import kl_dir
 
 
 class CheckpointError(ArtifactError):
@@ -85,24 +58,6 @@ class CheckpointError(ArtifactError):
 
 class CorruptCheckpointError(CheckpointError):
     """A checkpoint whose files cannot be read back (a write cut short, a damaged disk)."""
-
-
-@dataclasses.dataclass
-class RunParts:
-    """What a run trains and reads: the LM, its tokenizer, the map (inject only), data and KL cache."""
-
-    model: Any
-    tokenizer: Any
-    amap: AlignmentMap | None
-    data: TaskData
-    kl_cache: KLCache | None  # None: an analysis's objective without the KL term (`InjectionObjective.terms`)
-    layer_map: list[int]
-    roll_block: int | None
-    output_dims: list[int]
-    dim_levels: torch.Tensor | None
-    dim_scales: torch.Tensor | None
-    teacher: TeacherModel
-    variable_scales: dict[str, float] = dataclasses.field(default_factory=dict)  # alignment_variable_weighting
 
 
 def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool = True) -> RunParts:
@@ -132,7 +87,7 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
     if config.injecting and config.alignment_variable_weighting == "equal":
         variable_scales = equal_variable_scales(teacher.config, target_rows(data))
         dim_scales = combined_dim_scales(teacher.config, variable_scales, dim_scales)
-    cache = kl_data(config, model, tokenizer)
+    cache = load_or_build_kl_cache(config, model, tokenizer)
     output_dims = teacher.config.variable(teacher.config.output_variable).dims
     return RunParts(
         model=model,
@@ -172,27 +127,6 @@ def checked_roll_block(roll_block: int | None, layer_map: list[int], blocks: int
     return block
 
 
-def kl_cache_path(config: TrainConfig) -> Path:
-    """Where the KL cache of this config's model, text source, window shape, k and seed is stored."""
-    source = config.kl_source.replace("/", "_")
-    shape = f"{config.kl_windows}x{config.kl_window_len}-k{config.kl_top_k}-s{config.seed}"
-    return kl_dir() / f"{Path(str(config.model)).name}-{source}-{shape}.safetensors"
-
-
-def kl_data(config: TrainConfig, model: Any, tokenizer: Any) -> KLCache:
-    """Natural-text windows with the original model's top-k distributions on them, cached on disk once."""
-    path = kl_cache_path(config)
-    if path.is_file():
-        return KLCache.load(path)
-    windows = text_windows(
-        config.kl_source, tokenizer, config.kl_windows, config.kl_window_len, seed=config.seed, model=model
-    )
-    cache = build_kl_cache(model, windows, config.kl_top_k)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cache.save(path)
-    return cache
-
-
 def make_optimizer(config: TrainConfig, model: Any, amap: AlignmentMap | None) -> torch.optim.Optimizer:
     """AdamW with one learning rate for the LM and another for the map."""
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr_lm}]
@@ -220,129 +154,6 @@ def warmup_schedule(
         return min(1.0, (step + 1) / width)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [lm] + [other] * (len(optimizer.param_groups) - 1))
-
-
-class InjectionObjective(torch.nn.Module):
-    """The LM and the map in one module whose forward is one step's loss.
-
-    One module with one forward call per step is what DistributedDataParallel needs (the LM
-    runs twice per step, on the task batch and on natural text, and the map once per level).
-    """
-
-    def __init__(self, config: TrainConfig, parts: RunParts):
-        super().__init__()
-        self.config, self.parts = config, parts
-        self.lm = parts.model
-        self.amap = parts.amap
-        # buffers, so `accelerator.prepare` puts them on the device once (not saved in checkpoints)
-        self.register_buffer("dim_levels_D", parts.dim_levels, persistent=False)
-        self.register_buffer("dim_scales_D", parts.dim_scales, persistent=False)
-        if config.injecting and config.alignment_balance != "none":
-            # the balance's smoothed ratio (0: not measured yet), saved with checkpoints for an exact resume
-            self.register_buffer("balance_ema", torch.zeros(()), persistent=True)
-
-    @property
-    def alignment_factor(self) -> float:
-        """The balance's factor on the alignment term (`levers.applied_factor`); 1 without a balance."""
-        if not hasattr(self, "balance_ema"):
-            return 1.0
-        return applied_factor(float(self.balance_ema), self.config.balance_cap)
-
-    def forward(
-        self,
-        batch: dict[str, torch.Tensor],
-        kl_batch: dict[str, torch.Tensor],
-        force_subspace: bool = False,
-        alignment_only: bool = False,
-        separate: bool = False,
-    ) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict]:
-        """Task CE on the answer tokens + m * alignment (inject) + w * KL(original || student) on natural text.
-
-        With `force_subspace` the rolled output subspace holds the teacher's output (`teacher_inside`); with
-        `alignment_only` there is no task term and no roll (`terms`). With `separate` the terms come back
-        unsummed (the training loop's levers need them one by one) and `metrics` has no `loss` yet.
-        """
-        terms, metrics = self.terms(batch, kl_batch, force_subspace, alignment_only)
-        if separate:
-            return terms, metrics
-        loss = sum(terms.values())
-        metrics["loss"] = loss.item()
-        return loss, metrics
-
-    def terms(
-        self,
-        batch: dict[str, torch.Tensor],
-        kl_batch: dict[str, torch.Tensor] | None = None,
-        force_subspace: bool = False,
-        alignment_only: bool = False,
-    ) -> tuple[dict[str, torch.Tensor], dict]:
-        """The loss terms as they enter the step's loss (weights applied), and the step's metrics.
-
-        Keys in order: `task_ce`, `alignment` (inject: m * the balance's factor * the summed cosine loss) and
-        `kl` (w * KL, when w > 0 and `kl_batch` is given: analyses may leave it out). Separate so that gradient
-        norms can be taken per term (`inject.probing.term_gradient_norms`); `forward` sums them.
-        With `alignment_only` (inject: the alignment-first phase) there is no task term and no roll, and the
-        LM runs only up to the last aligned hidden state (plus its natural-text pass for the KL).
-        """
-        config, parts = self.config, self.parts
-        terms: dict[str, torch.Tensor] = {}
-        metrics: dict[str, float] = {}
-        if alignment_only:
-            hidden = hidden_states(self.lm, batch["input_ids"], batch["attention_mask"], up_to=max(parts.layer_map))
-        else:
-            hidden = self.task_term(batch, force_subspace, terms, metrics)
-        if config.injecting:
-            align, per_level = alignment_loss(
-                self.amap,
-                hidden,
-                parts.layer_map,
-                batch["teacher_final"],
-                self.dim_levels_D,
-                batch["teacher_mask"],
-                self.dim_scales_D,
-            )
-            factor = self.alignment_factor
-            terms["alignment"] = config.alignment_weight * factor * align
-            metrics["alignment"] = align.item()
-            metrics["subspace_forced"] = float(force_subspace)
-            metrics.update({f"alignment_L{i}": v.item() for i, v in enumerate(per_level)})
-            if config.alignment_balance != "none":
-                metrics["alignment_factor"] = factor
-            if config.alignment_first_steps:
-                metrics["alignment_only"] = float(alignment_only)
-        if config.kl_weight > 0 and kl_batch is not None:
-            kl = topk_kl(self.lm(input_ids=kl_batch["input_ids"]).logits, kl_batch, config.kl_reduction)
-            terms["kl"] = config.kl_weight * kl
-            metrics["kl"] = kl.item()
-        return terms, metrics
-
-    def task_term(
-        self, batch: dict[str, torch.Tensor], force_subspace: bool, terms: dict, metrics: dict
-    ) -> tuple[torch.Tensor, ...] | None:
-        """Put the task CE (under detach-and-roll when injecting) into `terms` and `metrics`; return the hidden
-        states of that forward pass (inject) for the alignment."""
-        config, parts = self.config, self.parts
-        roll = contextlib.nullcontext()
-        if config.injecting:
-            projector = output_projector(self.amap, parts.output_dims)
-            anchors_B = first_answer_positions(batch["labels"]) if config.roll_align == "answer" else None
-            forced = None
-            if force_subspace:
-                forced = partial(
-                    teacher_inside, amap=self.amap, output_dims=parts.output_dims,
-                    teacher_final_BPT=batch["teacher_final"],
-                )  # fmt: skip
-            roll = detach_and_roll_at(decoder_blocks(self.lm)[parts.roll_block], projector, anchors_B, forced)
-        b_idx, pos, target = answer_positions(batch["labels"])
-        with roll:
-            logits_NV, out = logits_at(
-                self.lm, batch["input_ids"], batch["attention_mask"], b_idx, pos,
-                output_hidden_states=config.injecting,
-            )  # fmt: skip
-        ce = task_loss(logits_NV, target)
-        terms["task_ce"] = ce
-        metrics["task_ce"] = ce.item()
-        return out.hidden_states if config.injecting else None
 
 
 def save_checkpoint(accelerator: Accelerator, config: TrainConfig, step: int) -> None:
@@ -480,7 +291,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     eval_data = TaskData(
         config.task, config.eval_split, tokenizer, config.model, max_examples=config.eval_examples, seed=1
     )
-    accuracy_before = answer_accuracy(model.to(accelerator.device), eval_data, config.eval_examples)
+    accuracy_before = exact_match_accuracy(model.to(accelerator.device), eval_data, config.eval_examples)
     if config.clip_per_term and accelerator.num_processes > 1:
         raise TracrInjectionError(
             "clip_per_term takes each term's gradient with autograd.grad, which DistributedDataParallel does not "
@@ -531,8 +342,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 terms, metrics = objective(
                     batch, kl_batch, force_subspace=forced, alignment_only=aligning, separate=True
                 )
-            if config.injecting and config.alignment_balance != "none" and step % config.balance_every == 0:
-                rebalance(accelerator, accelerator.unwrap_model(objective), terms, metrics, early_params)
+            if accelerator.unwrap_model(objective).balance_due(step):
+                mean = partial(process_mean, accelerator)
+                accelerator.unwrap_model(objective).rebalance(terms, metrics, early_params, mean)
             loss = sum(terms.values())
             metrics["loss"] = loss.item()
             if config.clip_per_term:
@@ -567,7 +379,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     accelerator.end_training()
     accelerator.wait_for_everyone()
     trained = accelerator.unwrap_model(objective).lm
-    accuracy_after = answer_accuracy(trained, eval_data, config.eval_examples)
+    accuracy_after = exact_match_accuracy(trained, eval_data, config.eval_examples)
     manifest = Manifest(
         task=config.task,
         method=config.method,
@@ -596,32 +408,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     return manifest
 
 
-def rebalance(
-    accelerator: Accelerator,
-    objective: InjectionObjective,
-    terms: dict[str, torch.Tensor],
-    metrics: dict[str, float],
-    early_params: list[torch.nn.Parameter],
-) -> None:
-    """Measure the task and alignment terms' gradient norms on the early blocks on this step's graph, update
-    the balance's smoothed ratio (averaged over processes) and rescale this step's alignment term to the new
-    factor (`levers.balanced_factor`). Nothing to balance against in the alignment-first phase (no task term).
-
-    Cost: two partial backward passes (autograd.grad, `.grad` untouched) every `balance_every` steps.
-    """
-    if "task_ce" not in terms:
-        return
-    norms = term_gradient_norms(
-        {name: terms[name] for name in ("task_ce", "alignment")}, {"early": early_params}
-    )
-    used = objective.alignment_factor
-    raw = balance_ratio(used, norms["task_ce"]["early"], norms["alignment"]["early"])
-    raw = float(accelerator.reduce(torch.tensor(raw, device=accelerator.device), "mean"))
-    ema = smoothed_ratio(float(objective.balance_ema), raw)
-    objective.balance_ema.fill_(ema)
-    new = objective.alignment_factor
-    terms["alignment"] = terms["alignment"] * (new / used)
-    metrics.update(alignment_factor=new, balance_ratio=raw)
+def process_mean(accelerator: Accelerator, value: float) -> float:
+    """`value` averaged over the training processes (the balance's ratio: every process uses the same factor)."""
+    return float(accelerator.reduce(torch.tensor(value, device=accelerator.device), "mean"))
 
 
 def make_prober(

@@ -60,7 +60,7 @@ class TargetsManifest:
     max_float16_error: float = 0.0
     max_dropped_value: float = 0.0
     max_level_error: float = 0.0
-    answer_accuracy: float = 0.0
+    answer_accuracy: float = 0.0  # the teacher's own, over the split (`teacher_answer_counts`)
     seconds: float = 0.0
     bytes_on_disk: int = 0
     format_version: int = FORMAT_VERSION
@@ -101,7 +101,7 @@ def check_levels(residuals: list[torch.Tensor], dim_levels_D: torch.Tensor) -> f
     )
 
 
-def answer_accuracy(
+def teacher_answer_counts(
     teacher: TeacherModel, final_BPD: torch.Tensor, batch: Sequence[BridgedExample]
 ) -> tuple[int, int]:
     """(correct, total) of the teacher's output variable against the bridge's expected outputs."""
@@ -201,7 +201,7 @@ def compute_shard(
                 f"The teacher overwrites residual dims (gap {stats['max_level_error']:.2e}); the "
                 "final-residual storage cannot represent its levels."
             )
-        correct, total = answer_accuracy(teacher, final, batch)
+        correct, total = teacher_answer_counts(teacher, final, batch)
         stats["correct"] += correct
         stats["total"] += total
         small = final[real].abs()

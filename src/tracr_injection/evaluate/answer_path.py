@@ -1,58 +1,75 @@
 """Does an injected run's answer go through its output subspace? Answer CE under edits of the roll block.
 
-For one injected run (model + map), on batches of training examples (the batch size and the donor
-rule of training), measures the answer cross-entropy, per-token accuracy and exact match with the
-output of the roll block L:
+In: an inject run's `Subject` (LM, map, teacher, layer mapping, roll block L and the recorded training
+config) and a split of its task (default: the first 96 training examples of the seed-0 draw, in batches of
+8, the training batch size and donor rule).  Out: a JSON-ready dict (`tracr-inject answer-path` prints
+it) with, per edit of block L's output, the answer cross-entropy, per-token accuracy and exact match under
+teacher forcing, overall and per answer step:
 
 - `plain`: unedited (what evaluation sees);
 - `roll`: detach-and-roll as in training (the rest of the state from the previous row);
 - `roll_truth`: roll, with the output-subspace part replaced by the teacher's true output variable
-  (`losses.teacher_inside`: the map then reads exactly c * truth, c the mapped state's own scale);
+  (`objective.teacher_inside`: the map then reads exactly c * truth, c the mapped state's own scale);
 - `roll_empty`: roll, with the output-subspace part removed (nothing of this example is left);
 - `plain_truth`: unedited but the output-subspace part replaced by the truth as in `roll_truth`.
 
-It also reports how often the map's argmax of the output variable is right at the answer-predicting
+It also holds how often the map's argmax of the output variable is right at the answer-predicting
 positions, read at the last aligned hidden state and at the roll point, and how large the gradients of
-the task loss (under the training roll) and of the alignment loss are on the blocks up to the roll
-block: the task loss reaches those blocks only through what the later layers read of the subspace.
-Prints JSON.
-
-    python analysis/answer_path.py runs/reproduce/cpu/sum-inject-s0 > path.json
+the task loss (under the training roll) and of the alignment term are on the blocks 0..L, on the first
+`GRADIENT_BATCHES` batches: the task loss reaches those blocks only through what the later layers read
+of the subspace (the `early` group training's probes log).
 """
 
 from __future__ import annotations
 
 import collections
-import json
-import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
-from common import load_run, split_data
 
+from tracr_injection.errors import TracrInjectionError
 from tracr_injection.evaluate.causal import edited_answer_logits
+from tracr_injection.evaluate.subject import Subject
+from tracr_injection.inject.alignment_map import AlignmentMap
+from tracr_injection.inject.answers import answer_positions, answers_hit
+from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import decoder_blocks, hidden_states
-from tracr_injection.inject.losses import (
+from tracr_injection.inject.objective import (
+    InjectionObjective,
+    RunParts,
     alignment_dim_scales,
-    answer_positions,
     detach_and_roll,
     first_answer_positions,
     output_projector,
     teacher_inside,
 )
 from tracr_injection.inject.probing import block_groups, term_gradient_norms
-from tracr_injection.inject.trainer import InjectionObjective, RunParts, answers_hit
 
 CONDITIONS = ("plain", "roll", "roll_truth", "roll_empty", "plain_truth")
+GRADIENT_BATCHES = 4  # batches the early-block gradient norms are averaged over
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
-def make_edit(condition: str, amap, dims, projector_DD, anchors_B, teacher_final_BPT) -> Callable | None:
-    """The block-output edit of one condition (`teacher_inside` writes the truth, as subspace forcing does)."""
+class AnswerPathError(TracrInjectionError, ValueError):
+    """The answer path cannot be measured on this run or with these sizes."""
 
-    def truth(h):
+
+def make_edit(
+    condition: str,
+    amap: AlignmentMap,
+    dims: list[int],
+    projector_DD: torch.Tensor,
+    anchors_B: torch.Tensor,
+    teacher_final_BPT: torch.Tensor,
+) -> Edit | None:
+    """The block-output edit of one condition (`teacher_inside` writes the truth as subspace forcing does)."""
+
+    def truth(h: torch.Tensor) -> torch.Tensor:
         return teacher_inside(h, amap, dims, teacher_final_BPT)
 
-    edits = {
+    edits: dict[str, Edit | None] = {
         "plain": None,
         "roll": lambda h: detach_and_roll(h, projector_DD, anchors_B),
         "roll_truth": lambda h: detach_and_roll(h, projector_DD, anchors_B, truth(h)),
@@ -65,11 +82,19 @@ def make_edit(condition: str, amap, dims, projector_DD, anchors_B, teacher_final
 class Tally:
     """Sums of answer CE and hits per answer step (0 = the first answer token), and whole-answer hits."""
 
-    def __init__(self):
-        self.ce, self.hits, self.tokens = collections.Counter(), collections.Counter(), collections.Counter()
+    def __init__(self) -> None:
+        self.ce: collections.Counter[int] = collections.Counter()
+        self.hits: collections.Counter[int] = collections.Counter()
+        self.tokens: collections.Counter[int] = collections.Counter()
         self.rows_right = self.rows = 0
 
-    def add(self, logits_NV, target_N, step_N, rows_hit_B=None) -> None:
+    def add(
+        self,
+        logits_NV: torch.Tensor,
+        target_N: torch.Tensor,
+        step_N: torch.Tensor,
+        rows_hit_B: torch.Tensor | None = None,
+    ) -> None:
         """Add one batch's answer-position scores (and, for LM logits, each row's whole-answer hit)."""
         ce_N = torch.nn.functional.cross_entropy(logits_NV, target_N, reduction="none")
         hit_N = logits_NV.argmax(-1) == target_N
@@ -81,7 +106,7 @@ class Tally:
             self.rows_right += int(rows_hit_B.sum())
             self.rows += len(rows_hit_B)
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, Any]:
         """Mean CE and token accuracy overall and per step, and exact match."""
         tokens = sum(self.tokens.values())
         return {
@@ -93,7 +118,7 @@ class Tally:
         }
 
 
-def run_objective(subject, data) -> InjectionObjective:
+def run_objective(subject: Subject, data: TaskData) -> InjectionObjective:
     """The run's training objective (its recorded config) over the subject's model and map; no KL term."""
     config = subject.manifest.config
     parts = RunParts(
@@ -106,32 +131,54 @@ def run_objective(subject, data) -> InjectionObjective:
 
 
 @torch.enable_grad()
-def early_gradient_norms(subject, data, batches: int, batch_size: int = 8) -> dict:
-    """Mean over batches of the gradient norms of the task loss (training roll) and of the alignment loss
-    (times its weight) on the blocks 0..roll block: the `early` group training's probes log."""
+def early_gradient_norms(subject: Subject, data: TaskData, batches: list[list[int]]) -> dict[str, float]:
+    """Mean over `batches` of the gradient norms of the task loss (training roll) and of the alignment term
+    (times its weight) on the blocks 0..roll block."""
     objective = run_objective(subject, data)
     groups = block_groups(subject.model, subject.block)
     norms = {"task_ce": 0.0, "alignment": 0.0}
-    for index in range(batches):
-        terms, _ = objective.terms(data.collate(list(range(index * batch_size, (index + 1) * batch_size))))
+    for positions in batches:
+        terms, _ = objective.terms(data.collate(positions))
         for name, by_group in term_gradient_norms({k: terms[k] for k in norms}, groups).items():
-            norms[name] += by_group["early"] / batches
+            norms[name] += by_group["early"] / len(batches)
     return {k: round(v, 4) for k, v in norms.items()}
 
 
+def check_sizes(examples: int, batch_size: int) -> None:
+    """Raise unless both sizes are positive (no examples would silently mean the whole split)."""
+    if examples < 1 or batch_size < 1:
+        raise AnswerPathError(
+            f"--examples and --batch-size must be at least 1, got {examples} and {batch_size}."
+        )
+
+
+def check_inject_run(subject: Subject) -> None:
+    """Raise unless the subject is an inject run: only its map defines the output subspace edited."""
+    if subject.amap is None:
+        raise AnswerPathError(
+            f"{subject.name} is a {subject.method} run: the answer path edits an inject run's output "
+            "subspace; pass a run folder trained with --method inject."
+        )
+
+
 @torch.no_grad()
-def answer_path(run: str, examples: int = 96, batch_size: int = 8, split: str = "train") -> dict:
-    """Answer CE / token accuracy / exact match per condition, and the map's output accuracy, per answer step."""
-    subject, _ = load_run(run)
+def answer_path(
+    subject: Subject, examples: int = 96, batch_size: int = 8, split: str = "train"
+) -> dict[str, Any]:
+    """Answer CE / token accuracy / exact match per condition, the map's output accuracy per answer step and
+    the early-block gradient norms, on the first `examples` examples of `split` (seed-0 draw)."""
+    check_sizes(examples, batch_size)
+    check_inject_run(subject)
     model, amap, config = subject.model.eval(), subject.amap, subject.teacher.config
-    dims = list(config.variable(config.output_variable).dims)
+    dims = subject.output_dims
     block = decoder_blocks(model)[subject.block]
     projector_DD = output_projector(amap, dims)
-    data = split_data(subject, split, examples)
+    data = subject.task_data(split, examples, seed=0, with_targets=True)
+    batches = [list(range(i, min(len(data), i + batch_size))) for i in range(0, len(data), batch_size)]
     tallies = {c: Tally() for c in CONDITIONS}
     read = {"last_level": Tally(), "roll_point": Tally()}
-    for start in range(0, len(data), batch_size):
-        batch = data.collate(list(range(start, min(len(data), start + batch_size))))
+    for positions in batches:
+        batch = data.collate(positions)
         labels = batch["labels"]
         b_idx, pos, target = answer_positions(labels)
         anchors_B = first_answer_positions(labels)
@@ -146,19 +193,15 @@ def answer_path(run: str, examples: int = 96, batch_size: int = 8, split: str = 
             logits_NV = edited_answer_logits(model, block, batch, edit)
             tallies[condition].add(logits_NV, target, step_N, answers_hit(logits_NV, labels))
     return {
-        "run": run,
+        "run": str(subject.run_dir),
         "split": split,
         "examples": len(data),
         "roll_block": subject.block,
         "output_variable": config.output_variable,
         "conditions": {c: t.summary() for c, t in tallies.items()},
-        "early_block_gradient_norms": early_gradient_norms(subject, data, batches=4),
+        "early_block_gradient_norms": early_gradient_norms(subject, data, batches[:GRADIENT_BATCHES]),
         "map_output_accuracy": {
             k: {"overall": t.summary()["token_accuracy"], "by_step": t.summary()["accuracy_by_step"]}
             for k, t in read.items()
         },
     }
-
-
-if __name__ == "__main__":
-    print(json.dumps(answer_path(sys.argv[1], *(int(a) for a in sys.argv[2:3])), indent=2))

@@ -1,0 +1,47 @@
+"""The injection settings the experiments share: the alignment levers by name and the one chosen for the rest.
+
+In: a setting's name, or the sweep's `results/injection/gate.json`.  Out: `SETTINGS` (each a dict of
+`TrainConfig` overrides on top of a budget, in the order the sweep runs them) and `inject_setting`, the
+choice the inject runs of `reproduce --setting`, `ood` and `make demo` train with: its name, teacher and
+overrides, and where it came from.  The sweep (`experiments.injection_sweep`) writes gate.json; every other
+experiment reads it here, so one setting is used throughout once it is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SETTINGS: dict[str, dict[str, Any]] = {  # in the order runs are taken: the likeliest levers first
+    "m1": {},
+    "align-first": {"alignment_first_steps": 100},
+    "equal": {"alignment_variable_weighting": "equal"},
+    "balance": {"alignment_balance": "early_grad"},
+    "m100": {"alignment_weight": 100.0},
+    "lstsq": {"map_init": "lstsq"},
+    "m10": {"alignment_weight": 10.0},
+    "m30": {"alignment_weight": 30.0},
+    "clip-per-term": {"clip_per_term": True},
+    "lr-map-1e-2": {"lr_map": 1e-2},
+    "balance-m10": {"alignment_balance": "early_grad", "alignment_weight": 10.0},
+    "lr-map-1e-4": {"lr_map": 1e-4},
+}
+GATE = Path("results/injection/gate.json")
+GATE_CHOICE = "gate"  # `--setting gate`: the sweep's choice
+DEFAULT_SETTING = "m1"  # today's inject: no overrides
+
+
+def inject_setting(setting: str | None = None, gate: Path = GATE) -> dict[str, Any]:
+    """`{"name", "teacher", "overrides", "source"}` of the inject runs: the named sweep setting, else the
+    setting in `gate` (the sweep's choice, whether or not it passed), else today's inject."""
+    if setting is not None and setting != GATE_CHOICE:
+        if setting not in SETTINGS:
+            raise ValueError(f"Unknown setting {setting!r}; choose {GATE_CHOICE} or one of {', '.join(SETTINGS)}.")
+        return {"name": setting, "teacher": None, "overrides": SETTINGS[setting], "source": "--setting"}
+    if gate.is_file():
+        chosen = json.loads(gate.read_text())
+        overrides = {k: v for k, v in chosen["setting"].items() if k != "name"}
+        return {"name": chosen["setting"]["name"], "teacher": chosen.get("teacher"), "overrides": overrides,
+                "source": str(gate), "gate_passed": chosen.get("passed")}  # fmt: skip
+    return {"name": DEFAULT_SETTING, "teacher": None, "overrides": {}, "source": "default"}
