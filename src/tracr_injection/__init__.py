@@ -1,7 +1,12 @@
 """tracr-injection: distil RASP programs, compiled by tracr, into pre-trained causal LMs.
 
-`compile_program` (RASP program -> validated PyTorch teacher) imports tracr and JAX, so it
-is loaded on first use; loading a saved teacher (`load_teacher`) needs neither.
+The package's top-level entry points.  In: a RASP program, a registered program's name or a saved
+teacher folder.  Out: `compile_program` (RASP program -> validated PyTorch `TeacherModel`),
+`get_program` (name -> `ProgramSpec`), `load_teacher` (teacher folder -> `TeacherModel`), the
+`fraction_mean` annotation, `TeacherConfig` / `TeacherVariable` and `__version__`.
+
+`compile_program` imports tracr and JAX, so it is loaded on first use (as are `get_program` and
+`fraction_mean`, which need tracr); loading a saved teacher (`load_teacher`) needs neither.
 """
 
 from importlib.metadata import version

@@ -1,5 +1,8 @@
 """Errors of the compile stage: each says what is wrong and how to fix it.
 
+In: nothing.  Out: the errors `compile_program` raises for an unsupported program, a bad vocabulary,
+a bad input sequence and a compiled model that disagrees with the RASP evaluator.
+
 The root `TracrInjectionError` and `ArtifactError` (a damaged teacher folder too) live in
 `tracr_injection.errors`, below every stage.
 """

@@ -1,11 +1,10 @@
-"""Choose tracr's `mlp_exactness` for a maximum sequence length.
+"""`exactness_candidates`: a maximum sequence length in, tracr `mlp_exactness` values to try out.
 
 tracr's numerical MLPs discretise values such as k/n (n <= max_seq_len + 1) with slopes
 proportional to `mlp_exactness`.  Its default of 100 is too coarse beyond about 10 tokens
 (adjacent fractions differ by about 1/((N+1)(N+2))) and silently gives wrong answers;
-values of 1e7 and above lose float32 precision.  In goes a length, out come the exactness
-values to try, in order: every compile is validated, and a failed validation moves on to
-the next candidate.
+values of 1e7 and above lose float32 precision.  The values come in the order to try them:
+every compile is validated, and a failed validation moves on to the next candidate.
 """
 
 import math

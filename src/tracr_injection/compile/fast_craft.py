@@ -1,12 +1,12 @@
-"""Vectorised drop-in replacements for tracr's slow craft-assembly hot paths.
+"""`fast_craft`: vectorised drop-in replacements for tracr's slow craft-assembly hot paths.
 
-What goes in: nothing but a ``with fast_craft():`` block around ordinary tracr
-calls (typically ``compiling.compile_rasp_to_model``).  What comes out: exactly
-the same compiled model -- every parameter array and ``residual_labels`` are
-identical to those of unpatched tracr -- only much faster and with less peak
-memory.  On exit (normal or via an exception) the original tracr functions are
-put back, so code outside the block sees stock tracr.  Patching module
-globals is process-wide: do not compile in other threads meanwhile.
+In: ordinary tracr calls (typically ``compiling.compile_rasp_to_model``)
+inside a ``with fast_craft():`` block.  Out: exactly the same compiled model
+-- every parameter array and ``residual_labels`` are identical to those of
+unpatched tracr -- only much faster and with less peak memory.  On exit
+(normal or via an exception) the original tracr functions are put back, so
+code outside the block sees stock tracr.  Patching module globals is
+process-wide: do not compile in other threads meanwhile.
 
 Why: tracr builds every weight matrix in pure Python, one basis direction at a
 time, and materialises dense one-hot vectors with ``np.eye(n)[i]`` (an ``n*n``

@@ -1,4 +1,8 @@
-"""Errors of the hub module: a model or tokenizer that cannot be found on this machine."""
+"""Errors of the hub module: a model or tokenizer that cannot be found on this machine.
+
+In: nothing.  Out: `ModelNotFoundError` (raised by `resolve_model`) and its subclass
+`TokenizerFilesNotFoundError` (raised by `gpt2_bpe_files`).
+"""
 
 from tracr_injection.errors import TracrInjectionError
 

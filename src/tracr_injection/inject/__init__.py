@@ -1,5 +1,8 @@
 """Inject stage: train a Hugging Face causal LM on a task while aligning its hidden states to the teacher.
 
+In: a `TrainConfig` (task, model, teacher, loss settings).  Out: `train`, which trains, saves the run folder
+`config.out` (the trained model, the alignment map, checkpoints) and returns its manifest; and `TrainConfig`.
+
 lm.py (find blocks and hidden states of any causal LM, layer mapping) -> natural_text.py (where the
 KL term's text windows come from) -> kl_cache.py (the original model's top-k distributions on them,
 computed once) -> data.py (bridged batches with stored teacher targets) -> answers.py (answer positions,

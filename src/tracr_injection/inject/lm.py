@@ -1,5 +1,9 @@
 """Architecture-agnostic access to Hugging Face causal LMs: decoder blocks, sizes, hidden states, block hooks.
 
+In: a model name or folder (`load_causal_lm`) or a loaded causal LM and its inputs.  Out: the model, its
+decoder blocks, hidden size and block count, its hidden states and logits at chosen positions, forward hooks
+that edit a block's output, and `layer_mapping` (teacher levels -> hidden-state indices).
+
 Injection aligns a linear map of the LM's hidden states to the teacher's residual streams level by level,
 and edits a later block's output with a forward hook ("detach-and-roll"). This module hides how each
 architecture names its blocks and shapes its outputs.

@@ -1,5 +1,8 @@
 """RASP annotations this project's compiler reads on top of tracr's own (`name`, `encoding`).
 
+In: a numerical `rasp.Aggregate`.  Out: the same Aggregate annotated with `FRACTION_MEAN`
+(`fraction_mean`), which `compile.value_sets` reads to give it every fraction k/n as its value set.
+
 `fraction_mean` marks a numerical mean of a 0/1 variable whose value is a fraction k/n of the
 selected positions (e.g. "the share of openers among the brackets so far").  tracr's basis
 inference assumes such a mean only takes the values 0 and 1/n, which holds for "is any selected

@@ -1,5 +1,9 @@
 """Trigger-style (causal) RASP programs for the paper's three tasks.
 
+In: a program's parameters (bracket pairs, maximum count, operand digits).  Out: the RASP SOp
+(`make_*_trigger`), its vocabulary (`*_vocab`) and a plain-Python reference (`*_reference`: the
+program's output for a symbol list), plus the shared symbols `FILLER`, `TRIGGER`, `END`.
+
 Every program here is meant to be compiled by tracr with ``causal=True`` and
 distilled into a causal language model.  Each LM token position is one program
 input symbol:

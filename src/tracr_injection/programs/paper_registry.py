@@ -1,5 +1,8 @@
 """Registers the paper's three causal task programs with well-formed input samplers.
 
+In: nothing (importing the module registers).  Out: `ProgramSpec`s in the program registry:
+`dyck_trigger`, `dyck_frac_trigger`, `dyck_authors_trigger`, `count_trigger` and `sum_trigger`.
+
 Uniform random symbol strings exercise any-input behaviour but rarely hit the cases that
 matter (balanced brackets, a count followed by its own answer digits, a well-formed sum),
 so each program gets a sampler of task-shaped inputs for validation: fillers interleaved,

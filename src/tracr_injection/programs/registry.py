@@ -1,5 +1,8 @@
 """Registry of named RASP programs with their vocabulary and default length.
 
+In: a program name.  Out: its `ProgramSpec` (`get_program`; the built-in programs register on first
+lookup); `program_names` lists the names and `register` adds a spec.
+
 A `ProgramSpec` builds a fresh SOp (RASP labels carry a process-wide counter, so every
 compile gets its own expression graph), knows its vocabulary, default `max_seq_len`, whether
 it is compiled causally, and optionally samples extra validation inputs (uniform random

@@ -1,5 +1,8 @@
 """Causal "reverse" task (beyond the paper): emit the items before the trigger in reverse order.
 
+In: the maximum number of items.  Out: the RASP program (`make_reverse_trigger`), its vocabulary,
+a plain-Python reference and an input sampler, and the program registered as `reverse_trigger`.
+
 Input symbols: the items ``ITEMS`` (``"a"``..``"h"``), ``paper.FILLER`` and
 ``paper.TRIGGER``.  One teacher-forced sequence (or any prefix of it) reads
 ``<fillers> x1 .. xL (fillers anywhere between) compute r1 r2 ...`` where

@@ -1,4 +1,9 @@
-"""tracr's own library programs (`tracr.compiler.lib`), registered with vocab and length."""
+"""tracr's own library programs (`tracr.compiler.lib`), registered with vocab and length.
+
+In: nothing (importing the module registers).  Out: `ProgramSpec`s for `length`, `reverse`, `hist`,
+`sort`, `sort_unique`, `sort_freq`, `frac_prevs`, `pair_balance`, `shuffle_dyck1`, `shuffle_dyck3`,
+`count` and `detect_pattern`, and `balanced_brackets` (a random shuffle-balanced bracket string).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """Tasks stage: the paper's tasks (and more) as data splits, prompts and a token bridge to the teacher.
 
+In: a task name and a tokenizer.  Out: the `Task` (`get_task`) with its seeded splits of `Example`s,
+the `TokenBridge` that turns examples into LM tokens with teacher inputs and answer labels, and the
+JSONL export and import of splits.
+
 Flow: `Task` (registered program + seeded splits of `Example`s) -> `TokenBridge` (LM tokens,
 one teacher symbol per token, answer labels) -> `targets` (the teacher's residual streams,
 computed once and stored on disk for training).

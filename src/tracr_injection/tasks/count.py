@@ -1,5 +1,8 @@
 """Count the x's (paper task 2): `What is the number of 'X' in this text? x y x\\nAnswer:` -> ` 2`.
 
+In: nothing (importing the module registers).  Out: the task `count` in the task registry, taught
+by the program `count_trigger`, with the splits below.
+
 Train: x/y strings of length 5-40 with at least one y.  OOD: `x_only` (n x's, n = 1..40),
 `replace_y` (z instead of y: the teacher reads z as filler, which is exactly its role),
 `length` (lengths 41-120).  The answer is the count's digits, one token per digit.

@@ -1,5 +1,8 @@
 """Shuffle-Dyck over ()[]{} (paper task 1): are the brackets correctly matched? -> yes / no.
 
+In: nothing (importing the module registers).  Out: the tasks `dyck` (program `dyck_trigger`) and
+`dyck_frac` (program `dyck_frac_trigger`) in the task registry, with the splits below.
+
 Prompt `Are parenthesis here correctly matched? {s}\\nAnswer:`, answer ` yes` / ` no`.  Train:
 lengths 5-30, half uniform random strings, half random shuffle-balanced strings.  OOD:
 `almost_balanced` (a balanced string of length 16-90 with its last symbol dropped: always

@@ -1,4 +1,8 @@
-"""Registry of tasks by name (the paper's three plus the extra `reverse` task)."""
+"""Registry of tasks by name (the paper's three plus the extra `reverse` task).
+
+In: a task name.  Out: its `Task` (`get_task`; the built-in tasks register on first lookup);
+`task_names` lists the names and `register_task` adds a task.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Reverse a short list of letters (an extra task beyond the paper, and the how-to example).
 
+In: nothing (importing the module registers).  Out: the task `reverse` in the task registry, taught
+by the program `reverse_trigger`, with the splits below.
+
 `Reverse the letters: a c b\\nAnswer:` -> ` b c a`.  Train: 1-6 letters from a-h.  OOD:
 `length` (7-8 letters, still inside the compiled program's 8-item domain).  This file is all
 it takes to add a task: samplers that build `Example`s, and one `register_task` call naming

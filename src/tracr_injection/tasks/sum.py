@@ -1,5 +1,8 @@
 """Integer sum (paper task 3): `{a} + {b} =` -> ` {a+b}`, every digit its own token.
 
+In: nothing (importing the module registers).  Out: the task `sum` in the task registry, taught
+by the program `sum_trigger`, with the splits below.
+
 Train: every pair a, b in 0..449 except the held-out test pairs and the pairs whose sum is
 a multiple of 100 (those belong to `cascading_overflow`, so no split overlaps the training
 data).  OOD: `cascading_overflow` (a + b = 100, 200, ..., 900 with a, b up to 999: every
