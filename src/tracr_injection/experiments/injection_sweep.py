@@ -32,7 +32,7 @@ from tracr_injection.experiments.reproduce import (
     DONE_STATES,
     PlannedRun,
     eval_settings,
-    publish_run,
+    publish_evaluated,
     run_claimed,
     run_state,
     status_rows,
@@ -295,9 +295,7 @@ def write_gate(rows: Sequence[dict[str, Any]], runs: Sequence[PlannedRun], path:
 def publish_sweep(runs: Sequence[PlannedRun], results_root: Path, budget: Budget, command: str) -> Path:
     """Publish every evaluated run, then the summary, gate.json and experiment.json over all finished runs."""
     results_root.mkdir(parents=True, exist_ok=True)
-    for run in runs:
-        if run_state(run) == "evaluated":
-            publish_run(run)
+    publish_evaluated(runs)
     rows = summary_rows(runs)
     write_summary(rows, results_root)
     write_gate(rows, runs, results_root / "gate.json")

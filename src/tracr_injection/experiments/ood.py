@@ -29,12 +29,10 @@ from tracr_injection.evaluate.compare import compare_runs, load_metrics, paired_
 from tracr_injection.evaluate.pipeline import EvalSettings
 from tracr_injection.experiments.budgets import CPU, Budget, get_budget
 from tracr_injection.experiments.reproduce import (
-    DONE_STATES,
     PlannedRun,
     eval_settings,
-    publish_run,
+    publish_evaluated,
     run_claimed,
-    run_state,
     status_rows,
 )
 from tracr_injection.experiments.settings import GATE, inject_setting
@@ -154,10 +152,7 @@ def publish_ood(
     """Publish every evaluated run, then the comparison with paired statistics, summary.json, the accuracy
     curves over seeds and experiment.json."""
     results_root.mkdir(parents=True, exist_ok=True)
-    for run in runs:
-        if run_state(run) == "evaluated":
-            publish_run(run)
-    finished = [r for r in runs if run_state(r) in DONE_STATES]
+    finished = publish_evaluated(runs)
     if finished:
         compare_runs([r.published for r in finished], results_root)
         metrics = {r.name: load_metrics(r.published) for r in finished}

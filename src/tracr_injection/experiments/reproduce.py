@@ -262,14 +262,19 @@ def publish_run(run: PlannedRun) -> None:
     run.folder.publish(run.published)
 
 
+def publish_evaluated(runs: Sequence[PlannedRun]) -> list[PlannedRun]:
+    """Publish every evaluated run; return the finished ones (evaluated or published), in plan order."""
+    for run in runs:
+        if run_state(run) == "evaluated":
+            publish_run(run)
+    return [r for r in runs if run_state(r) in DONE_STATES]
+
+
 def publish_results(runs: Sequence[PlannedRun], budget: Budget, results_root: Path, command: str) -> Path:
     """Publish every evaluated run and write the comparison of all finished runs, commands and versions."""
     target = results_root / budget.name
     target.mkdir(parents=True, exist_ok=True)
-    for run in runs:
-        if run_state(run) == "evaluated":
-            publish_run(run)
-    finished = [r for r in runs if run_state(r) in DONE_STATES]
+    finished = publish_evaluated(runs)
     if finished:
         compare_runs([r.published for r in finished], target)
     (target / "experiment.json").write_text(
