@@ -147,6 +147,20 @@ def untouched(module: torch.nn.Module, device: torch.device) -> Iterator[None]:
         module.train(was_training)
 
 
+def due_every(step: int, every: int, last: int) -> bool:
+    """Whether a probe is due after `step` updates: at 0, every `every`-th and the `last`; never for every <= 0."""
+    return every > 0 and (step % every == 0 or step == last)
+
+
+def append_record(
+    record: dict[str, Any], metrics_file: Path, log: Callable[[dict[str, float], int], None], step: int
+) -> None:
+    """Append `record` to metrics.jsonl as one line and log its probe values (keys under PREFIX, not None)."""
+    with metrics_file.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    log({k: v for k, v in record.items() if k.startswith(PREFIX) and v is not None}, step)
+
+
 class Prober:
     """Takes the probes of one run and writes them (main process only; see the module docstring)."""
 
@@ -174,8 +188,7 @@ class Prober:
 
     def due(self, step: int) -> bool:
         """Whether a probe is taken after `step` updates: 0, every `probe_every`-th and the last."""
-        every = self.config.probe_every
-        return every > 0 and (step % every == 0 or step == self.config.steps)
+        return due_every(step, self.config.probe_every, self.config.steps)
 
     def measure(self, step: int) -> dict[str, Any]:
         """The probe record of the weights after `step` updates (see the module docstring for its keys)."""
@@ -202,9 +215,7 @@ class Prober:
     def record(self, step: int) -> dict[str, Any]:
         """Measure after `step` updates, append the line to metrics.jsonl, log it and redraw probes.png."""
         record = self.measure(step)
-        with self.metrics_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.log({k: v for k, v in record.items() if k.startswith(PREFIX) and v is not None}, step)
+        append_record(record, self.metrics_file, self.log, step)
         plot_probes(
             read_probe_lines(self.metrics_file), self.plot_file, self.data.skipped, self.config.eval_split
         )
@@ -233,8 +244,7 @@ class AccuracyProber:
 
     def due(self, step: int) -> bool:
         """Whether accuracy is measured after `step` updates: 0, every `accuracy_every`-th and the last."""
-        every = self.config.accuracy_every
-        return every > 0 and (step % every == 0 or step == self.config.steps)
+        return due_every(step, self.config.accuracy_every, self.config.steps)
 
     def measure(self, step: int) -> dict[str, Any]:
         """`{"step", "probe/accuracy/<split>": accuracy, "seconds"}` for the weights after `step` updates."""
@@ -250,9 +260,7 @@ class AccuracyProber:
     def record(self, step: int) -> dict[str, Any]:
         """Measure after `step` updates, append the line to metrics.jsonl, log it and redraw the curves."""
         record = self.measure(step)
-        with self.metrics_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.log({k: v for k, v in record.items() if k.startswith(PREFIX)}, step)
+        append_record(record, self.metrics_file, self.log, step)  # accuracies are never None
         plot_accuracy_curves({"run": accuracy_series(read_probe_lines(self.metrics_file))}, self.plot_file)
         return record
 
