@@ -84,10 +84,25 @@ class ReadoutStates:
     expected: list[str]
 
 
+def logits_and_hidden_states(
+    model: Any, batch: Mapping[str, torch.Tensor], rows_N: torch.Tensor, cols_N: torch.Tensor
+) -> tuple[torch.Tensor, Any]:
+    """`logits_at` the positions (rows_N[i], cols_N[i]) of a collated batch (moved to the model's device),
+    with the model's output holding every hidden state."""
+    device = next(model.parameters()).device
+    return logits_at(
+        model,
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        rows_N,
+        cols_N,
+        output_hidden_states=True,
+    )
+
+
 def readout_states(model: Any, data: TaskData, hidden_index: int, batch_size: int = 16) -> ReadoutStates:
     """The `ReadoutStates` of every example of `data` (the evaluation reads them off `split_pass` instead)."""
     hidden, predicted, expected = [], [], []
-    device = next(model.parameters()).device
     with inference(model):
         for start in range(0, len(data), batch_size):
             positions = list(range(start, min(start + batch_size, len(data))))
@@ -101,14 +116,7 @@ def readout_states(model: Any, data: TaskData, hidden_index: int, batch_size: in
                 ]
             )
             rows_N, cols_N = torch.tensor(rows), torch.tensor(cols)
-            logits_NV, output = logits_at(
-                model,
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                rows_N,
-                cols_N,
-                output_hidden_states=True,
-            )
+            logits_NV, output = logits_and_hidden_states(model, batch, rows_N, cols_N)
             hidden.append(output.hidden_states[hidden_index][rows_N, cols_N].float().cpu())
             predicted.append(logits_NV.argmax(-1).cpu())
             expected += [data.bridged[positions[i]].expected[p] for i, p in zip(rows, cols)]

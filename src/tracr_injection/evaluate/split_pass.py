@@ -21,10 +21,10 @@ import torch
 
 from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.inject.linear_decoding import AlignedBatch, LinearDecoder, count_batch, empty_table
-from tracr_injection.evaluate.readout import ReadoutStates
+from tracr_injection.evaluate.readout import ReadoutStates, logits_and_hidden_states
 from tracr_injection.inject.answers import answer_positions, answers_hit
 from tracr_injection.inject.data import TaskData
-from tracr_injection.inject.lm import hidden_size, inference, logits_at
+from tracr_injection.inject.lm import hidden_size, inference
 from tracr_injection.tasks.targets import TeacherTargets
 
 Counts = dict[str, list[int | None]]
@@ -123,7 +123,6 @@ def split_pass(model: Any, inputs: PassInputs, batch_size: int = 16, progress: A
     `progress`, when given, is called with the number of examples each batch finished.
     """
     data = inputs.data
-    device = next(model.parameters()).device
     acc = _Accumulator(inputs)
     readout_index = inputs.layer_map[-1]
     with inference(model):
@@ -131,14 +130,7 @@ def split_pass(model: Any, inputs: PassInputs, batch_size: int = 16, progress: A
             batch = data.collate(rows)
             labels_BP = batch["labels"]
             b_idx_N, pos_N, _ = answer_positions(labels_BP)
-            logits_NV, output = logits_at(
-                model,
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                b_idx_N,
-                pos_N,
-                output_hidden_states=True,
-            )
+            logits_NV, output = logits_and_hidden_states(model, batch, b_idx_N, pos_N)
             acc.correct_N[rows] = answers_hit(logits_NV, labels_BP.to(logits_NV.device)).cpu()
             states = [s.cpu() for s in output.hidden_states[: max(inputs.layer_map) + 1]]
             add_readout_rows(acc, rows, b_idx_N, pos_N, logits_NV.argmax(-1).cpu(), states[readout_index])
