@@ -113,3 +113,17 @@ def test_paired_statistics_and_compare_outputs(tmp_path):
     assert (
         not (alone / "paired.json").exists() and "paired by seed" not in (alone / "comparison.md").read_text()
     )
+
+
+def test_one_seed_gets_its_gain_and_no_interval(tmp_path):
+    folders = []
+    for method, ab in (("baseline", 0.20), ("inject", 0.35)):
+        folder = tmp_path / f"dyck-{method}-s0"
+        folder.mkdir()
+        (folder / "metrics.json").write_text(json.dumps(fake_metrics(method, 0, {"test": 0.99, "almost_balanced": ab})))
+        folders.append(folder)
+    out = compare_runs(folders, tmp_path / "cmp")
+    ab = json.loads((out / "paired.json").read_text())["dyck"]["splits"]["almost_balanced"]
+    assert ab["gains"] == pytest.approx([0.15]) and ab["gain_ci95"] == [None, None]
+    assert "+15.0" in (out / "comparison.md").read_text() and "– (one seed)" in (out / "comparison.md").read_text()
+    assert (out / "paired.png").stat().st_size > 0

@@ -213,7 +213,7 @@ def paired_statistics(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any
             "baseline_mean": b_mean, "baseline_std": b_std, "inject_mean": i_mean, "inject_std": i_std,
             "baseline": [b for b, _ in pairs], "inject": [i for _, i in pairs],
             "gains": gains, "gain_mean": statistics.fmean(gains), "gain_std": mean_std(gains)[1],
-            "gain_ci95": list(bootstrap_ci(gains)),
+            "gain_ci95": list(bootstrap_ci(gains)) if len(gains) > 1 else [None, None],  # no interval of one
         }  # fmt: skip
     return {
         "seeds": seeds,
@@ -221,6 +221,12 @@ def paired_statistics(methods: dict[str, list[dict[str, Any]]]) -> dict[str, Any
         "bootstrap_seed": BOOTSTRAP_SEED,
         "splits": splits,
     }
+
+
+def ci_text(interval: Sequence[float | None]) -> str:
+    """An interval in points, or why there is none (one seed: its gain alone is no interval)."""
+    low, high = interval
+    return "– (one seed)" if low is None else f"[{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 def paired_table(paired: dict[str, Any]) -> str:
@@ -232,7 +238,7 @@ def paired_table(paired: dict[str, Any]) -> str:
             split, f"{100 * r['baseline_mean']:.1f} ± {100 * r['baseline_std']:.1f}",
             f"{100 * r['inject_mean']:.1f} ± {100 * r['inject_std']:.1f}",
             " / ".join(f"{100 * g:+.1f}" for g in r["gains"]), f"{100 * r['gain_mean']:+.1f}",
-            f"[{100 * r['gain_ci95'][0]:+.1f}, {100 * r['gain_ci95'][1]:+.1f}]",
+            ci_text(r["gain_ci95"]),
         ]
         for split, r in paired["splits"].items()
     ]  # fmt: skip
@@ -260,8 +266,9 @@ def plot_paired(paired_by_task: dict[str, dict[str, Any]], path: Path) -> Path:
             top.scatter([j + 0.2] * len(r["inject"]), r["inject"], color="tab:orange", s=12, zorder=3)
             bottom.scatter([j] * len(r["gains"]), r["gains"], color="gray", s=12, zorder=3)
             low, high = r["gain_ci95"]
-            bottom.errorbar([j], [r["gain_mean"]], yerr=[[r["gain_mean"] - low], [high - r["gain_mean"]]],
-                            fmt="o", color="black", capsize=4, zorder=4)  # fmt: skip
+            if low is not None:
+                bottom.errorbar([j], [r["gain_mean"]], yerr=[[r["gain_mean"] - low], [high - r["gain_mean"]]],
+                                fmt="o", color="black", capsize=4, zorder=4)  # fmt: skip
         top.scatter([], [], color="tab:blue", label="baseline")
         top.scatter([], [], color="tab:orange", label="inject")
         top.set_ylim(-0.03, 1.03)
