@@ -79,7 +79,7 @@ def test_smoke_plan_writes_summary_curves_and_resumes_from_results(tiny_model, t
             acc["inject"]["almost_balanced"]["accuracy"] - acc["baseline"]["almost_balanced"]["accuracy"]
         )
     ab = splits["almost_balanced"]
-    assert set(ab) == {"baseline_mean", "inject_mean", "gain_mean", "gain_ci95"}
+    assert set(ab) == {"baseline_mean", "inject_mean", "gain_mean", "gain_ci95", "gain_t95"}
     assert ab["gain_mean"] == pytest.approx(sum(gains) / 2)
     assert ab["gain_ci95"] == pytest.approx(list(bootstrap_ci(gains)))
     assert all(0.0 <= ab[k] <= 1.0 for k in ("baseline_mean", "inject_mean"))

@@ -98,6 +98,9 @@ def test_paired_statistics_and_compare_outputs(tmp_path):
     assert ab["gain_mean"] == pytest.approx(0.2 / 3)
     assert ab["baseline_mean"] == pytest.approx(0.2) and ab["baseline_std"] == pytest.approx(0.1)
     assert ab["gain_ci95"] == pytest.approx(list(bootstrap_ci([0.10, -0.05, 0.15])))
+    half = 4.302652729911275 * statistics.stdev([0.10, -0.05, 0.15]) / 3**0.5  # t(0.975, 2 df), by hand
+    assert ab["gain_t95"] == pytest.approx([0.2 / 3 - half, 0.2 / 3 + half])
+    assert ab["gain_t95"][0] < min(ab["gain_ci95"][0], -0.05)  # wider than the bootstrap and the seeds' range
     assert paired["splits"][BALANCED_ACC]["gain_mean"] == pytest.approx(0.2 / 6)
     assert paired["splits"]["test"]["gains"] == pytest.approx([0.0, 0.0, 0.0])
     out = compare_runs(folders, tmp_path / "cmp")
@@ -124,6 +127,6 @@ def test_one_seed_gets_its_gain_and_no_interval(tmp_path):
         folders.append(folder)
     out = compare_runs(folders, tmp_path / "cmp")
     ab = json.loads((out / "paired.json").read_text())["dyck"]["splits"]["almost_balanced"]
-    assert ab["gains"] == pytest.approx([0.15]) and ab["gain_ci95"] == [None, None]
+    assert ab["gains"] == pytest.approx([0.15]) and ab["gain_ci95"] == ab["gain_t95"] == [None, None]
     assert "+15.0" in (out / "comparison.md").read_text() and "– (one seed)" in (out / "comparison.md").read_text()
     assert (out / "paired.png").stat().st_size > 0

@@ -8,7 +8,8 @@ of every OOD split, decoding and causal tests on the `cpu` budget's subsets).  O
 evaluation (no weights), manifest, record, metrics.jsonl with the accuracy lines and its curves; the comparison
 with its paired statistics (`compare_runs`: comparison.md, paired.json/csv/png); `summary.json`
 (`{"task", "seeds", "examples_per_split", "splits": {SPLIT: {"baseline_mean", "inject_mean", "gain_mean",
-"gain_ci95"}}}`, accuracies in 0..1, over the seeds both methods finished); `accuracy_curves.{json,png}` (mean ±
+"gain_ci95", "gain_t95"}}}`, accuracies in 0..1, over the seeds both methods finished; `gain_t95` is the
+Student-t interval beside the bootstrap's, which is too narrow with few seeds); `accuracy_curves.{json,png}` (mean ±
 std over seeds per method and split vs step) and `experiment.json`.  Runs are claimed, resumed and skipped as
 `reproduce`'s (the same code), so two one-thread workers can share the plan and a lost machine loses at most
 one run.  Same seed = same data order and the same evaluation sets for both methods.  `results/cpu/` runs are
@@ -106,7 +107,7 @@ def summary(paired: Mapping[str, Any], task: str, examples_per_split: int) -> di
         "seeds": len(paired["seeds"]),
         "examples_per_split": examples_per_split,
         "splits": {
-            split: {k: r[k] for k in ("baseline_mean", "inject_mean", "gain_mean", "gain_ci95")}
+            split: {k: r[k] for k in ("baseline_mean", "inject_mean", "gain_mean", "gain_ci95", "gain_t95")}
             for split, r in paired["splits"].items()
         },
     }
