@@ -4,9 +4,15 @@ The naive step does what an implementation without precomputation does every ste
 compiled teacher on the batch for the alignment targets and a frozen copy of the original
 model on the natural text for an exact KL, besides the student.  Ours reads stored targets
 and a top-k KL cache.  Targets: inject <= 1.10 x baseline and inject <= 0.6 x naive.
-Writes benchmarks/results/train_step.json.
+With `--bf16`, baseline and inject are timed again with the forward under bf16 autocast (as the CPU
+budgets train).  Writes benchmarks/results/train_step.json (or `--results`).
 
-    python benchmarks/bench_train.py [--task dyck] [--model smollm2] [--steps 6] [--batch-size 8]
+    python benchmarks/bench_train.py [--task dyck] [--model smollm2] [--steps 6] [--batch-size 8] [--bf16]
+
+The reproduce workers' setting, two 1-thread processes side by side (`results/tuning/bf16/README.md`):
+
+    for w in 1 2; do python benchmarks/bench_train.py --threads 1 --steps 8 --bf16 \
+        --results /tmp/worker$w.json & done; wait
 """
 
 from __future__ import annotations
@@ -132,6 +138,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "train_step.json")
+    parser.add_argument("--bf16", action="store_true", help="Also time baseline and inject under bf16 autocast.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config, parts, original = setup(args.task, args.model, args.steps, args.batch_size)
@@ -150,6 +157,10 @@ def main() -> None:
         "task_tokens_per_s_inject": tokens / medians["inject"],
         "peak_rss_mb": peak_rss_mb(),
     }
+    if args.bf16:
+        bf16 = median_step_times(config, parts, original, args.steps, "cpu", "bf16", ("baseline", "inject"))
+        result["median_step_s_bf16"] = bf16
+        result["bf16_speedup"] = {kind: medians[kind] / bf16[kind] for kind in bf16}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

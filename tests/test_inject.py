@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from tracr_injection import compile_program
 from tracr_injection.errors import TracrInjectionError
+from tracr_injection.experiments.budgets import get_budget
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.alignment_map import AlignmentMap
@@ -330,6 +331,18 @@ def test_baseline_has_no_alignment_and_differs_from_inject(tiny_llama, tmp_path)
     # detach-and-roll already edits the task forward pass
     assert inject[0]["kl"] == pytest.approx(metrics[0]["kl"], rel=1e-5)
     assert inject[0]["task_ce"] != pytest.approx(metrics[0]["task_ce"], rel=1e-5)
+
+
+def test_bf16_autocast_trains_on_the_cpu_close_to_fp32_as_the_cpu_budgets_run(tiny_llama, tmp_path):
+    for budget in ("demo", "cpu"):
+        assert get_budget(budget).train_fields("dyck", cuda=False)["mixed_precision"] == "bf16"
+    train(tiny_config(tiny_llama, tmp_path / "fp32", steps=3), progress=False)
+    manifest = train(tiny_config(tiny_llama, tmp_path / "bf16", steps=3, mixed_precision="bf16"), progress=False)
+    assert manifest.config.mixed_precision == "bf16"
+    fp32, bf16 = read_metrics(tmp_path / "fp32")[0], read_metrics(tmp_path / "bf16")[0]
+    for term in ("task_ce", "alignment", "kl"):  # same start and batch: only the forward's precision differs
+        assert bf16[term] == pytest.approx(fp32[term], rel=0.05, abs=1e-3), term
+    assert bf16["task_ce"] != fp32["task_ce"]  # autocast really ran the forward in bf16
 
 
 def test_alignment_scales_reach_the_training_loss(tiny_llama, tmp_path):

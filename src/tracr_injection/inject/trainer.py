@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
@@ -269,17 +270,26 @@ def check_before_loading(config: TrainConfig, resume: bool) -> None:
             checkpoint_state(config, folder.checkpoints()[-1])
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Manifest:
-    """Run (or resume) one training run; returns the manifest."""
-    check_before_loading(config, resume)
-    folder = RunFolder(config.out)
-    out = folder.path
-    accelerator = Accelerator(
+def run_accelerator(config: TrainConfig, out: Path) -> Accelerator:
+    """The run's Accelerator.  Accelerate keeps one mixed precision per process; a single process that trains
+    runs of different precisions one after the other (a sweep, the tests) starts each from a fresh state."""
+    recorded = AcceleratorState._shared_state.get("_mixed_precision")
+    if recorded not in (None, config.mixed_precision) and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()  # Accelerate's own reset; the process group (PartialState) is kept
+    return Accelerator(
         mixed_precision=config.mixed_precision,
         cpu=not torch.cuda.is_available(),
         log_with="tensorboard" if is_tensorboard_available() else None,
         project_dir=str(out),
     )
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> Manifest:
+    """Run (or resume) one training run; returns the manifest."""
+    check_before_loading(config, resume)
+    folder = RunFolder(config.out)
+    out = folder.path
+    accelerator = run_accelerator(config, out)
     set_seed(config.seed)
     from tracr_injection.hub import load_tokenizer
 
