@@ -30,6 +30,7 @@ from tracr_injection.inject import TrainConfig, train
 from tracr_injection.inject.answers import answer_positions, answers_correct
 from tracr_injection.inject.lm import decoder_blocks, hidden_states
 from tracr_injection.inject.run import RunFolder
+from tracr_injection.inject.trainer import build_parts
 
 pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")
 EXAMPLES, BATCH = 16, 8  # two batches; every Dyck answer is two tokens, so batch means average evenly
@@ -133,6 +134,23 @@ def test_early_block_gradient_norms_are_a_plain_backward(measured):
     subject.model.zero_grad()
     assert result["early_block_gradient_norms"] == pytest.approx(norms, abs=1e-4)
     assert norms["task_ce"] > 0 and norms["alignment"] > 0
+
+
+def test_the_rebuilt_objective_stretches_the_cosine_as_an_equal_weighting_run_trained(tmp_path, module_cache):
+    model = save_tiny_llama(tmp_path / "model", load_tokenizer("smollm2"), num_hidden_layers=6)
+    config = TrainConfig(
+        task="dyck", method="inject", model=model, out=str(tmp_path / "run"), steps=2, batch_size=4,
+        warmup_steps=1, kl_windows=8, kl_window_len=8, kl_batch_size=2, kl_top_k=16, checkpoint_every=1000,
+        eval_examples=8, probe_every=0, alignment_variable_weighting="equal",
+    )  # fmt: skip
+    train(config, progress=False)
+    subject = load_subject(tmp_path / "run")
+    data = subject.task_data("train", EXAMPLES, seed=0, with_targets=True)
+    trained = build_parts(config, subject.tokenizer, subject.model, progress=False)  # the trainer's own scales
+    assert trained.variable_scales and (trained.dim_scales != 1).any()
+    rebuilt = run_objective(subject, data).parts
+    assert rebuilt.variable_scales == pytest.approx(trained.variable_scales)
+    assert torch.allclose(rebuilt.dim_scales, trained.dim_scales)
 
 
 def test_cli_prints_the_same_json(run, measured, module_cache, monkeypatch):

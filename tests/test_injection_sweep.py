@@ -87,6 +87,12 @@ def test_the_sweep_runs_publishes_and_writes_the_gate(tmp_path):
     sweep([teacher], ["m10"], "smoke", model=model, long_setting="auto", long_steps=2, progress=False,
           task="reverse", on_run=lambda run, state: again.append(state), **roots)  # fmt: skip
     assert again == ["evaluated"] * 3
+    # a later sweep of another setting keeps the finished settings' rows, the long run's too
+    sweep([teacher], ["m1"], "smoke", model=model, long_setting=None, long_steps=2, progress=False,
+          task="reverse", **roots)  # fmt: skip
+    rows = (results / "summary.csv").read_text().splitlines()[1:]
+    assert {line.split(",")[1] for line in rows} == {"m10", "long-m10", "m1"}
+    assert len(json.loads((results / "experiment.json").read_text())["runs"]) == 2 + len(SETTINGS)
 
 def test_sweep_status_prints_the_plan_and_rejects_unknown_names(tmp_path):
     common = ["sweep", "--runs-root", str(tmp_path), "--results", str(tmp_path)]

@@ -34,6 +34,7 @@ from tracr_injection.evaluate.subject import Subject
 from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.answers import answer_positions, answers_hit
 from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.levers import combined_dim_scales
 from tracr_injection.inject.lm import decoder_blocks, hidden_states
 from tracr_injection.inject.objective import (
     InjectionObjective,
@@ -120,12 +121,14 @@ class Tally:
 
 def run_objective(subject: Subject, data: TaskData) -> InjectionObjective:
     """The run's training objective (its recorded config) over the subject's model and map; no KL term."""
-    config = subject.manifest.config
+    config, teacher_config = subject.manifest.config, subject.teacher.config
+    variable_scales = subject.manifest.alignment_variable_scales or {}  # "equal" weighting, as trained
+    dim_scales = alignment_dim_scales(teacher_config, config.alignment_scales)
     parts = RunParts(
         model=subject.model, tokenizer=subject.tokenizer, amap=subject.amap, data=data, kl_cache=None,
         layer_map=subject.layer_map, roll_block=subject.block, output_dims=subject.output_dims,
-        dim_levels=data.targets.dim_levels, teacher=subject.teacher,
-        dim_scales=alignment_dim_scales(subject.teacher.config, config.alignment_scales),
+        dim_levels=data.targets.dim_levels, teacher=subject.teacher, variable_scales=variable_scales,
+        dim_scales=combined_dim_scales(teacher_config, variable_scales, dim_scales),
     )  # fmt: skip
     return InjectionObjective(config, parts)
 

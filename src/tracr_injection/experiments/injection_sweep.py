@@ -293,13 +293,33 @@ def write_gate(rows: Sequence[dict[str, Any]], runs: Sequence[PlannedRun], path:
     return gate
 
 
-def publish_sweep(runs: Sequence[PlannedRun], results_root: Path, budget: Budget, command: str) -> Path:
-    """Publish every evaluated run, then the summary, gate.json and experiment.json over all finished runs."""
+def reported_runs(
+    runs: Sequence[PlannedRun], budget: Budget, roots: tuple[Path, Path], long_steps: int
+) -> list[PlannedRun]:
+    """What the summary, gate.json and experiment.json cover: every setting of the runs' teachers, not only
+    those this invocation takes (a sweep started with `--setting` keeps the other settings' rows), and every
+    long run planned here or finished before."""
+    teachers, task, model = list(dict.fromkeys(r.config.teacher for r in runs)), runs[0].task, runs[0].config.model
+    report = plan_sweep(teachers, list(SETTINGS), budget, *roots, model, task)
+    longs = [r for r in runs if r.name.startswith(LONG_PREFIX)]
+    for teacher in teachers:
+        for setting in SETTINGS:
+            candidate = long_run(teacher, setting, budget, *roots, model=model, steps=long_steps, task=task)
+            if all(r.out != candidate.out for r in longs) and is_done(candidate):
+                longs.append(candidate)
+    return report + longs
+
+
+def publish_sweep(
+    runs: Sequence[PlannedRun], report: Sequence[PlannedRun], results_root: Path, budget: Budget, command: str
+) -> Path:
+    """Publish every evaluated run of `runs`, then the summary, gate.json and experiment.json over every
+    finished run of `report` (`reported_runs`)."""
     results_root.mkdir(parents=True, exist_ok=True)
     publish_evaluated(runs)
-    rows = summary_rows(runs)
+    rows = summary_rows(report)
     write_summary(rows, results_root)
-    write_gate(rows, runs, results_root / "gate.json")
+    write_gate(rows, report, results_root / "gate.json")
     (results_root / "experiment.json").write_text(
         json.dumps(
             {
@@ -309,7 +329,7 @@ def publish_sweep(runs: Sequence[PlannedRun], results_root: Path, budget: Budget
                 "settings": SETTINGS,
                 "runs": [
                     {"teacher": r.config.teacher, "train_command": r.config.command(), **row}
-                    for r, row in zip(runs, status_rows(runs))
+                    for r, row in zip(report, status_rows(report))
                 ],
             },
             indent=2,
@@ -325,12 +345,13 @@ def resolve_long(
     teacher: str, long_setting: str | None, runs: Sequence[PlannedRun], budget: Budget, roots: tuple[Path, Path],
     model: str, steps: int,
 ) -> PlannedRun | None:
-    """The teacher's long run: of `long_setting`, or with `auto` of the best finished setting so far (None
-    while none is finished, or with `long_setting` None)."""
+    """The teacher's long run: of `long_setting`, or with `auto` of the best finished setting so far, among
+    every setting's finished runs (None while none is finished, or with `long_setting` None)."""
     if long_setting is None:
         return None
     if long_setting == "auto":
-        best = best_setting([r for r in summary_rows(runs) if r["teacher"] == teacher])
+        report = reported_runs(runs, budget, roots, steps)
+        best = best_setting([r for r in summary_rows(report) if r["teacher"] == teacher])
         if best is None:
             return None
         long_setting = best["setting"].removeprefix(LONG_PREFIX)
@@ -368,18 +389,18 @@ def sweep(
     publishing after each; each teacher's long run is resolved once its sweep runs are taken."""
     budget = sweep_budget(budget_name)
     runs = plan_sweep(teachers, settings, budget, runs_root, results_root, model, task)
+    roots = (runs_root, results_root)
     pending = list(runs)
     while pending:
         run = pending.pop(0)
         execute_planned(run, runs, budget, on_run, progress)
-        publish_sweep(runs, results_root, budget, command)
+        publish_sweep(runs, reported_runs(runs, budget, roots, long_steps), results_root, budget, command)
         if not any(r.config.teacher == run.config.teacher for r in pending) and not run.name.startswith(LONG_PREFIX):
-            extra = resolve_long(run.config.teacher, long_setting, runs, budget, (runs_root, results_root), model,
-                                 long_steps)  # fmt: skip
+            extra = resolve_long(run.config.teacher, long_setting, runs, budget, roots, model, long_steps)
             if extra is not None:
                 runs.append(extra)
                 pending.insert(0, extra)
-    return publish_sweep(runs, results_root, budget, command)
+    return publish_sweep(runs, reported_runs(runs, budget, roots, long_steps), results_root, budget, command)
 
 
 def execute_planned(

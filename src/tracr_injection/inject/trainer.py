@@ -87,7 +87,6 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
     variable_scales = {}
     if config.injecting and config.alignment_variable_weighting == "equal":
         variable_scales = equal_variable_scales(teacher.config, target_rows(data))
-        dim_scales = combined_dim_scales(teacher.config, variable_scales, dim_scales)
     cache = load_or_build_kl_cache(config, model, tokenizer)
     output_dims = teacher.config.variable(teacher.config.output_variable).dims
     return RunParts(
@@ -100,7 +99,7 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
         roll_block=roll_block,
         output_dims=list(output_dims),
         dim_levels=data.targets.dim_levels if data.targets is not None else None,
-        dim_scales=dim_scales,
+        dim_scales=combined_dim_scales(teacher.config, variable_scales, dim_scales),
         teacher=teacher,
         variable_scales=variable_scales,
     )
