@@ -16,11 +16,14 @@ from tracr_injection.evaluate.decoding import (
     DecodingError,
     LinearDecoder,
     accuracy_table,
+    balanced_table,
     decode_counts,
     decode_mapped,
     decode_split,
     evaluate_decoding,
     example_table,
+    majority_table,
+    position_table,
     rasp_agreement,
     reference_dims,
     reference_scale,
@@ -31,7 +34,7 @@ from tracr_injection.evaluate.subject import PRETRAINED, Subject
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.data import TaskData
-from tracr_injection.inject.linear_decoding import AlignedBatch
+from tracr_injection.inject.linear_decoding import NO_VALUE, OFF_VALUES, AlignedBatch, value_classes, variable_counts
 from tracr_injection.inject.lm import hidden_states
 from tracr_injection.tasks import TokenBridge, get_task
 
@@ -132,7 +135,7 @@ def test_an_exactly_right_map_decodes_everything_and_is_scale_invariant(dyck_tea
         decoder = LinearDecoder.from_map(exact_map(mixing_TD, scale), config.num_levels)
         hits, totals = decode_counts([batch], decoder, dyck_teacher)
         assert accuracy_table(hits, totals) == full_accuracy(config)
-        assert totals == {
+        assert position_table(totals) == {
             v.name: [None if lvl < v.level else n for lvl in range(config.num_levels)]
             for v in config.variables
         }
@@ -160,6 +163,19 @@ def test_corrupted_positions_give_the_hand_computed_accuracy(dyck_teacher, mixed
         if var.level <= level:
             expected[var.name][level] = (n - len(corrupt)) / n
     assert accuracy_table(hits, totals) == expected
+
+
+def test_per_value_counts_give_the_hand_computed_majority_and_balanced_accuracy():
+    classes_V = value_classes([0, 1, 2])
+    truth_N = torch.tensor([0, 0, 0, 1, 2, NO_VALUE, OFF_VALUES])
+    decoded_N = torch.tensor([0, 0, 1, 1, 0, 0, 2])
+    hits_K, totals_K = variable_counts(decoded_N, truth_N, classes_V)
+    assert totals_K.tolist() == [3, 1, 1, 1] and hits_K.tolist() == [2, 1, 0, 0]  # the None truth not compared
+    hits, totals = {"v": [None, hits_K]}, {"v": [None, totals_K]}
+    assert accuracy_table(hits, totals) == {"v": [None, 3 / 6]}
+    assert position_table(totals) == {"v": [None, 6]}
+    assert majority_table(totals) == {"v": [None, 3 / 6]}  # always "0" is as accurate as this decoder
+    assert balanced_table(hits, totals)["v"][1] == pytest.approx((2 / 3 + 1 + 0 + 0) / 4)
 
 
 def toy_config(reference_label: str = "one") -> TeacherConfig:
@@ -211,7 +227,7 @@ def test_hand_computed_decoding_and_accuracy():
     decoder = LinearDecoder.from_map(identity, 2)
     hits, totals = decode_counts([AlignedBatch(hidden_LND, targets_LNT)], decoder, teacher)
     assert accuracy_table(hits, totals) == {"tokens": [2 / 3, 1.0], "size": [None, 1 / 3]}
-    assert totals == {"tokens": [3, 3], "size": [None, 3]}
+    assert position_table(totals) == {"tokens": [3, 3], "size": [None, 3]}
     mapped_NT = torch.tensor([[1e-5, 1, 0, 0.00001], [4, 0, 1, 2.1], [1, 0, 0, 0.2]])
     scale_N = reference_scale(mapped_NT, reference_dims(teacher.config))
     assert decode_mapped(mapped_NT, scale_N, teacher.config.variable("size")) == [None, 0.5, 0]

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import save_tiny_llama
 from PIL import Image
+from typer.testing import CliRunner
 
+from tracr_injection.cli.main import app
 from tracr_injection.compile.compiler import artifact_dir
 from tracr_injection.evaluate.compare import CompareError, compare_runs
 from tracr_injection.evaluate.pipeline import EvalSettings, evaluate_target
@@ -111,7 +113,7 @@ def test_eval_writes_metrics_report_and_plots(evaluated_runs):
 
 
 def test_readout_is_added_to_a_run_evaluated_before_it_existed(evaluated_runs, tmp_path):
-    from tracr_injection.evaluate.pipeline import add_readout
+    from tracr_injection.evaluate.pipeline import add_split_parts
 
     run = tmp_path / "old-run"
     shutil.copytree(evaluated_runs[("inject", 0)], run)
@@ -123,9 +125,31 @@ def test_readout_is_added_to_a_run_evaluated_before_it_existed(evaluated_runs, t
     metrics = json.loads(path.read_text())
     expected = metrics.pop("readout")
     path.write_text(json.dumps(metrics))
-    add_readout(run, progress=False)
+    add_split_parts(run, progress=False)
     assert json.loads(path.read_text())["readout"] == expected  # same settings, same saved probe
     assert "## Answer readout" in (run / "eval" / "report.md").read_text()
+
+
+def test_decoding_of_one_split_is_computed_again_for_an_older_evaluation(evaluated_runs, tmp_path):
+    from tracr_injection.evaluate.pipeline import add_split_parts
+
+    run = tmp_path / "older-run"
+    shutil.copytree(evaluated_runs[("inject", 0)], run)
+    path = run / "eval" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    expected = json.loads(json.dumps(metrics["decoding"]))
+    for by_split in metrics["decoding"].values():  # as evaluated before majority and balanced existed
+        for result in by_split.values():
+            result.pop("majority"), result.pop("balanced")
+    path.write_text(json.dumps(metrics))
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(run), "--add", "decoding", "--split", "test"])
+    assert result.exit_code == 0, result.output
+    again = json.loads(path.read_text())["decoding"]
+    assert again["map"]["test"] == expected["map"]["test"]  # the same numbers, majority and balanced back
+    assert "majority" not in again["map"]["almost_balanced"]  # the other splits stay as they were
+    result = runner.invoke(app, ["eval", str(run), "--add", "causal"])
+    assert result.exit_code != 0 and "Cannot add ['causal']" in result.output
 
 
 def test_baseline_is_probed_and_its_causal_subspace_comes_from_the_probe(evaluated_runs):
@@ -158,7 +182,11 @@ def test_eval_baseline_sets_the_maps_decoding_beside_the_baselines_probe(evaluat
             assert row[split] == {
                 "map": ours[split]["accuracy"][var.name][var.level],
                 "baseline_probe": theirs[split]["accuracy"][var.name][var.level],
+                "majority": ours[split]["majority"][var.name][var.level],
+                "map_balanced": ours[split]["balanced"][var.name][var.level],
+                "baseline_probe_balanced": theirs[split]["balanced"][var.name][var.level],
             }
+            assert ours[split]["majority"][var.name][var.level] == theirs[split]["majority"][var.name][var.level]
         cells = " | ".join(f"{pct(row[s]['map'])} | {pct(row[s]['baseline_probe'])}" for s in table["splits"])
         assert f"| {var.name} | L{var.level} | {cells} |" in report
     with pytest.raises(RunFolderError, match="is not an inject run"):
@@ -231,7 +259,7 @@ def test_a_moved_run_is_evaluated_anywhere_without_the_teacher_cache(tiny_model,
     with pytest.warns(UserWarning, match="is not the model run .* was trained from"):
         load_subject(there / "run", base_model=str(tmp_path / "other"))
     result = CliRunner().invoke(
-        app, ["eval", str(there / "run"), "--add-readout", "--base-model", str(tmp_path / "tiny-moved")]
+        app, ["eval", str(there / "run"), "--add", "readout", "--base-model", str(tmp_path / "tiny-moved")]
     )
     assert result.exit_code == 0, result.output
 

@@ -16,7 +16,15 @@ from tracr_injection.evaluate.subject import PRETRAINED, Subject
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.data import TaskData
-from tracr_injection.inject.linear_decoding import NO_VALUE, OFF_VALUES, true_indices
+from tracr_injection.inject.linear_decoding import (
+    NO_VALUE,
+    OFF_VALUES,
+    accuracy_table,
+    balanced_table,
+    majority_table,
+    position_table,
+    true_indices,
+)
 from tracr_injection.tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("shared_cache")
@@ -87,9 +95,9 @@ def test_decoding_counts_from_the_pass_equal_evaluate_decoding_per_decoder(setup
     for kind, decoder in decoders.items():
         (reference,) = evaluate_decoding(subject, decoder, splits=[split], max_examples=COUNT)
         hits, totals = result.decoding[kind]
-        assert totals == reference.positions
-        accuracy = {n: [None if not t else h / t for h, t in zip(hits[n], totals[n])] for n in totals}
-        assert accuracy == reference.accuracy
+        assert position_table(totals) == reference.positions
+        assert accuracy_table(hits, totals) == reference.accuracy
+        assert (majority_table(totals), balanced_table(hits, totals)) == (reference.majority, reference.balanced)
 
 
 def test_readout_from_the_pass_equals_answer_readout(setup):

@@ -382,9 +382,10 @@ def eval_command(
     lm_eval: str | None = typer.Option(
         None, "--lm-eval", help="Comma-separated lm-evaluation-harness tasks (when installed and data is available)."
     ),
-    add_readout_only: bool = typer.Option(
-        False, "--add-readout", help="Only add the answer readout to a run evaluated before it existed."
+    add: list[str] | None = typer.Option(
+        None, "--add", help="Only compute this part again for an evaluated run (readout, decoding; repeatable)."
     ),
+    split: list[str] | None = typer.Option(None, "--split", help="With --add: only these splits (repeatable)."),
     baseline: Path | None = typer.Option(
         None, help="An evaluated baseline run: per variable, this run's map decoding beside its post-hoc probe."
     ),
@@ -393,10 +394,10 @@ def eval_command(
     ),
 ) -> None:
     """Evaluate a run: accuracy in and out of distribution, kept language ability, decoding, readout, causal tests."""
-    from tracr_injection.evaluate.pipeline import EvalSettings, add_readout, evaluate_target
+    from tracr_injection.evaluate.pipeline import EvalSettings, add_split_parts, evaluate_target
 
-    if add_readout_only:
-        typer.echo(add_readout(target, base_model=base_model))
+    if add:
+        typer.echo(add_split_parts(target, add, split, base_model=base_model))
         return
 
     settings = EvalSettings(lm_eval_tasks=lm_eval.split(",") if lm_eval else [])

@@ -27,10 +27,14 @@ from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.linear_decoding import (  # also imported from here by readout, tests, analysis
     DecodingError,
     LinearDecoder,
+    Tally,
     accuracy_table,
     aligned_batches,
+    balanced_table,
     decode_counts,
     decode_mapped,
+    majority_table,
+    position_table,
     reference_dims,
     reference_scale,
     require_targets,
@@ -131,8 +135,10 @@ def split_rasp_agreement(data: TaskData, teacher: TeacherModel, count: int) -> d
 
 @dataclasses.dataclass
 class DecodingResult:
-    """Decoding accuracy on one split: `accuracy[variable][level]` and `positions[variable][level]` (None at
-    levels before the variable is written), the teacher-vs-RASP agreement per variable, or why it was skipped.
+    """Decoding on one split, per `[variable][level]` (None at levels before the variable is written): the
+    accuracy, the positions compared, the most common true value's share (`majority`, what a decoder that
+    knows nothing else scores) and the balanced accuracy (mean over true values of the share decoded right);
+    the teacher-vs-RASP agreement per variable, or why it was skipped.
     """
 
     split: str
@@ -140,8 +146,23 @@ class DecodingResult:
     num_examples: int = 0
     accuracy: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
     positions: dict[str, list[int | None]] = dataclasses.field(default_factory=dict)
+    majority: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
+    balanced: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
     rasp_agreement: dict[str, float | None] = dataclasses.field(default_factory=dict)
     skipped: str | None = None
+
+    @classmethod
+    def from_counts(
+        cls, split: str, decoder: str, num_examples: int, counts: tuple[Tally, Tally],
+        rasp_agreement: dict[str, float | None],
+    ) -> DecodingResult:
+        """The result of `decode_counts`'s (hits, totals) on `num_examples` examples of `split`."""
+        hits, totals = counts
+        return cls(
+            split=split, decoder=decoder, num_examples=num_examples, accuracy=accuracy_table(hits, totals),
+            positions=position_table(totals), majority=majority_table(totals),
+            balanced=balanced_table(hits, totals), rasp_agreement=rasp_agreement,
+        )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -162,15 +183,9 @@ def decode_split(
     check_layer_map(subject.layer_map, teacher.config.num_levels)
     check_decoder(decoder, teacher.config)
     batches = aligned_batches(subject.model, data, subject.layer_map, list(range(len(data))), batch_size)
-    hits, totals = decode_counts(batches, decoder, teacher)
-    return DecodingResult(
-        split=split,
-        decoder=decoder.kind,
-        num_examples=len(data),
-        accuracy=accuracy_table(hits, totals),
-        positions=totals,
-        rasp_agreement=split_rasp_agreement(data, teacher, rasp_examples),
-    )
+    counts = decode_counts(batches, decoder, teacher)
+    agreement = split_rasp_agreement(data, teacher, rasp_examples)
+    return DecodingResult.from_counts(split, decoder.kind, len(data), counts, agreement)
 
 
 def evaluate_decoding(

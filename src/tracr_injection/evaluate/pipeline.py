@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from tracr_injection.evaluate.causal import causal_tests
 from tracr_injection.evaluate.decoding import (
     DecodingResult,
     LinearDecoder,
-    accuracy_table,
     check_decoder,
     check_layer_map,
     example_table,
@@ -133,9 +132,15 @@ def written_level(positions: list[int | None]) -> int:
     return next(i for i, count in enumerate(positions) if count is not None)
 
 
+def written_value(result: dict[str, Any], table: str, name: str, level: int) -> float | None:
+    """One split result's `table` entry of a variable at a level (None where an older evaluation lacks it)."""
+    return result.get(table, {}).get(name, [None] * (level + 1))[level]
+
+
 def baseline_comparison(metrics: dict[str, Any], baseline_metrics: dict[str, Any]) -> dict[str, Any]:
     """Per teacher variable and split, the run's map decoding beside the baseline's probe decoding, both at
-    the level the variable is written; splits the teacher cannot represent are left out."""
+    the level the variable is written, with the most common value's share and both balanced accuracies;
+    splits the teacher cannot represent are left out."""
     ours, theirs = metrics["decoding"]["map"], baseline_metrics["decoding"]["probe"]
     splits = [s for s in ours if not ours[s]["skipped"] and s in theirs and not theirs[s]["skipped"]]
     variables: dict[str, Any] = {}
@@ -146,6 +151,9 @@ def baseline_comparison(metrics: dict[str, Any], baseline_metrics: dict[str, Any
             variables[name][split] = {
                 "map": ours[split]["accuracy"][name][level],
                 "baseline_probe": theirs[split]["accuracy"][name][level],
+                "majority": written_value(ours[split], "majority", name, level),
+                "map_balanced": written_value(ours[split], "balanced", name, level),
+                "baseline_probe_balanced": written_value(theirs[split], "balanced", name, level),
             }
     return {"baseline": baseline_metrics["subject"], "splits": splits, "variables": variables}
 
@@ -158,8 +166,20 @@ def write_metrics(metrics: dict[str, Any], folder: Path) -> Path:
     return folder
 
 
-def add_readout(run_dir: str | Path, progress: bool = True, base_model: str | None = None) -> Path:
-    """Add the answer readout to a run evaluated before it existed (same settings, the saved probe)."""
+REDONE_PARTS = ("readout", "decoding")  # the split-pass parts an evaluated run can be given again
+
+
+def add_split_parts(
+    run_dir: str | Path, parts: Sequence[str] = ("readout",), splits: Sequence[str] | None = None,
+    progress: bool = True, base_model: str | None = None,
+) -> Path:
+    """Compute `parts` (readout, decoding) again for an evaluated run with its recorded settings and saved
+    probe, on `splits` (default: all), and write them into its metrics: a run evaluated before a part (or a
+    measure of it, such as decoding's `majority`) existed gets it without a whole evaluation.  The other
+    splits' entries and the baseline comparison stay as they were evaluated."""
+    unknown = [p for p in parts if p not in REDONE_PARTS]
+    if unknown:
+        raise RunFolderError(f"Cannot add {unknown}; choose from {', '.join(REDONE_PARTS)}.")
     subject = load_subject(run_dir, base_model=base_model)
     folder = default_out(subject)
     path = folder / EVALUATION_NAME
@@ -168,12 +188,13 @@ def add_readout(run_dir: str | Path, progress: bool = True, base_model: str | No
     metrics = json.loads(path.read_text())
     settings = EvalSettings(**metrics["settings"])
     decoders = subject_decoders(subject, settings, folder)
-    metrics["readout"] = timed(
-        metrics["timings"],
-        "readout",
-        lambda: split_evaluations(subject, decoders, settings, progress)["readout"],
-        progress,
+    name = "+".join(parts)
+    redone = timed(
+        metrics["timings"], name, lambda: split_evaluations(subject, decoders, settings, progress, splits), progress
     )
+    for part in parts:
+        for kind, by_split in redone[part].items():
+            metrics.setdefault(part, {}).setdefault(kind, {}).update(by_split)
     return write_metrics(metrics, folder)
 
 
@@ -230,15 +251,16 @@ def evaluated_splits(subject: Subject) -> list[str]:
 
 
 def split_evaluations(
-    subject: Subject, decoders: dict[str, LinearDecoder], settings: EvalSettings, progress: bool = True
+    subject: Subject, decoders: dict[str, LinearDecoder], settings: EvalSettings, progress: bool = True,
+    splits: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Accuracy (a `SplitAccuracy` per split, predictions kept for the OOD views), decoding and the answer
-    readout (per decoder, as dicts) of every evaluated split, read off one teacher-forced LM pass per split
-    (`split_pass`); keyed "accuracy", "decoding" and "readout"."""
+    readout (per decoder, as dicts) of every evaluated split (or of `splits`), read off one teacher-forced LM
+    pass per split (`split_pass`); keyed "accuracy", "decoding" and "readout"."""
     check_layer_map(subject.layer_map, subject.teacher.config.num_levels)
     for decoder in decoders.values():
         check_decoder(decoder, subject.teacher.config)
-    names = evaluated_splits(subject)
+    names = evaluated_splits(subject) if splits is None else list(splits)
     count = max(settings.max_examples, settings.decoding_examples)
     data = {name: subject.task_data(name, count, settings.seed) for name in names}
     tokens = symbol_tokens(*data.values())  # one table: an OOD split may hold one answer only
@@ -296,15 +318,8 @@ def decoding_results(
         return {kind: DecodingResult(split=split, decoder=kind, skipped=targets) for kind in decoders}
     agreement = split_rasp_agreement(targets, subject.teacher, RASP_EXAMPLES)
     return {
-        kind: DecodingResult(
-            split=split,
-            decoder=kind,
-            num_examples=len(targets),
-            accuracy=accuracy_table(hits, totals),
-            positions=totals,
-            rasp_agreement=agreement,
-        )
-        for kind, (hits, totals) in (result.decoding or {}).items()
+        kind: DecodingResult.from_counts(split, kind, len(targets), counts, agreement)
+        for kind, counts in (result.decoding or {}).items()
     }
 
 

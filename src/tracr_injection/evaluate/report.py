@@ -211,10 +211,24 @@ def baseline_section(comparison: dict[str, Any]) -> str:
         [name, f"L{row['level']}", *(pct(row[s][who]) for s in splits for who in ("map", "baseline_probe"))]
         for name, row in comparison["variables"].items()
     ]
-    return (
+    text = (
         f"## Map decoding beside the baseline's probe (baseline `{comparison['baseline']['name']}`)\n\n"
         "Each variable at the level it is written: through this run's learned map, and through the ridge probe "
         "fitted post hoc on the baseline run.\n\n" + markdown_table(header, rows)
+    )
+    if not splits:
+        return text
+    first = splits[0]
+    columns = ("majority", "map", "baseline_probe", "map_balanced", "baseline_probe_balanced")
+    detail = [[name, f"L{row['level']}", *(pct(row[first].get(c)) for c in columns)]
+              for name, row in comparison["variables"].items()]  # fmt: skip
+    return (
+        text + f"\n\nOn `{first}`, beside the share of the most common true value (what a decoder that knows "
+        "only that value scores) and the balanced accuracies (mean over true values of the share decoded "
+        "right):\n\n" + markdown_table(
+            ["variable", "level", "most common value", "map", "baseline probe", "map balanced",
+             "baseline probe balanced"], detail,
+        )  # fmt: skip
     )
 
 

@@ -140,14 +140,16 @@ def evaluation(run: PlannedRun) -> dict[str, Any]:
     raise FileNotFoundError(f"{run.name} has no evaluation yet.")
 
 
-def written_level_accuracies(metrics: dict[str, Any], decoder: str, split: str) -> dict[str, tuple[int, float]]:
-    """Per teacher variable, (level it is written, decoding accuracy there) for `decoder` (map or probe)."""
-    table = metrics["decoding"][decoder][split]["accuracy"]
-    result = {}
-    for name, by_level in table.items():
-        level = next(i for i, value in enumerate(by_level) if value is not None)
-        result[name] = (level, by_level[level])
-    return result
+def written_level_accuracies(
+    metrics: dict[str, Any], decoder: str, split: str, table: str = "accuracy"
+) -> dict[str, tuple[int, float | None]]:
+    """Per teacher variable, (level it is written, decoding accuracy there) for `decoder` (map or probe); with
+    `table` "majority" or "balanced" that measure instead (None where the evaluation predates it)."""
+    result = metrics["decoding"][decoder][split]
+    levels = {name: next(i for i, v in enumerate(by_level) if v is not None) for name, by_level in
+              result["positions"].items()}  # fmt: skip
+    return {name: (level, result.get(table, {}).get(name, [None] * (level + 1))[level])
+            for name, level in levels.items()}  # fmt: skip
 
 
 def early_gradient_ratio(run: PlannedRun) -> float | None:
@@ -169,7 +171,12 @@ def run_row(run: PlannedRun, baseline: PlannedRun | None) -> dict[str, Any]:
     metrics = evaluation(run)
     split = run.config.eval_split
     ours = written_level_accuracies(metrics, "map", split)
-    theirs = written_level_accuracies(evaluation(baseline), "probe", split) if baseline and is_done(baseline) else {}
+    majority, balanced = (written_level_accuracies(metrics, "map", split, t) for t in ("majority", "balanced"))
+    theirs, theirs_balanced = {}, {}
+    if baseline and is_done(baseline):
+        baseline_metrics = evaluation(baseline)
+        theirs = written_level_accuracies(baseline_metrics, "probe", split)
+        theirs_balanced = written_level_accuracies(baseline_metrics, "probe", split, "balanced")
     return {
         "teacher": run.config.teacher,
         "setting": run.name,
@@ -177,7 +184,11 @@ def run_row(run: PlannedRun, baseline: PlannedRun | None) -> dict[str, Any]:
         "id_task_accuracy": metrics["accuracy"][split]["accuracy"],
         "grad_ratio_early": early_gradient_ratio(run),
         "variables": {
-            name: {"level": level, "map_id": value, "baseline_probe_id": theirs.get(name, (level, None))[1]}
+            name: {
+                "level": level, "map_id": value, "baseline_probe_id": theirs.get(name, (level, None))[1],
+                "majority_id": majority[name][1], "map_balanced_id": balanced[name][1],
+                "baseline_probe_balanced_id": theirs_balanced.get(name, (level, None))[1],
+            }  # fmt: skip
             for name, (level, value) in ours.items()
         },
     }
@@ -224,10 +235,10 @@ def write_summary(rows: Sequence[dict[str, Any]], folder: Path) -> None:
     """summary.md / summary.csv (a line per run and variable) and summary.png (map decoding per variable and
     setting, per teacher, with the ID accuracy)."""
     folder.mkdir(parents=True, exist_ok=True)
-    header = ["teacher", "setting", "steps", "id_task_accuracy", "grad_ratio_early", "variable", "level",
-              "map_id", "baseline_probe_id"]  # fmt: skip
+    measures = ["map_id", "baseline_probe_id", "majority_id", "map_balanced_id", "baseline_probe_balanced_id"]
+    header = ["teacher", "setting", "steps", "id_task_accuracy", "grad_ratio_early", "variable", "level", *measures]
     lines = [
-        [row[k] for k in header[:5]] + [name, v["level"], v["map_id"], v["baseline_probe_id"]]
+        [row[k] for k in header[:5]] + [name, v["level"]] + [v.get(m) for m in measures]
         for row in rows
         for name, v in row["variables"].items()
     ]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tracr_injection.evaluate.compare import compare_runs
-from tracr_injection.evaluate.pipeline import EvalSettings, add_readout, evaluate_target
+from tracr_injection.evaluate.pipeline import EvalSettings, add_split_parts, evaluate_target
 from tracr_injection.experiments.budgets import Budget, get_budget
 from tracr_injection.inject.config import METHODS, TrainConfig
 from tracr_injection.inject.run import RunFolder, versions
@@ -240,7 +240,7 @@ def execute_run(run: PlannedRun, settings: EvalSettings, progress: bool, baselin
         evaluate_target(run.out, settings=settings, progress=progress, baseline=baseline)
         update_record(run.out, eval_seconds=round(time.perf_counter() - began, 1), state="evaluated")
     if "readout" not in json.loads(run.folder.evaluation_file.read_text()):
-        add_readout(run.out, progress=progress)  # evaluated before the readout existed
+        add_split_parts(run.out, progress=progress)  # evaluated before the readout existed
 
 
 def eval_settings(budget: Budget) -> EvalSettings:

@@ -3,8 +3,9 @@
 In: an LM, a split's `TaskData` built with the teacher, the layer mapping (teacher level i <-> LM
 `hidden_states[layer_map[i]]`) and a `LinearDecoder` (an injected run's `AlignmentMap`, the same at every
 level, or a per-level probe).  Out: the hidden states and teacher residuals at real positions per aligned
-level (`aligned_batches`), and per variable and level the number of positions decoded right and compared
-(`decode_counts`, `accuracy_table`).  Training logs the map's decoding with these functions
+level (`aligned_batches`), and per variable, level and true value the number of positions decoded right and
+compared (`decode_counts`), summarised as accuracy, the most common value's share and balanced accuracy
+(`accuracy_table`, `majority_table`, `balanced_table`).  Training logs the map's decoding with these functions
 (`inject.probing`) and `evaluate.decoding` builds its evaluation on them, so both read a variable the same
 way.
 
@@ -225,9 +226,10 @@ def value_classes(values: Sequence[Any]) -> torch.Tensor:
 
 def variable_counts(
     decoded_N: torch.Tensor, truth_N: torch.Tensor, classes_V: torch.Tensor
-) -> tuple[int, int]:
-    """(correct decodes, compared positions) of one variable: compared where the truth is not None, correct
-    where the decoded value equals it (index tensors from `decoded_indices` and `true_indices`)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct decodes, compared positions) of one variable, each a count per true value [V + 1]: compared
+    where the truth is not None, correct where the decoded value equals it (index tensors from
+    `decoded_indices` and `true_indices`); the last count holds the truths off the value list."""
 
     def classes(index_N: torch.Tensor) -> torch.Tensor:
         return torch.where(index_N >= 0, classes_V[index_N.clamp(min=0)], index_N)
@@ -235,25 +237,33 @@ def variable_counts(
     truth_class_N, decoded_class_N = classes(truth_N), classes(decoded_N)
     compared_N = truth_class_N != NO_VALUE
     correct_N = compared_N & (decoded_class_N == truth_class_N)
-    return int(correct_N.sum()), int(compared_N.sum())
+    bins = len(classes_V) + 1
+    slot_N = torch.where(truth_class_N == OFF_VALUES, bins - 1, truth_class_N)
+    totals_K = torch.bincount(slot_N[compared_N], minlength=bins)
+    return torch.bincount(slot_N[correct_N], minlength=bins), totals_K
 
 
-def empty_table(config: TeacherConfig) -> dict[str, list[int | None]]:
-    """Per variable and level a zero counter, None at levels before the variable is written."""
+Tally = dict[str, list[torch.Tensor | None]]  # per variable and level, counts per true value (None: unwritten)
+
+
+def empty_table(config: TeacherConfig) -> Tally:
+    """Per variable and level zero counts per true value, None at levels before the variable is written."""
     return {
-        v.name: [None if level < v.level else 0 for level in range(config.num_levels)]
+        v.name: [None if level < v.level else torch.zeros(len(v.values) + 1, dtype=torch.long)
+                 for level in range(config.num_levels)]
         for v in config.variables
-    }
+    }  # fmt: skip
 
 
 def count_batch(
     batch: AlignedBatch,
     decoder: LinearDecoder,
     teacher: TeacherModel,
-    hits: dict[str, list[int | None]],
-    totals: dict[str, list[int | None]],
+    hits: Tally,
+    totals: Tally,
 ) -> None:
-    """Add one batch's correct decodes and compared positions (truth not None) per variable and level."""
+    """Add one batch's correct decodes and compared positions (truth not None) per variable, level and true
+    value."""
     config = teacher.config
     reference = reference_dims(config)
     classes = {var.name: value_classes(var.values) for var in config.variables}
@@ -264,23 +274,54 @@ def count_batch(
             if level < var.level:
                 continue
             truth_N = true_indices(batch.targets_LNT[level], var)
-            correct, compared = variable_counts(decoded_indices(mapped_NT, scale_N, var), truth_N, classes[var.name])
-            hits[var.name][level] += correct
-            totals[var.name][level] += compared
+            correct_K, compared_K = variable_counts(
+                decoded_indices(mapped_NT, scale_N, var), truth_N, classes[var.name]
+            )
+            hits[var.name][level] += correct_K
+            totals[var.name][level] += compared_K
 
 
 def decode_counts(
     batches: Iterable[AlignedBatch], decoder: LinearDecoder, teacher: TeacherModel
-) -> tuple[dict[str, list[int | None]], dict[str, list[int | None]]]:
-    """(correct, compared) per variable and level over `batches`; None before a variable is written."""
+) -> tuple[Tally, Tally]:
+    """(correct, compared) per variable, level and true value over `batches`; None before a variable is
+    written."""
     hits, totals = empty_table(teacher.config), empty_table(teacher.config)
     for batch in batches:
         count_batch(batch, decoder, teacher, hits, totals)
     return hits, totals
 
 
-def accuracy_table(
-    hits: dict[str, list[int | None]], totals: dict[str, list[int | None]]
-) -> dict[str, list[float | None]]:
+def accuracy_table(hits: Tally, totals: Tally) -> dict[str, list[float | None]]:
     """Correct / compared per variable and level (None where not written or nothing was compared)."""
-    return {name: [None if not t else h / t for h, t in zip(hits[name], totals[name])] for name in totals}
+    return {
+        name: [None if t is None or not t.sum() else int(h.sum()) / int(t.sum()) for h, t in zip(hits[name], row)]
+        for name, row in totals.items()
+    }
+
+
+def position_table(totals: Tally) -> dict[str, list[int | None]]:
+    """Positions compared per variable and level (None where not written)."""
+    return {name: [None if t is None else int(t.sum()) for t in counts] for name, counts in totals.items()}
+
+
+def majority_table(totals: Tally) -> dict[str, list[float | None]]:
+    """The accuracy of always answering the most common true value, per variable and level: the floor a
+    decoder must rise above to carry information about the variable (most positions of a counter hold 0)."""
+    return {
+        name: [None if t is None or not t.sum() else int(t.max()) / int(t.sum()) for t in counts]
+        for name, counts in totals.items()
+    }
+
+
+def balanced_table(hits: Tally, totals: Tally) -> dict[str, list[float | None]]:
+    """Per variable and level the mean over the true values present of the share decoded right (balanced
+    accuracy): a decoder that only knows the most common value scores 1 / (values present)."""
+    table = {}
+    for name, counts in totals.items():
+        row = []
+        for h, t in zip(hits[name], counts):
+            present = t > 0 if t is not None else None
+            row.append(None if t is None or not present.any() else float((h[present] / t[present]).mean()))
+        table[name] = row
+    return table
