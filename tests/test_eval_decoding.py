@@ -34,7 +34,15 @@ from tracr_injection.evaluate.subject import PRETRAINED, Subject
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.data import TaskData
-from tracr_injection.inject.linear_decoding import NO_VALUE, OFF_VALUES, AlignedBatch, value_classes, variable_counts
+from tracr_injection.inject.linear_decoding import (
+    NO_VALUE,
+    OFF_LABEL,
+    OFF_VALUES,
+    AlignedBatch,
+    value_classes,
+    value_table,
+    variable_counts,
+)
 from tracr_injection.inject.lm import hidden_states
 from tracr_injection.tasks import TokenBridge, get_task
 
@@ -176,6 +184,12 @@ def test_per_value_counts_give_the_hand_computed_majority_and_balanced_accuracy(
     assert position_table(totals) == {"v": [None, 6]}
     assert majority_table(totals) == {"v": [None, 3 / 6]}  # always "0" is as accurate as this decoder
     assert balanced_table(hits, totals)["v"][1] == pytest.approx((2 / 3 + 1 + 0 + 0) / 4)
+    size = toy_config().variable("size")  # numerical 0, 0.5, 1 written at level 1: the same counts as labels
+    sized = {"tokens": [torch.zeros(3, dtype=torch.long)] * 2, "size": [None, hits_K]}
+    sized_totals = {"tokens": [torch.zeros(3, dtype=torch.long)] * 2, "size": [None, totals_K]}
+    assert value_table(sized, sized_totals, toy_config())["size"] == {
+        str(size.values[0]): [2, 3], str(size.values[1]): [1, 1], str(size.values[2]): [0, 1], OFF_LABEL: [0, 1]
+    }
 
 
 def toy_config(reference_label: str = "one") -> TeacherConfig:

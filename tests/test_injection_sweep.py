@@ -82,6 +82,12 @@ def test_the_sweep_runs_publishes_and_writes_the_gate(tmp_path):
         assert values["level"] == comparison["level"]
     summary = (results / "summary.csv").read_text().splitlines()
     assert len(summary) == 1 + 2 * len(gate["variables"]) and (results / "summary.png").stat().st_size > 5000
+    header, first = summary[0].split(","), dict(zip(summary[0].split(","), summary[1].split(",")))
+    assert header[-3:] == ["majority_id", "map_balanced_id", "baseline_probe_balanced_id"]
+    test_split = evaluated["decoding"]["map"]["test"]
+    level = int(first["level"])
+    assert float(first["majority_id"]) == test_split["majority"][first["variable"]][level]
+    assert (results / "by_value.png").stat().st_size > 5000  # the program's many-valued variables by true value
     # again: everything is done, nothing trains (a second worker or a restart skips finished runs)
     again = []
     sweep([teacher], ["m10"], "smoke", model=model, long_setting="auto", long_steps=2, progress=False,

@@ -38,6 +38,7 @@ from tracr_injection.inject.linear_decoding import (  # also imported from here 
     reference_dims,
     reference_scale,
     require_targets,
+    value_table,
 )
 from tracr_injection.tasks import TeacherCannotRepresentError
 
@@ -138,6 +139,7 @@ class DecodingResult:
     """Decoding on one split, per `[variable][level]` (None at levels before the variable is written): the
     accuracy, the positions compared, the most common true value's share (`majority`, what a decoder that
     knows nothing else scores) and the balanced accuracy (mean over true values of the share decoded right);
+    `by_value`: per variable at its written level, [decoded right, positions] per true value;
     the teacher-vs-RASP agreement per variable, or why it was skipped.
     """
 
@@ -148,12 +150,13 @@ class DecodingResult:
     positions: dict[str, list[int | None]] = dataclasses.field(default_factory=dict)
     majority: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
     balanced: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
+    by_value: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
     rasp_agreement: dict[str, float | None] = dataclasses.field(default_factory=dict)
     skipped: str | None = None
 
     @classmethod
     def from_counts(
-        cls, split: str, decoder: str, num_examples: int, counts: tuple[Tally, Tally],
+        cls, split: str, decoder: str, num_examples: int, counts: tuple[Tally, Tally], config: TeacherConfig,
         rasp_agreement: dict[str, float | None],
     ) -> DecodingResult:
         """The result of `decode_counts`'s (hits, totals) on `num_examples` examples of `split`."""
@@ -161,7 +164,8 @@ class DecodingResult:
         return cls(
             split=split, decoder=decoder, num_examples=num_examples, accuracy=accuracy_table(hits, totals),
             positions=position_table(totals), majority=majority_table(totals),
-            balanced=balanced_table(hits, totals), rasp_agreement=rasp_agreement,
+            balanced=balanced_table(hits, totals), by_value=value_table(hits, totals, config),
+            rasp_agreement=rasp_agreement,
         )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,7 +189,7 @@ def decode_split(
     batches = aligned_batches(subject.model, data, subject.layer_map, list(range(len(data))), batch_size)
     counts = decode_counts(batches, decoder, teacher)
     agreement = split_rasp_agreement(data, teacher, rasp_examples)
-    return DecodingResult.from_counts(split, decoder.kind, len(data), counts, agreement)
+    return DecodingResult.from_counts(split, decoder.kind, len(data), counts, teacher.config, agreement)
 
 
 def evaluate_decoding(

@@ -318,7 +318,7 @@ def decoding_results(
         return {kind: DecodingResult(split=split, decoder=kind, skipped=targets) for kind in decoders}
     agreement = split_rasp_agreement(targets, subject.teacher, RASP_EXAMPLES)
     return {
-        kind: DecodingResult.from_counts(split, kind, len(targets), counts, agreement)
+        kind: DecodingResult.from_counts(split, kind, len(targets), counts, subject.teacher.config, agreement)
         for kind, counts in (result.decoding or {}).items()
     }
 

@@ -172,11 +172,12 @@ def run_row(run: PlannedRun, baseline: PlannedRun | None) -> dict[str, Any]:
     split = run.config.eval_split
     ours = written_level_accuracies(metrics, "map", split)
     majority, balanced = (written_level_accuracies(metrics, "map", split, t) for t in ("majority", "balanced"))
-    theirs, theirs_balanced = {}, {}
+    theirs, theirs_balanced, theirs_by_value = {}, {}, {}
     if baseline and is_done(baseline):
         baseline_metrics = evaluation(baseline)
         theirs = written_level_accuracies(baseline_metrics, "probe", split)
         theirs_balanced = written_level_accuracies(baseline_metrics, "probe", split, "balanced")
+        theirs_by_value = baseline_metrics["decoding"]["probe"][split].get("by_value", {})
     return {
         "teacher": run.config.teacher,
         "setting": run.name,
@@ -191,6 +192,9 @@ def run_row(run: PlannedRun, baseline: PlannedRun | None) -> dict[str, Any]:
             }  # fmt: skip
             for name, (level, value) in ours.items()
         },
+        "by_value": {
+            "map": metrics["decoding"]["map"][split].get("by_value", {}), "baseline_probe": theirs_by_value,
+        },  # fmt: skip
     }
 
 
@@ -236,7 +240,8 @@ def write_summary(rows: Sequence[dict[str, Any]], folder: Path) -> None:
     setting, per teacher, with the ID accuracy)."""
     folder.mkdir(parents=True, exist_ok=True)
     measures = ["map_id", "baseline_probe_id", "majority_id", "map_balanced_id", "baseline_probe_balanced_id"]
-    header = ["teacher", "setting", "steps", "id_task_accuracy", "grad_ratio_early", "variable", "level", *measures]
+    header = ["teacher", "setting", "steps", "id_task_accuracy", "grad_ratio_early", "variable", "level",
+              *measures]  # fmt: skip
     lines = [
         [row[k] for k in header[:5]] + [name, v["level"]] + [v.get(m) for m in measures]
         for row in rows
@@ -248,6 +253,7 @@ def write_summary(rows: Sequence[dict[str, Any]], folder: Path) -> None:
     md += ["| " + " | ".join(cell_text(c) for c in line) + " |" for line in lines]
     (folder / "summary.md").write_text("\n".join(md) + "\n")
     plot_summary(rows, folder / "summary.png")
+    plot_by_value(rows, folder / "by_value.png")
 
 
 def cell_text(value: Any) -> str:
@@ -276,6 +282,51 @@ def plot_summary(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=6)
         ax.set_yticks(range(len(mine)), [r["setting"] for r in mine], fontsize=7)
         ax.set_title(f"{teacher}: ID task accuracy and ID map decoding at the level written (%)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+BY_VALUE_MIN_POSITIONS = 5  # a true value held at fewer ID positions is left out of by_value.png
+
+
+def counted_values(by_value: dict[str, list[int]]) -> list[tuple[float, float]]:
+    """(value, share decoded right) for the numeric true values held at enough positions, in value order."""
+    points = [(float(v), h / t) for v, (h, t) in by_value.items()
+              if t >= BY_VALUE_MIN_POSITIONS and v.lstrip("-").replace(".", "", 1).isdigit()]  # fmt: skip
+    return sorted(points)
+
+
+def plot_by_value(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Per teacher and many-valued variable (counts, differences), ID decoding accuracy by true value: each
+    finished setting's map beside the baseline's probe.  A decoder that knows only the most common value (0
+    at most positions) is right there and nowhere else."""
+    panels = []
+    for teacher in sorted({r["teacher"] for r in rows}):
+        mine = [r for r in rows if r["teacher"] == teacher and r.get("by_value", {}).get("map")]
+        if mine:
+            names = [n for n, by in mine[0]["by_value"]["map"].items() if len(counted_values(by)) > 2]
+            panels += [(teacher, name, mine) for name in names]
+    if not panels:
+        return
+    cols = min(4, len(panels))
+    lines = -(-len(panels) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(3.4 * cols, 2.6 * lines), squeeze=False)
+    for ax, (teacher, name, mine) in zip(axes.flat, panels):
+        for row in mine:
+            points = counted_values(row["by_value"]["map"].get(name, {}))
+            ax.plot(*zip(*points), marker=".", lw=1, label=f"{row['setting']} (map)")
+        probe = counted_values(mine[0]["by_value"]["baseline_probe"].get(name, {}))
+        if probe:
+            ax.plot(*zip(*probe), color="k", ls="--", marker="x", lw=1, label="baseline probe")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{teacher}: {name}", fontsize=7)
+        ax.set_xlabel("true value", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes.flat[0].set_ylabel("ID decoding accuracy", fontsize=7)
+    axes.flat[0].legend(fontsize=5)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,8 +4,8 @@ In: an LM, a split's `TaskData` built with the teacher, the layer mapping (teach
 `hidden_states[layer_map[i]]`) and a `LinearDecoder` (an injected run's `AlignmentMap`, the same at every
 level, or a per-level probe).  Out: the hidden states and teacher residuals at real positions per aligned
 level (`aligned_batches`), and per variable, level and true value the number of positions decoded right and
-compared (`decode_counts`), summarised as accuracy, the most common value's share and balanced accuracy
-(`accuracy_table`, `majority_table`, `balanced_table`).  Training logs the map's decoding with these functions
+compared (`decode_counts`), summarised as accuracy, the most common value's share, balanced accuracy and
+per true value at the written level (`accuracy_table`, `majority_table`, `balanced_table`, `value_table`).  Training logs the map's decoding with these functions
 (`inject.probing`) and `evaluate.decoding` builds its evaluation on them, so both read a variable the same
 way.
 
@@ -324,4 +324,18 @@ def balanced_table(hits: Tally, totals: Tally) -> dict[str, list[float | None]]:
             present = t > 0 if t is not None else None
             row.append(None if t is None or not present.any() else float((h[present] / t[present]).mean()))
         table[name] = row
+    return table
+
+
+OFF_LABEL = "off"  # `value_table`'s label of the truths off a numerical variable's value list
+
+
+def value_table(hits: Tally, totals: Tally, config: TeacherConfig) -> dict[str, dict[str, list[int]]]:
+    """Per variable at the level it is written, `{value: [decoded right, positions]}` for every true value
+    present (keyed by `str(value)`, `OFF_LABEL` for truths off the value list): where decoding fails."""
+    table = {}
+    for var in config.variables:
+        h, t = hits[var.name][var.level], totals[var.name][var.level]
+        labels = [str(v) for v in var.values] + [OFF_LABEL]
+        table[var.name] = {labels[k]: [int(h[k]), int(t[k])] for k in t.nonzero().flatten().tolist()}
     return table
