@@ -32,12 +32,13 @@ from tracr_injection.experiments.budgets import CPU, Budget, get_budget
 from tracr_injection.experiments.reproduce import (
     PlannedRun,
     eval_settings,
+    plan_runs,
     publish_evaluated,
     run_claimed,
     status_rows,
 )
 from tracr_injection.experiments.settings import GATE, inject_setting
-from tracr_injection.inject.config import METHODS, TrainConfig
+from tracr_injection.inject.config import METHODS
 from tracr_injection.inject.probing import accuracy_series, plot_accuracy_curves, read_probe_lines
 from tracr_injection.inject.run import ACCURACY_PLOT, versions
 
@@ -88,16 +89,11 @@ def plan_ood(
     model: str = "smollm2",
     task: str = TASK,
 ) -> list[PlannedRun]:
-    """Seed by seed, baseline then inject (the chosen setting's overrides); both with the chosen teacher."""
-    runs = []
-    for seed in range(seeds):
-        for method in METHODS:
-            name = f"{task}-{method}-s{seed}"
-            fields = {**budget.train_fields(task), **(choice["overrides"] if method == "inject" else {})}
-            config = TrainConfig(task=task, teacher=choice["teacher"], method=method, model=model, seed=seed,
-                                 out=str(runs_root / budget.name / name), **fields)  # fmt: skip
-            runs.append(PlannedRun(task, method, seed, config, results_root / "runs" / name))
-    return runs
+    """Seed by seed, baseline then inject (the chosen setting's overrides); both with the chosen teacher;
+    published to `results_root/runs/<run>`."""
+    return plan_runs(
+        [task], seeds, budget, runs_root, model, results_root, setting=choice, published_root=results_root
+    )
 
 
 def summary(paired: Mapping[str, Any], task: str, examples_per_split: int) -> dict[str, Any]:

@@ -76,11 +76,14 @@ def plan_runs(
     methods: Sequence[str] = METHODS,
     alignment_scales: Mapping[str, float] | None = None,
     setting: Mapping[str, Any] | None = None,
+    published_root: Path | None = None,
 ) -> list[PlannedRun]:
     """Every run of the experiment: seed by seed, each task in turn, baseline before inject, so an
     experiment stopped part-way has covered every task before it repeats one with a new seed.
     `alignment_scales` (see `TrainConfig`) and the chosen `setting`'s overrides (`settings.inject_setting`)
-    go to the inject runs (the baseline has no alignment); both methods train with the setting's teacher."""
+    go to the inject runs (the baseline has no alignment); both methods train with the setting's teacher.
+    Runs are published to `published_root/runs/<run>` (default `results_root/<budget>`)."""
+    published = published_root if published_root is not None else results_root / budget.name
     runs = []
     teacher = setting.get("teacher") if setting else None
     for seed in range(seeds):
@@ -96,7 +99,7 @@ def plan_runs(
                     task=task, method=method, model=model, seed=seed, out=str(runs_root / budget.name / name),
                     teacher=teacher, **fields,
                 )  # fmt: skip
-                runs.append(PlannedRun(task, method, seed, config, results_root / budget.name / "runs" / name))
+                runs.append(PlannedRun(task, method, seed, config, published / "runs" / name))
     return runs
 
 
