@@ -68,6 +68,9 @@ def test_the_sweep_runs_publishes_and_writes_the_gate(tmp_path):
         assert {"metrics.json", "manifest.json", "reproduce.json", "metrics.jsonl", "probes.png"} <= {
             p.name for p in published.iterdir()
         }, name
+    precision = {n: json.loads((results / teacher / n / "manifest.json").read_text())["config"]["mixed_precision"]
+                 for n in ("m10", "long-m10")}  # fmt: skip
+    assert precision == {"m10": "no", "long-m10": "bf16"}  # the long run trains in bf16, the sweep's runs in fp32
     evaluated = json.loads((results / teacher / "m10" / "metrics.json").read_text())
     assert "baseline_comparison" in evaluated  # the baseline was evaluated first
     gate = json.loads((results / "gate.json").read_text())
