@@ -159,6 +159,10 @@ def test_equal_weighting_gives_each_variable_a_one_hots_norm_in_the_cosine():
     rows = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]])
     scales = equal_variable_scales(config, rows)
     assert scales == {"a": 1.0, "b": pytest.approx(2.0)}  # mean ||a||^2 = 1, mean b^2 = 0.25
+    counts = torch.tensor([[1.0, 0.0, 3 / 128], [0.0, 1.0, 1 / 128]])  # a count x 1/128, as the authors' teacher's
+    assert equal_variable_scales(config, counts)["b"] == pytest.approx(1 / math.sqrt(5 / 128**2))  # 57, not capped
+    tiny = torch.tensor([[1.0, 0.0, 1e-4], [0.0, 1.0, 0.0]])
+    assert equal_variable_scales(config, tiny)["b"] == 100.0  # a variable almost always 0: bounded
     dim_scales = combined_dim_scales(config, scales, torch.tensor([1.0, 3.0, 1.0]))  # on top of a stretch
     assert dim_scales.tolist() == pytest.approx([1.0, 3.0, 2.0])
     mapped, target = torch.tensor([[[1.0, 0.0, 0.0]]]), torch.tensor([[[1.0, 0.0, 0.5]]])
