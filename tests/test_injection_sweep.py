@@ -85,6 +85,7 @@ def test_the_sweep_runs_publishes_and_writes_the_gate(tmp_path):
         assert values["level"] == comparison["level"]
     summary = (results / "summary.csv").read_text().splitlines()
     assert len(summary) == 1 + 2 * len(gate["variables"]) and (results / "summary.png").stat().st_size > 5000
+    assert (results / "curves.png").stat().st_size > 5000  # decoding vs step of the variables below 95%
     header, first = summary[0].split(","), dict(zip(summary[0].split(","), summary[1].split(",")))
     assert header[-3:] == ["majority_id", "map_balanced_id", "baseline_probe_balanced_id"]
     test_split = evaluated["decoding"]["map"]["test"]

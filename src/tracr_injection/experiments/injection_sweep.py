@@ -5,7 +5,8 @@ run's setting.  Out: per teacher, run folders under `runs/injection/<teacher>/<s
 run is evaluated, `results/injection/<teacher>/<setting>/` (its evaluation without weights, manifest,
 reproduce record with the train command and wall times, metrics.jsonl with the probe lines, probes.png);
 `results/injection/summary.{md,csv,png}` over every finished run (final ID map decoding per variable, ID
-task accuracy, the alignment's early-block gradient over the task's) and `results/injection/gate.json` for
+task accuracy, the alignment's early-block gradient over the task's), `curves.png` (ID map decoding vs step of
+every lagging variable and finished run) and `results/injection/gate.json` for
 the setting chosen by in-distribution decoding and accuracy only.  The plan is every teacher's baseline (the
 post-hoc probe the gate compares with), then setting by setting one run per teacher, then per teacher a long
 run (`LONG_STEPS`) of one setting: named, or `auto` (the best finished one).  Runs are claimed, resumed and skipped exactly as `reproduce`'s
@@ -39,7 +40,7 @@ from tracr_injection.experiments.reproduce import (
 )
 from tracr_injection.experiments.settings import SETTINGS
 from tracr_injection.inject.config import TrainConfig
-from tracr_injection.inject.probing import read_probe_lines
+from tracr_injection.inject.probing import probe_series, read_probe_lines
 from tracr_injection.inject.run import versions
 
 TASK = "dyck"
@@ -334,6 +335,55 @@ def plot_by_value(rows: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def decoding_curves(run: PlannedRun) -> dict[str, list[tuple[int, float]]]:
+    """Per teacher variable, the ID map decoding of the run's probe lines as [(step, accuracy)]."""
+    for folder in (run.published_folder, run.folder):
+        if folder.metrics_file.is_file():
+            series = probe_series(read_probe_lines(folder.metrics_file), "decode")
+            return {name: points for (split, name), points in series.items() if split == run.config.eval_split}
+    return {}
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], runs: Sequence[PlannedRun], path: Path) -> None:
+    """Per teacher and lagging variable (below the gate's 95% at the end of some finished run), ID map decoding
+    vs training step for every finished run (the long runs show how it grows with steps), with the baseline's
+    post-hoc probe (dashed) and the most common value's share (dotted) at the end."""
+    by_name = {(r.config.teacher, r.name): r for r in runs}
+    panels = []
+    for teacher in sorted({r["teacher"] for r in rows}):
+        mine = [r for r in rows if r["teacher"] == teacher]
+        lagging = [n for n in mine[0]["variables"]
+                   if any((r["variables"].get(n, {}).get("map_id") or 0.0) < GATE_DECODING for r in mine)]  # fmt: skip
+        curves = {r["setting"]: decoding_curves(by_name[(teacher, r["setting"])]) for r in mine}
+        panels += [(teacher, name, mine, curves) for name in lagging]
+    if not panels:
+        return
+    cols = min(6, len(panels))
+    lines = -(-len(panels) // cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(2.9 * cols, 2.3 * lines), squeeze=False)
+    for ax, (teacher, name, mine, curves) in zip(axes.flat, panels):
+        for row in mine:
+            if points := curves[row["setting"]].get(name):
+                ax.plot(*zip(*points), lw=1, label=row["setting"])
+        ends = mine[0]["variables"][name]
+        if ends.get("baseline_probe_id") is not None:
+            ax.axhline(ends["baseline_probe_id"], color="k", ls="--", lw=0.8, label="baseline probe")
+        if ends.get("majority_id") is not None:
+            ax.axhline(ends["majority_id"], color="grey", ls=":", lw=0.8, label="most common value")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{teacher}: {name}", fontsize=6)
+        ax.tick_params(labelsize=6)
+        if name == next(n for t, n, *_ in panels if t == teacher):  # each teacher's first panel
+            ax.legend(fontsize=5)
+    axes.flat[0].set_ylabel("ID map decoding", fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.supxlabel("training step", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_gate(rows: Sequence[dict[str, Any]], runs: Sequence[PlannedRun], path: Path) -> dict[str, Any] | None:
     """`gate.json` for the preferred finished setting (`choice_key`), None before any finished inject run."""
     best = best_setting(rows)
@@ -383,6 +433,7 @@ def publish_sweep(
     publish_evaluated(runs)
     rows = summary_rows(report)
     write_summary(rows, results_root)
+    plot_curves(rows, report, results_root / "curves.png")
     write_gate(rows, report, results_root / "gate.json")
     (results_root / "experiment.json").write_text(
         json.dumps(
