@@ -22,6 +22,7 @@ from tracr_injection.experiments.injection_sweep import (
 from tracr_injection.experiments.reproduce import run_state
 from tracr_injection.experiments.settings import SETTINGS
 from tracr_injection.hub import load_tokenizer
+from tracr_injection.inject.run import LOCK_NAME
 
 pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")
 
@@ -103,6 +104,29 @@ def test_the_sweep_runs_publishes_and_writes_the_gate(tmp_path):
     rows = (results / "summary.csv").read_text().splitlines()[1:]
     assert {line.split(",")[1] for line in rows} == {"m10", "long-m10", "m1"}
     assert len(json.loads((results / "experiment.json").read_text())["runs"]) == 2 + len(SETTINGS)
+
+def test_the_long_run_is_left_to_the_worker_that_ends_the_teachers_last_run(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    model = save_tiny_llama(tmp_path / "tiny", load_tokenizer("smollm2"), num_hidden_layers=6)
+    roots = {"runs_root": tmp_path / "runs", "results_root": tmp_path / "results"}
+    held = tmp_path / "runs" / "reverse_trigger" / "m30"
+    held.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (held / LOCK_NAME).write_text(f"{socket.gethostname()}:{other.pid}")  # another worker trains m30
+        seen = []
+        sweep(["reverse_trigger"], ["m10", "m30"], "smoke", model=model, long_setting="auto", long_steps=2,
+              progress=False, task="reverse", on_run=lambda run, state: seen.append((run.name, state)), **roots)  # fmt: skip
+    finally:
+        other.kill()
+        other.wait()
+    assert [name for name, _ in seen] == [BASELINE, "m10", "m30"] and seen[2][1].startswith("running elsewhere")
+    # `auto` is not resolved over m10 alone: the worker that ends m30 resolves it over both
+    assert not [p.name for p in (tmp_path / "runs" / "reverse_trigger").iterdir() if p.name.startswith("long-")]
+
 
 def test_sweep_status_prints_the_plan_and_rejects_unknown_names(tmp_path):
     common = ["sweep", "--runs-root", str(tmp_path), "--results", str(tmp_path)]

@@ -33,6 +33,7 @@ from tracr_injection.experiments.reproduce import (
     DONE_STATES,
     PlannedRun,
     eval_settings,
+    lock_holder,
     publish_evaluated,
     run_claimed,
     run_state,
@@ -501,7 +502,8 @@ def sweep(
     task: str = TASK,
 ) -> Path:
     """Bring every planned run to 'evaluated' (skipping finished runs and runs another live process holds),
-    publishing after each; each teacher's long run is resolved once its sweep runs are taken."""
+    publishing after each; each teacher's long run is resolved by the worker that ends its last sweep run
+    (`long_is_due`)."""
     budget = sweep_budget(budget_name)
     runs = plan_sweep(teachers, settings, budget, runs_root, results_root, model, task)
     roots = (runs_root, results_root)
@@ -510,12 +512,22 @@ def sweep(
         run = pending.pop(0)
         execute_planned(run, runs, budget, on_run, progress)
         publish_sweep(runs, reported_runs(runs, budget, roots, long_steps), results_root, budget, command)
-        if not any(r.config.teacher == run.config.teacher for r in pending) and not run.name.startswith(LONG_PREFIX):
+        if long_is_due(run, pending, runs):
             extra = resolve_long(run.config.teacher, long_setting, runs, budget, roots, model, long_steps)
             if extra is not None:
                 runs.append(extra)
                 pending.insert(0, extra)
     return publish_sweep(runs, reported_runs(runs, budget, roots, long_steps), results_root, budget, command)
+
+
+def long_is_due(run: PlannedRun, pending: Sequence[PlannedRun], runs: Sequence[PlannedRun]) -> bool:
+    """Whether this worker resolves the long run of `run`'s teacher now: `run` was the teacher's last sweep run
+    left here and no other live process still holds one of them.  So `auto` is resolved once, by the worker
+    that finishes the teacher's last run, over all of them (not by each worker over what it saw finished)."""
+    teacher = run.config.teacher
+    if run.name.startswith(LONG_PREFIX) or any(r.config.teacher == teacher for r in pending):
+        return False
+    return not any(lock_holder(r) is not None for r in runs if r.config.teacher == teacher)
 
 
 def execute_planned(
