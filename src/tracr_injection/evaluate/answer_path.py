@@ -34,15 +34,14 @@ from tracr_injection.evaluate.subject import Subject
 from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.answers import answer_positions, answers_hit
 from tracr_injection.inject.data import TaskData
-from tracr_injection.inject.levers import combined_dim_scales
 from tracr_injection.inject.lm import decoder_blocks, hidden_states
 from tracr_injection.inject.objective import (
     InjectionObjective,
     RunParts,
-    alignment_dim_scales,
     detach_and_roll,
     first_answer_positions,
     output_projector,
+    run_dim_scales,
     teacher_inside,
 )
 from tracr_injection.inject.probing import block_groups, term_gradient_norms
@@ -123,12 +122,11 @@ def run_objective(subject: Subject, data: TaskData) -> InjectionObjective:
     """The run's training objective (its recorded config) over the subject's model and map; no KL term."""
     config, teacher_config = subject.manifest.config, subject.teacher.config
     variable_scales = subject.manifest.alignment_variable_scales or {}  # "equal" weighting, as trained
-    dim_scales = alignment_dim_scales(teacher_config, config.alignment_scales)
     parts = RunParts(
         model=subject.model, tokenizer=subject.tokenizer, amap=subject.amap, data=data, kl_cache=None,
         layer_map=subject.layer_map, roll_block=subject.block, output_dims=subject.output_dims,
         dim_levels=data.targets.dim_levels, teacher=subject.teacher, variable_scales=variable_scales,
-        dim_scales=combined_dim_scales(teacher_config, variable_scales, dim_scales),
+        dim_scales=run_dim_scales(teacher_config, config.alignment_scales, variable_scales),
     )  # fmt: skip
     return InjectionObjective(config, parts)
 

@@ -28,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from tracr_injection.evaluate.pipeline import written_level, written_value
 from tracr_injection.experiments.budgets import CPU_PRECISION, Budget, get_budget
 from tracr_injection.experiments.reproduce import (
     DONE_STATES,
@@ -150,10 +151,8 @@ def written_level_accuracies(
     """Per teacher variable, (level it is written, decoding accuracy there) for `decoder` (map or probe); with
     `table` "majority" or "balanced" that measure instead (None where the evaluation predates it)."""
     result = metrics["decoding"][decoder][split]
-    levels = {name: next(i for i, v in enumerate(by_level) if v is not None) for name, by_level in
-              result["positions"].items()}  # fmt: skip
-    return {name: (level, result.get(table, {}).get(name, [None] * (level + 1))[level])
-            for name, level in levels.items()}  # fmt: skip
+    levels = {name: written_level(positions) for name, positions in result["positions"].items()}
+    return {name: (level, written_value(result, table, name, level)) for name, level in levels.items()}
 
 
 def early_gradient_ratio(run: PlannedRun) -> float | None:
@@ -286,8 +285,23 @@ def plot_summary(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=6)
         ax.set_yticks(range(len(mine)), [r["setting"] for r in mine], fontsize=7)
         ax.set_title(f"{teacher}: ID task accuracy and ID map decoding at the level written (%)", fontsize=9)
+    save_figure(fig, path, 120)
+
+
+def panel_grid(panels: int, cols: int, width: float, height: float) -> tuple[Any, list[Any]]:
+    """A figure with `panels` axes in rows of `cols` (each width x height inches), the unused ones hidden."""
+    cols = min(cols, panels)
+    fig, axes = plt.subplots(-(-panels // cols), cols, figsize=(width * cols, height * -(-panels // cols)),
+                             squeeze=False)  # fmt: skip
+    for ax in list(axes.flat)[panels:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:panels]
+
+
+def save_figure(fig: Any, path: Path, dpi: int) -> None:
+    """Lay out, write and close a figure."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -313,10 +327,8 @@ def plot_by_value(rows: Sequence[dict[str, Any]], path: Path) -> None:
             panels += [(teacher, name, mine) for name in names]
     if not panels:
         return
-    cols = min(4, len(panels))
-    lines = -(-len(panels) // cols)
-    fig, axes = plt.subplots(lines, cols, figsize=(3.4 * cols, 2.6 * lines), squeeze=False)
-    for ax, (teacher, name, mine) in zip(axes.flat, panels):
+    fig, axes = panel_grid(len(panels), 4, 3.4, 2.6)
+    for ax, (teacher, name, mine) in zip(axes, panels):
         for row in mine:
             points = counted_values(row["by_value"]["map"].get(name, {}))
             ax.plot(*zip(*points), marker=".", lw=1, label=f"{row['setting']} (map)")
@@ -327,13 +339,9 @@ def plot_by_value(rows: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_title(f"{teacher}: {name}", fontsize=7)
         ax.set_xlabel("true value", fontsize=7)
         ax.tick_params(labelsize=6)
-    axes.flat[0].set_ylabel("ID decoding accuracy", fontsize=7)
-    axes.flat[0].legend(fontsize=5)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    axes[0].set_ylabel("ID decoding accuracy", fontsize=7)
+    axes[0].legend(fontsize=5)
+    save_figure(fig, path, 120)
 
 
 def decoding_curves(run: PlannedRun) -> dict[str, list[tuple[int, float]]]:
@@ -359,10 +367,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], runs: Sequence[PlannedRun], path
         panels += [(teacher, name, mine, curves) for name in lagging]
     if not panels:
         return
-    cols = min(6, len(panels))
-    lines = -(-len(panels) // cols)
-    fig, axes = plt.subplots(lines, cols, figsize=(2.9 * cols, 2.3 * lines), squeeze=False)
-    for ax, (teacher, name, mine, curves) in zip(axes.flat, panels):
+    fig, axes = panel_grid(len(panels), 6, 2.9, 2.3)
+    for ax, (teacher, name, mine, curves) in zip(axes, panels):
         for row in mine:
             if points := curves[row["setting"]].get(name):
                 ax.plot(*zip(*points), lw=1, label=row["setting"])
@@ -376,13 +382,9 @@ def plot_curves(rows: Sequence[dict[str, Any]], runs: Sequence[PlannedRun], path
         ax.tick_params(labelsize=6)
         if name == next(n for t, n, *_ in panels if t == teacher):  # each teacher's first panel
             ax.legend(fontsize=5)
-    axes.flat[0].set_ylabel("ID map decoding", fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
+    axes[0].set_ylabel("ID map decoding", fontsize=7)
     fig.supxlabel("training step", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, 110)
 
 
 def write_gate(rows: Sequence[dict[str, Any]], runs: Sequence[PlannedRun], path: Path) -> dict[str, Any] | None:

@@ -5,9 +5,9 @@ In: an LM, a split's `TaskData` built with the teacher, the layer mapping (teach
 level, or a per-level probe).  Out: the hidden states and teacher residuals at real positions per aligned
 level (`aligned_batches`), and per variable, level and true value the number of positions decoded right and
 compared (`decode_counts`), summarised as accuracy, the most common value's share, balanced accuracy and
-per true value at the written level (`accuracy_table`, `majority_table`, `balanced_table`, `value_table`).  Training logs the map's decoding with these functions
-(`inject.probing`) and `evaluate.decoding` builds its evaluation on them, so both read a variable the same
-way.
+per true value at the written level (`accuracy_table`, `majority_table`, `balanced_table`, `value_table`).
+Training logs the map's decoding with these functions (`inject.probing`) and `evaluate.decoding` builds its
+evaluation on them, so both read a variable the same way.
 
 The map is trained with a cosine loss, so `A h` is right only up to a positive factor per position;
 decoding is scale-invariant: a categorical variable is the argmax over its dims (no threshold), a

@@ -43,7 +43,7 @@ from tracr_injection.inject.answers import answer_positions
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.kl_cache import KLCache, KLCacheError
-from tracr_injection.inject.levers import applied_factor, balance_ratio, smoothed_ratio
+from tracr_injection.inject.levers import applied_factor, balance_ratio, combined_dim_scales, smoothed_ratio
 from tracr_injection.inject.lm import decoder_blocks, edit_block_output, hidden_states, logits_at
 from tracr_injection.inject.probing import term_gradient_norms
 
@@ -289,6 +289,15 @@ def alignment_loss(
         mapped_BPD = amap(hidden_states[hidden_index])
         per_level.append(level_alignment(mapped_BPD, target_BPD, mask_BP, dim_scales_D))
     return torch.stack(per_level).sum(), per_level
+
+
+def run_dim_scales(
+    teacher_config: TeacherConfig, scales: Mapping[str, float], variable_scales: Mapping[str, float]
+) -> torch.Tensor | None:
+    """A run's per-dim alignment factors: its `--alignment-scale` stretches (`alignment_dim_scales`) times its
+    "equal" weighting's (`variable_scales`); None for the plain cosine.  Training and the answer path's rebuilt
+    objective both take them from here."""
+    return combined_dim_scales(teacher_config, variable_scales, alignment_dim_scales(teacher_config, scales))
 
 
 def alignment_dim_scales(teacher_config: TeacherConfig, scales: Mapping[str, float]) -> torch.Tensor | None:

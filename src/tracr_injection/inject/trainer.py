@@ -42,13 +42,12 @@ from tracr_injection.inject.data import TaskData, batch_positions
 from tracr_injection.inject.kl_cache import load_or_build_kl_cache
 from tracr_injection.inject.levers import (
     clip_terms_into_grads,
-    combined_dim_scales,
     equal_variable_scales,
     lstsq_map_init,
     target_rows,
 )
 from tracr_injection.inject.lm import hidden_size, layer_mapping, load_causal_lm, num_blocks, vocab_size
-from tracr_injection.inject.objective import InjectionObjective, RunParts, alignment_dim_scales
+from tracr_injection.inject.objective import InjectionObjective, RunParts, run_dim_scales
 from tracr_injection.inject.probing import AccuracyProber, Prober, block_groups
 from tracr_injection.inject.run import BaseModelRecord, Manifest, Run, RunFolder, versions
 
@@ -67,7 +66,6 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
 
     task = get_task(config.task)
     teacher = task.teacher(config.teacher)
-    dim_scales = alignment_dim_scales(teacher.config, config.alignment_scales)
     levels = teacher.config.num_levels
     layer_map = layer_mapping(levels, num_blocks(model), config.layer_strategy)
     roll_block = (
@@ -99,7 +97,7 @@ def build_parts(config: TrainConfig, tokenizer: Any, model: Any, progress: bool 
         roll_block=roll_block,
         output_dims=list(output_dims),
         dim_levels=data.targets.dim_levels if data.targets is not None else None,
-        dim_scales=combined_dim_scales(teacher.config, variable_scales, dim_scales),
+        dim_scales=run_dim_scales(teacher.config, config.alignment_scales, variable_scales),
         teacher=teacher,
         variable_scales=variable_scales,
     )
