@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from tracr_injection.cli.main import app
 from tracr_injection.experiments.injection_sweep import (
     BASELINE,
+    GATE_TEACHER,
     SWEEP,
     TEACHERS,
     best_setting,
@@ -27,9 +28,9 @@ from tracr_injection.inject.run import LOCK_NAME
 pytestmark = pytest.mark.usefixtures("shared_cache", "one_torch_thread")
 
 
-def row(setting: str, accuracy: float, decoded: dict[str, float], probe: float = 0.5) -> dict:
+def row(setting: str, accuracy: float, decoded: dict[str, float], probe: float = 0.5, teacher: str = "t") -> dict:
     variables = {name: {"level": 0, "map_id": v, "baseline_probe_id": probe} for name, v in decoded.items()}
-    return {"teacher": "t", "setting": setting, "steps": 1, "id_task_accuracy": accuracy, "variables": variables}
+    return {"teacher": teacher, "setting": setting, "steps": 1, "id_task_accuracy": accuracy, "variables": variables}
 
 
 def test_the_plan_is_the_baselines_then_every_setting_for_each_teacher(tmp_path):
@@ -52,6 +53,16 @@ def test_the_gate_choice_uses_in_distribution_numbers_only():
     assert passes_gate(passing) and not passes_gate(even)
     assert best_setting([even, passing])["setting"] == "d"
     assert not passes_gate(row("e", 0.99, {"x": 0.96}, probe=0.97))  # not above the baseline's probe
+
+
+def test_the_gate_chooses_within_the_authors_teacher_once_it_has_a_finished_run():
+    other = row("m1", 0.995, {"x": 0.99, "y": 0.78}, teacher="dyck_trigger")
+    authors = [row("m1", 0.995, {"x": 0.99, "y": 0.29}, teacher=GATE_TEACHER),
+               row("long-equal", 0.99, {"x": 0.99, "y": 0.50}, teacher=GATE_TEACHER)]  # fmt: skip
+    assert GATE_TEACHER == "dyck_authors_trigger"
+    chosen = best_setting([other, *authors])
+    assert (chosen["teacher"], chosen["setting"]) == (GATE_TEACHER, "long-equal")  # not the other's better worst
+    assert best_setting([other])["teacher"] == "dyck_trigger"  # the other teacher while the authors' has none
 
 
 def test_the_sweep_runs_publishes_and_writes_the_gate(tmp_path):

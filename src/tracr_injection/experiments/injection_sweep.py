@@ -48,6 +48,11 @@ from tracr_injection.inject.run import versions
 TASK = "dyck"
 SEED = 0
 TEACHERS = ("dyck_trigger", "dyck_authors_trigger")
+# The teacher gate.json chooses for the next experiments whenever one of its runs is finished: its per-type
+# differences at an almost_balanced string's trigger (0 or 1) are values seen in training, while dyck_trigger's
+# total counts on long strings never are (issue 21), so only this teacher can show the OOD claim.  The choice
+# compares settings within it: worst variables of teachers with different variables do not compare.
+GATE_TEACHER = "dyck_authors_trigger"
 BASELINE = "baseline"
 LONG_PREFIX = "long-"
 LONG_STEPS = 1500
@@ -225,8 +230,10 @@ def choice_key(row: dict[str, Any]) -> tuple:
 
 
 def best_setting(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The preferred row (`choice_key`), None without rows."""
-    return max(rows, key=choice_key) if rows else None
+    """The preferred row (`choice_key`) of `GATE_TEACHER`'s rows when there are any, else of all; None without
+    rows."""
+    preferred = [r for r in rows if r["teacher"] == GATE_TEACHER] or rows
+    return max(preferred, key=choice_key) if preferred else None
 
 
 # ----------------------------------------------------------------------------- publishing
@@ -403,8 +410,8 @@ def write_gate(rows: Sequence[dict[str, Any]], runs: Sequence[PlannedRun], path:
         "passed": passes_gate(best),
         "run": best["setting"],
         "train_command": run.config.command(),
-        "chosen_by": "passes the gate, ID accuracy >= 0.97, then worst and mean ID map decoding, ID accuracy "
-        "(never the OOD splits)",
+        "chosen_by": f"among {GATE_TEACHER}'s runs when there are any: passes the gate, ID accuracy >= 0.97, "
+        "then worst and mean ID map decoding, ID accuracy (never the OOD splits)",
     }
     path.write_text(json.dumps(gate, indent=2))
     return gate
