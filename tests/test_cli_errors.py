@@ -179,13 +179,23 @@ def test_a_long_message_stays_on_one_line(tmp_path, no_lm_loading):
     assert len(line) > 400 and "eval_examples" in line
 
 
-def test_a_bug_still_raises(monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])
+def test_a_bug_still_raises(monkeypatch, error):
     def broken(*args, **kwargs):
-        raise RuntimeError("a bug")
+        raise error("a bug")
 
     monkeypatch.setattr("tracr_injection.hub.load_tokenizer", broken)
     result = CliRunner().invoke(app, ["tasks"])
-    assert isinstance(result.exception, RuntimeError)
+    assert type(result.exception) is error  # a ValueError from a bug is not passed off as bad input
+
+
+def test_an_unknown_setting_and_a_damaged_gate_are_one_line(tmp_path):
+    assert "Unknown setting 'm7'" in cli_error(["ood", "--setting", "m7", "--dry-run"])
+    gate = tmp_path / "gate.json"
+    gate.write_text('{"steps": 400}')
+    line = cli_error(["ood", "--gate", gate, "--dry-run", "--runs-root", tmp_path / "runs"])
+    assert "is not a sweep's gate.json" in line and "--setting NAME" in line
+    assert gate.read_text() == '{"steps": 400}'  # nothing written is lost
 
 
 def test_yaml_config_values_and_flags():

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from tracr_injection.errors import InvalidArgumentError
+
 T = TypeVar("T")
 
 
@@ -29,7 +31,7 @@ class Registry(Generic[T]):
     def register(self, item: T) -> T:
         """Add `item` under its `.name` (a name can be registered once)."""
         if item.name in self._items:
-            raise ValueError(f"A {self.kind} named {item.name!r} is already registered.")
+            raise InvalidArgumentError(f"A {self.kind} named {item.name!r} is already registered.")
         self._items[item.name] = item
         return item
 

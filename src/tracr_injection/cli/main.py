@@ -25,10 +25,12 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from tracr_injection.compile.teacher import TeacherModel
-from tracr_injection.errors import TracrInjectionError
+from tracr_injection.errors import InvalidArgumentError, TracrInjectionError
 from tracr_injection.registry import UnknownNameError
 
-USER_ERRORS = (TracrInjectionError, UnknownNameError, ValueError)  # ValueError: a bad argument value
+# What is raised on purpose (a bad argument is an InvalidArgumentError); any other exception is a bug and keeps
+# its traceback.
+USER_ERRORS = (TracrInjectionError, UnknownNameError)
 
 
 class UserErrorGroup(TyperGroup):
@@ -304,7 +306,7 @@ def parse_alignment_scales(items: list[str]) -> dict[str, float]:
         except ValueError:
             value = None
         if value is None or not name.strip():
-            raise ValueError(f"--alignment-scale takes VAR=FACTOR (e.g. frac_open=10), got {item!r}.")
+            raise InvalidArgumentError(f"--alignment-scale takes VAR=FACTOR (e.g. frac_open=10), got {item!r}.")
         scales[name.strip()] = value
     return scales
 
@@ -493,10 +495,7 @@ def reproduce_command(
         fail(f"--method must be baseline, inject or both, got {method!r}")
     reference = results / budget / "comparison.md"
     scales = parse_alignment_scales(alignment_scale or [])
-    try:
-        choice = inject_setting(setting) if setting is not None else None
-    except ValueError as err:
-        fail(str(err))
+    choice = inject_setting(setting) if setting is not None else None
     if choice is not None:
         console.print(f"inject setting {choice['name']} ({choice['source']}): {choice['overrides']}", highlight=False)
     if fresh and not status:
@@ -558,31 +557,28 @@ def ood_command(
     """Inject against baseline on Dyck out of distribution, paired over seeds, with bootstrap intervals and
     accuracy over training (start it in two shells to share the plan; re-run it to continue)."""
     from tracr_injection.experiments.ood import ood, ood_budget, plan_ood
-    from tracr_injection.experiments.settings import inject_setting
     from tracr_injection.experiments.reproduce import status_rows
+    from tracr_injection.experiments.settings import inject_setting
 
     if seeds < 1:
         fail(f"--seeds must be at least 1, got {seeds}")
-    try:
-        choice = inject_setting(setting, gate)
-        if status or dry_run:
-            line = f"inject setting {choice['name']} ({choice['source']}): {choice['overrides']}"
-            console.print(line, highlight=False)
-            runs = plan_ood(seeds, choice, ood_budget(budget), runs_root, results, model)
-            for run, row in zip(runs, status_rows(runs)):
-                console.print(f"{run.name}: {row['state']}, {row['steps']} steps", highlight=False)
-                if dry_run:
-                    typer.echo(f"  {run.config.command()}")
-            return
-        command = f"tracr-inject ood --seeds {seeds} --budget {budget} --gate {gate} --model {model}"
-        command += f" --setting {setting}" if setting else ""
-        command += f" --runs-root {runs_root} --results {results}"
-        folder = ood(
-            seeds, setting, budget, gate=gate, runs_root=runs_root, results_root=results, model=model,
-            command=command, on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
-        )  # fmt: skip
-    except (TracrInjectionError, ValueError, KeyError) as err:
-        fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    choice = inject_setting(setting, gate)
+    if status or dry_run:
+        line = f"inject setting {choice['name']} ({choice['source']}): {choice['overrides']}"
+        console.print(line, highlight=False)
+        runs = plan_ood(seeds, choice, ood_budget(budget), runs_root, results, model)
+        for run, row in zip(runs, status_rows(runs)):
+            console.print(f"{run.name}: {row['state']}, {row['steps']} steps", highlight=False)
+            if dry_run:
+                typer.echo(f"  {run.config.command()}")
+        return
+    command = f"tracr-inject ood --seeds {seeds} --budget {budget} --gate {gate} --model {model}"
+    command += f" --setting {setting}" if setting else ""
+    command += f" --runs-root {runs_root} --results {results}"
+    folder = ood(
+        seeds, setting, budget, gate=gate, runs_root=runs_root, results_root=results, model=model,
+        command=command, on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
+    )  # fmt: skip
     typer.echo((folder / "comparison.md").read_text())
     typer.echo(folder)
 
@@ -602,35 +598,38 @@ def sweep_command(
 ) -> None:
     """The alignment levers on Dyck, seed 0, one resumable run per setting and teacher, then a long run and
     gate.json (start it in several shells to share the plan; re-run it to continue)."""
-    from tracr_injection.experiments.injection_sweep import TEACHERS, plan_rows, plan_sweep, sweep, sweep_budget
+    from tracr_injection.experiments.injection_sweep import (
+        TEACHERS,
+        plan_rows,
+        plan_sweep,
+        sweep,
+        sweep_budget,
+    )
     from tracr_injection.experiments.settings import SETTINGS
 
     teachers, settings = teacher or list(TEACHERS), setting or list(SETTINGS)
     long_setting = None if long == "none" else long
     if long_setting not in (None, "auto", *SETTINGS):
         fail(f"--long must be auto, none or one of {', '.join(SETTINGS)}, got {long!r}")
-    try:
-        from tracr_injection.tasks import get_task
+    from tracr_injection.tasks import get_task
 
-        for name in teachers:
-            get_task("dyck").teacher_program(name)  # an unknown teacher fails before anything runs
-        if status or dry_run:
-            runs = plan_sweep(teachers, settings, sweep_budget(budget), runs_root, results, model)
-            for row in plan_rows(runs):
-                line = f"{row['teacher']}/{row['setting']}: {row['state']}, {row['steps']} steps {row['overrides']}"
-                console.print(line, highlight=False)
-                if dry_run:
-                    typer.echo(f"  {row['command']}")
-            return
-        command = f"tracr-inject sweep --budget {budget} --long {long} --long-steps {long_steps} --model {model}"
-        command += "".join(f" --teacher {t}" for t in teacher or []) + "".join(f" --setting {s}" for s in setting or [])
-        command += f" --runs-root {runs_root} --results {results}"
-        folder = sweep(
-            teachers, settings, budget, runs_root=runs_root, results_root=results, model=model,
-            long_setting=long_setting, long_steps=long_steps, command=command,
-            on_run=lambda run, state: console.print(f"[bold]{run.config.teacher}/{run.name}[/]: {state}"),
-        )  # fmt: skip
-    except (TracrInjectionError, ValueError, KeyError) as err:
-        fail(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    for name in teachers:
+        get_task("dyck").teacher_program(name)  # an unknown teacher fails before anything runs
+    if status or dry_run:
+        runs = plan_sweep(teachers, settings, sweep_budget(budget), runs_root, results, model)
+        for row in plan_rows(runs):
+            line = f"{row['teacher']}/{row['setting']}: {row['state']}, {row['steps']} steps {row['overrides']}"
+            console.print(line, highlight=False)
+            if dry_run:
+                typer.echo(f"  {row['command']}")
+        return
+    command = f"tracr-inject sweep --budget {budget} --long {long} --long-steps {long_steps} --model {model}"
+    command += "".join(f" --teacher {t}" for t in teacher or []) + "".join(f" --setting {s}" for s in setting or [])
+    command += f" --runs-root {runs_root} --results {results}"
+    folder = sweep(
+        teachers, settings, budget, runs_root=runs_root, results_root=results, model=model,
+        long_setting=long_setting, long_steps=long_steps, command=command,
+        on_run=lambda run, state: console.print(f"[bold]{run.config.teacher}/{run.name}[/]: {state}"),
+    )  # fmt: skip
     typer.echo((folder / "summary.md").read_text())
     typer.echo(folder)

@@ -33,6 +33,7 @@ from tracr_injection.compile.tracr_pipeline import (
     run_tracr,
 )
 from tracr_injection.compile.validate import ValidationReport, random_inputs, validate_teacher
+from tracr_injection.errors import InvalidArgumentError
 from tracr_injection.paths import teachers_dir
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def compile_program(
     )
     for tokens in inputs:
         if len(tokens) > max_seq_len:
-            raise ValueError(f"Validation input of length {len(tokens)} exceeds max_seq_len {max_seq_len}.")
+            raise InvalidInputError(f"Validation input of length {len(tokens)} exceeds max_seq_len {max_seq_len}.")
     check_supported_on_inputs(program, inputs, causal)
 
     attempts: list[tuple[TeacherModel, ValidationReport]] = []
@@ -146,7 +147,7 @@ def compile_spec(spec: ProgramSpec, max_seq_len: int | None = None, **kwargs: An
     meaningless for it); `kwargs` go to `compile_program`."""
     length = spec.max_seq_len if max_seq_len is None else max_seq_len
     if length < 1:
-        raise ValueError(f"max_seq_len (--max-len) must be >= 1, got {length}.")
+        raise InvalidArgumentError(f"max_seq_len (--max-len) must be >= 1, got {length}.")
     kwargs.setdefault(
         "validation_inputs",
         spec.validation_inputs(length, count=256 if not spec.uniform_random_inputs else 64),

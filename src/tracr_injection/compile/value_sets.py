@@ -29,6 +29,7 @@ from tracr.craft import bases
 from tracr.rasp import rasp
 from tracr.utils import errors
 
+from tracr_injection.compile.errors import UnsupportedProgramError
 from tracr_injection.programs.annotations import is_fraction_mean
 
 MAX_CHECKED = 1_000_000  # larger supersets are not enumerated
@@ -186,7 +187,7 @@ def inferred_values(graph: nx.DiGraph, expr: rasp.SOp, max_seq_len: int) -> set[
     elif isinstance(expr, rasp.Aggregate):
         results = (x / n for x in values_of(expr.sop) for n in range(1, max_seq_len + 1))
     else:
-        raise ValueError(f"Cannot infer the value set of {expr.label!r} downstream of a widened value set.")
+        raise UnsupportedProgramError(f"Cannot infer the value set of {expr.label!r} downstream of a widened value set.")
     return {x for x in results if x is not None}
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from tracr_injection.errors import InvalidArgumentError
+
 TASKS = ("dyck", "count", "sum")
 
 
@@ -160,5 +162,5 @@ BUDGETS = {b.name: b for b in (SMOKE, DEMO, CPU, FULL)}
 def get_budget(name: str) -> Budget:
     """The budget called `name`, or a ValueError listing the known ones."""
     if name not in BUDGETS:
-        raise ValueError(f"Unknown budget {name!r}; choose one of {', '.join(BUDGETS)}.")
+        raise InvalidArgumentError(f"Unknown budget {name!r}; choose one of {', '.join(BUDGETS)}.")
     return BUDGETS[name]

@@ -28,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from tracr_injection.errors import InvalidArgumentError
 from tracr_injection.evaluate.pipeline import written_level, written_value
 from tracr_injection.experiments.budgets import CPU_PRECISION, Budget, get_budget
 from tracr_injection.experiments.reproduce import (
@@ -115,7 +116,7 @@ def plan_sweep(
     that workers taking runs in order finish the teachers' comparisons of the first settings first."""
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
-        raise ValueError(f"Unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}.")
+        raise InvalidArgumentError(f"Unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}.")
     roots = (runs_root, results_root)
     runs = [planned(teacher, BASELINE, {}, budget, roots, model, task) for teacher in teachers]
     for name in settings:
@@ -481,7 +482,7 @@ def resolve_long(
             return None
         long_setting = best["setting"].removeprefix(LONG_PREFIX)
     if long_setting not in SETTINGS:
-        raise ValueError(f"Unknown long setting {long_setting!r}; choose auto or one of {', '.join(SETTINGS)}.")
+        raise InvalidArgumentError(f"Unknown long setting {long_setting!r}; choose auto or one of {', '.join(SETTINGS)}.")
     return long_run(teacher, long_setting, budget, *roots, model=model, steps=steps, task=runs[0].task)
 
 

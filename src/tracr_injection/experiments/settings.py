@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tracr_injection.errors import ArtifactError, InvalidArgumentError
+
 SETTINGS: dict[str, dict[str, Any]] = {  # in the order runs are taken: the likeliest levers first
     "m1": {},
     "align-first": {"alignment_first_steps": 100},
@@ -37,11 +39,16 @@ def inject_setting(setting: str | None = None, gate: Path = GATE) -> dict[str, A
     setting in `gate` (the sweep's choice, whether or not it passed), else today's inject."""
     if setting is not None and setting != GATE_CHOICE:
         if setting not in SETTINGS:
-            raise ValueError(f"Unknown setting {setting!r}; choose {GATE_CHOICE} or one of {', '.join(SETTINGS)}.")
+            raise InvalidArgumentError(f"Unknown setting {setting!r}; choose {GATE_CHOICE} or one of {', '.join(SETTINGS)}.")
         return {"name": setting, "teacher": None, "overrides": SETTINGS[setting], "source": "--setting"}
     if gate.is_file():
-        chosen = json.loads(gate.read_text())
-        overrides = {k: v for k, v in chosen["setting"].items() if k != "name"}
-        return {"name": chosen["setting"]["name"], "teacher": chosen.get("teacher"), "overrides": overrides,
+        try:
+            chosen = json.loads(gate.read_text())
+            overrides = {k: v for k, v in chosen["setting"].items() if k != "name"}
+            name = chosen["setting"]["name"]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ArtifactError(f"{gate} is not a sweep's gate.json ({err!r}); re-run `tracr-inject sweep` to "
+                                "write it, or pass --setting NAME.") from err  # fmt: skip
+        return {"name": name, "teacher": chosen.get("teacher"), "overrides": overrides,
                 "source": str(gate), "gate_passed": chosen.get("passed")}  # fmt: skip
     return {"name": DEFAULT_SETTING, "teacher": None, "overrides": {}, "source": "default"}

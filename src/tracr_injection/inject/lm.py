@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tracr_injection.errors import ArtifactError, TracrInjectionError
+from tracr_injection.errors import ArtifactError, InvalidArgumentError, TracrInjectionError
 from tracr_injection.hub import ModelNotFoundError, resolve_model
 
 if TYPE_CHECKING:
@@ -315,7 +315,7 @@ def hidden_states(
     """
     if up_to is not None:
         if not 0 <= up_to < num_blocks(model):
-            raise ValueError(f"up_to must be in 0..{num_blocks(model) - 1} (raw hidden states), got {up_to}.")
+            raise InvalidArgumentError(f"up_to must be in 0..{num_blocks(model) - 1} (raw hidden states), got {up_to}.")
         return first_hidden_states(model, input_ids_BP, attention_mask_BP, up_to)
     output = model(
         input_ids=input_ids_BP, attention_mask=attention_mask_BP, output_hidden_states=True, use_cache=False
@@ -337,7 +337,7 @@ def first_hidden_states(
     last block (no final norm)."""
     blocks = decoder_blocks(model)
     if not 0 <= up_to <= len(blocks):
-        raise ValueError(f"up_to must be in 0..{len(blocks)} (raw hidden states), got {up_to}.")
+        raise InvalidArgumentError(f"up_to must be in 0..{len(blocks)} (raw hidden states), got {up_to}.")
     captured: list[torch.Tensor] = []
 
     def capture(hidden_BPD: torch.Tensor) -> None:

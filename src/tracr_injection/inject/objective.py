@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tracr_injection.compile.teacher import TeacherConfig, TeacherModel
+from tracr_injection.errors import InvalidArgumentError
 from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.answers import answer_positions
 from tracr_injection.inject.config import TrainConfig
@@ -315,11 +316,11 @@ def alignment_dim_scales(teacher_config: TeacherConfig, scales: Mapping[str, flo
     factors_D = torch.ones(teacher_config.d_model)
     for name, factor in scales.items():
         if factor <= 0:
-            raise ValueError(f"Alignment scale for {name!r} must be > 0, got {factor}.")
+            raise InvalidArgumentError(f"Alignment scale for {name!r} must be > 0, got {factor}.")
         try:
             dims = teacher_config.variable(name).dims
         except KeyError as err:
-            raise ValueError(f"alignment_scales: {err.args[0]}") from err
+            raise InvalidArgumentError(f"alignment_scales: {err.args[0]}") from err
         factors_D[list(dims)] = factor
     return factors_D
 
@@ -349,7 +350,7 @@ def topk_kl(
     if reduction == "window_sum":
         return kl_BT.sum(dim=-1).mean()
     if reduction != "token_mean":
-        raise ValueError(f"reduction must be token_mean or window_sum, got {reduction!r}")
+        raise InvalidArgumentError(f"reduction must be token_mean or window_sum, got {reduction!r}")
     return kl_BT.mean()
 
 
@@ -377,7 +378,7 @@ def _cache_tensors_for(
 def exact_kl(original_logits_BTV: torch.Tensor, student_logits_BTV: torch.Tensor) -> torch.Tensor:
     """Exact KL(original ‖ student) of the full next-token distributions, mean over positions."""
     if original_logits_BTV.shape != student_logits_BTV.shape:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"logit shapes differ: {tuple(original_logits_BTV.shape)} vs {tuple(student_logits_BTV.shape)}"
         )
     logp_BTV = original_logits_BTV.float().log_softmax(dim=-1)

@@ -50,6 +50,7 @@ from typing import Sequence
 
 from tracr.rasp import rasp
 
+from tracr_injection.errors import InvalidArgumentError
 from tracr_injection.programs.annotations import fraction_mean
 
 __all__ = [
@@ -90,9 +91,9 @@ def _check_pairs(pairs: Sequence[str]) -> tuple[str, ...]:
     pairs = tuple(pairs)
     chars = [c for p in pairs for c in p]
     if not pairs or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"pairs must be 2-character strings, got {pairs!r}")
+        raise InvalidArgumentError(f"pairs must be 2-character strings, got {pairs!r}")
     if len(set(chars)) != len(chars) or {FILLER, TRIGGER} & set(chars):
-        raise ValueError(f"bracket characters must be distinct symbols: {pairs!r}")
+        raise InvalidArgumentError(f"bracket characters must be distinct symbols: {pairs!r}")
     return pairs
 
 
@@ -400,7 +401,7 @@ def make_count_trigger(max_count: int, compact: bool = False) -> rasp.SOp:
     has only (N+1)*(digits+2) hidden units -- far fewer parameters for long N.
     """
     if max_count < 0:
-        raise ValueError("max_count must be >= 0")
+        raise InvalidArgumentError("max_count must be >= 0")
     digits = set(DIGITS)
 
     def step_pred(key, query):
@@ -503,7 +504,7 @@ def make_sum_trigger(max_digits: int = 3) -> rasp.SOp:
     2-input SequenceMaps need three MLP levels to combine.
     """
     if max_digits < 1:
-        raise ValueError("max_digits must be >= 1")
+        raise InvalidArgumentError("max_digits must be >= 1")
     D = max_digits
     digit_set = set(DIGITS)
     non_filler = digit_set | {"+", TRIGGER}

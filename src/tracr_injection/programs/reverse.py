@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from tracr.rasp import rasp
 
+from tracr_injection.errors import InvalidArgumentError
 from tracr_injection.programs import paper
 from tracr_injection.programs.registry import ProgramSpec, register
 
@@ -99,7 +100,7 @@ def make_reverse_trigger(max_items: int = 8) -> rasp.SOp:
     about (N+1)**2 hidden units, the bulk of the parameters.
     """
     if max_items < 1:
-        raise ValueError("max_items must be >= 1")
+        raise InvalidArgumentError("max_items must be >= 1")
     non_filler = {*ITEMS, T}
 
     def pos_pred(key, query):

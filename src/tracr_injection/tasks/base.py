@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tracr_injection.errors import TracrInjectionError
+from tracr_injection.errors import InvalidArgumentError, TracrInjectionError
 
 
 class UnknownSplitError(TracrInjectionError):
@@ -150,10 +150,10 @@ class Task:
     def __post_init__(self) -> None:
         kinds = [s.kind for s in self.splits]
         if kinds.count("train") != 1:
-            raise ValueError(f"Task {self.name!r} needs exactly one train split, has {kinds.count('train')}.")
+            raise InvalidArgumentError(f"Task {self.name!r} needs exactly one train split, has {kinds.count('train')}.")
         names = [s.name for s in self.splits]
         if len(set(names)) != len(names):
-            raise ValueError(f"Task {self.name!r} has duplicate split names: {names}")
+            raise InvalidArgumentError(f"Task {self.name!r} has duplicate split names: {names}")
 
     @property
     def split_names(self) -> list[str]:
