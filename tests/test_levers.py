@@ -28,7 +28,6 @@ from tracr_injection.inject.levers import (
     applied_factor,
     balance_ratio,
     clip_terms_into_grads,
-    combined_dim_scales,
     equal_variable_scales,
     lstsq_map_init,
     ridge_lstsq,
@@ -36,7 +35,7 @@ from tracr_injection.inject.levers import (
     target_norm_shares,
 )
 from tracr_injection.inject.lm import load_causal_lm
-from tracr_injection.inject.objective import InjectionObjective, level_alignment
+from tracr_injection.inject.objective import InjectionObjective, alignment_dim_scales, level_alignment
 from tracr_injection.inject.run import RunFolder
 from tracr_injection.inject.trainer import build_parts, warmup_schedule
 from tracr_injection.tasks import get_task
@@ -163,10 +162,10 @@ def test_equal_weighting_gives_each_variable_a_one_hots_norm_in_the_cosine():
     assert equal_variable_scales(config, counts)["b"] == pytest.approx(1 / math.sqrt(5 / 128**2))  # 57, not capped
     tiny = torch.tensor([[1.0, 0.0, 1e-4], [0.0, 1.0, 0.0]])
     assert equal_variable_scales(config, tiny)["b"] == 100.0  # a variable almost always 0: bounded
-    dim_scales = combined_dim_scales(config, scales, torch.tensor([1.0, 3.0, 1.0]))  # on top of a stretch
+    dim_scales = alignment_dim_scales(config, scales, torch.tensor([1.0, 3.0, 1.0]))  # on top of a stretch
     assert dim_scales.tolist() == pytest.approx([1.0, 3.0, 2.0])
     mapped, target = torch.tensor([[[1.0, 0.0, 0.0]]]), torch.tensor([[[1.0, 0.0, 0.5]]])
-    loss = level_alignment(mapped, target, torch.ones(1, 1), combined_dim_scales(config, scales, None))
+    loss = level_alignment(mapped, target, torch.ones(1, 1), alignment_dim_scales(config, scales))
     assert float(loss) == pytest.approx(1 - 1 / math.sqrt(2))  # cos([1,0,0], [1,0,1]) by hand
     assert float(level_alignment(mapped, target, torch.ones(1, 1))) == pytest.approx(1 - 1 / math.sqrt(1.25))
     shares = target_norm_shares(config, rows, torch.tensor([0, 0, 1]))

@@ -142,19 +142,6 @@ def equal_variable_scales(config: TeacherConfig, rows_NT: torch.Tensor) -> dict[
     return scales
 
 
-def combined_dim_scales(
-    config: TeacherConfig, scales: Mapping[str, float], dim_scales_D: torch.Tensor | None
-) -> torch.Tensor | None:
-    """`dim_scales_D` (or ones) times each named variable's factor on its dims; `dim_scales_D` as it is
-    when `scales` is empty (no "equal" weighting)."""
-    if not scales:
-        return dim_scales_D
-    factors_D = torch.ones(config.d_model) if dim_scales_D is None else dim_scales_D.clone()
-    for name, factor in scales.items():
-        factors_D[list(config.variable(name).dims)] *= factor
-    return factors_D
-
-
 # ----------------------------------------------------------------------------- gradient balance
 
 

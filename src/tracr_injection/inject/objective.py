@@ -44,7 +44,7 @@ from tracr_injection.inject.answers import answer_positions
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.kl_cache import KLCache, KLCacheError
-from tracr_injection.inject.levers import applied_factor, balance_ratio, combined_dim_scales, smoothed_ratio
+from tracr_injection.inject.levers import applied_factor, balance_ratio, smoothed_ratio
 from tracr_injection.inject.lm import decoder_blocks, edit_block_output, hidden_states, logits_at
 from tracr_injection.inject.probing import term_gradient_norms
 
@@ -298,22 +298,26 @@ def run_dim_scales(
     """A run's per-dim alignment factors: its `--alignment-scale` stretches (`alignment_dim_scales`) times its
     "equal" weighting's (`variable_scales`); None for the plain cosine.  Training and the answer path's rebuilt
     objective both take them from here."""
-    return combined_dim_scales(teacher_config, variable_scales, alignment_dim_scales(teacher_config, scales))
+    stretched_D = alignment_dim_scales(teacher_config, scales)
+    return alignment_dim_scales(teacher_config, variable_scales, stretched_D)
 
 
-def alignment_dim_scales(teacher_config: TeacherConfig, scales: Mapping[str, float]) -> torch.Tensor | None:
-    """Per-dim factors [d_teacher] for the alignment cosine: `scales[name]` on each named variable's dims, 1 elsewhere.
+def alignment_dim_scales(
+    teacher_config: TeacherConfig, scales: Mapping[str, float], base_D: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Per-dim factors [d_teacher] for the alignment cosine: `base_D` (or ones) times `scales[name]` on each
+    named variable's dims; `base_D` as it is when `scales` is empty (None: the plain cosine).
 
     A numerical variable is one dim beside many one-hot ones, so under a plain cosine an error of a
     few hundredths in it is nearly free. Stretching it by s weighs that error by about
     s^2 R^4 / (R^2 + s^2 v^2)^2 (R: norm of the other dims, v: the value), at most R^2 / (4 v^2) at
     s = R / v; far beyond that the variable dominates the vector and its error becomes a free change of
     scale. At levels before the variable is written its target dims are 0, so the stretch also charges
-    the map's output in them more. None when `scales` is empty (the plain cosine).
+    the map's output in them more.
     """
     if not scales:
-        return None
-    factors_D = torch.ones(teacher_config.d_model)
+        return base_D
+    factors_D = torch.ones(teacher_config.d_model) if base_D is None else base_D.clone()
     for name, factor in scales.items():
         if factor <= 0:
             raise InvalidArgumentError(f"Alignment scale for {name!r} must be > 0, got {factor}.")
@@ -321,7 +325,7 @@ def alignment_dim_scales(teacher_config: TeacherConfig, scales: Mapping[str, flo
             dims = teacher_config.variable(name).dims
         except KeyError as err:
             raise InvalidArgumentError(f"alignment_scales: {err.args[0]}") from err
-        factors_D[list(dims)] = factor
+        factors_D[list(dims)] *= factor
     return factors_D
 
 
