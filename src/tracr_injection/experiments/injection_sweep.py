@@ -54,7 +54,8 @@ TEACHERS = ("dyck_trigger", "dyck_authors_trigger")
 # total counts on long strings never are (issue 21), so only this teacher can show the OOD claim.  The choice
 # compares settings within it: worst variables of teachers with different variables do not compare.
 GATE_TEACHER = "dyck_authors_trigger"
-BASELINE = "baseline"
+BASELINE = "baseline"  # the identity layout's; a setting with another `layer_strategy` gets "baseline-<strategy>"
+IDENTITY = "identity"
 LONG_PREFIX = "long-"
 LONG_STEPS = 1500
 GATE_DECODING = 0.95
@@ -94,13 +95,28 @@ def planned(
 ) -> PlannedRun:
     """One run of the sweep: Dyck (another task in tests), seed 0, the budget's fields, then the overrides."""
     runs_root, results_root = roots
-    method = "baseline" if setting == BASELINE else "inject"
+    method = "baseline" if setting.startswith(BASELINE) else "inject"
     fields = {**budget.train_fields(task), **overrides}
     config = TrainConfig(
         task=task, teacher=teacher, method=method, model=model, seed=SEED,
         out=str(runs_root / teacher / setting), **fields,
     )  # fmt: skip
     return PlannedRun(task, method, SEED, config, results_root / teacher / setting)
+
+
+def layout(overrides: Mapping[str, Any]) -> str:
+    """The layer strategy a setting's runs use."""
+    return overrides.get("layer_strategy", IDENTITY)
+
+
+def baseline_name(strategy: str) -> str:
+    """The baseline run whose post-hoc probe reads the hidden states a `strategy` run aligns."""
+    return BASELINE if strategy == IDENTITY else f"{BASELINE}-{strategy}"
+
+
+def baseline_overrides(strategy: str) -> dict[str, Any]:
+    """A baseline's overrides: its layer strategy, where it is not the identity."""
+    return {} if strategy == IDENTITY else {"layer_strategy": strategy}
 
 
 def plan_sweep(
@@ -112,13 +128,20 @@ def plan_sweep(
     model: str = "smollm2",
     task: str = TASK,
 ) -> list[PlannedRun]:
-    """Every teacher's baseline, then setting by setting (in the order given) one inject run per teacher, so
-    that workers taking runs in order finish the teachers' comparisons of the first settings first."""
+    """Every teacher's baseline (one per layer strategy the settings use: the probe the gate compares with must
+    read the hidden states the run aligns), then setting by setting (in the order given) one inject run per
+    teacher, so that workers taking runs in order finish the teachers' comparisons of the first settings
+    first."""
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         raise InvalidArgumentError(f"Unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}.")
     roots = (runs_root, results_root)
-    runs = [planned(teacher, BASELINE, {}, budget, roots, model, task) for teacher in teachers]
+    strategies = dict.fromkeys([IDENTITY, *(layout(SETTINGS[name]) for name in settings)])
+    runs = [
+        planned(teacher, baseline_name(strategy), baseline_overrides(strategy), budget, roots, model, task)
+        for strategy in strategies
+        for teacher in teachers
+    ]
     for name in settings:
         runs += [planned(teacher, name, SETTINGS[name], budget, roots, model, task) for teacher in teachers]
     return runs
@@ -241,9 +264,13 @@ def best_setting(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def summary_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
-    """A row per finished inject run (`run_row`), with its teacher's baseline."""
-    baselines = {r.config.teacher: r for r in runs if r.name == BASELINE}
-    return [run_row(r, baselines.get(r.config.teacher)) for r in runs if r.name != BASELINE and is_done(r)]
+    """A row per finished inject run (`run_row`), with its teacher's baseline of the same layer strategy."""
+    baselines = {(r.config.teacher, r.config.layer_strategy): r for r in runs if r.method == "baseline"}
+    return [
+        run_row(r, baselines.get((r.config.teacher, r.config.layer_strategy)))
+        for r in runs
+        if r.method != "baseline" and is_done(r)
+    ]
 
 
 def write_summary(rows: Sequence[dict[str, Any]], folder: Path) -> None:
@@ -487,11 +514,13 @@ def resolve_long(
 
 
 def baseline_of(run: PlannedRun, runs: Sequence[PlannedRun]) -> Path | None:
-    """The evaluated baseline of the run's teacher, for `eval --baseline` (None while it is not evaluated)."""
-    if run.name == BASELINE:
+    """The evaluated baseline of the run's teacher and layer strategy, for `eval --baseline` (None while it is
+    not evaluated)."""
+    if run.method == "baseline":
         return None
     for other in runs:
-        if other.name == BASELINE and other.config.teacher == run.config.teacher and is_done(other):
+        same = (other.config.teacher, other.config.layer_strategy) == (run.config.teacher, run.config.layer_strategy)
+        if other.method == "baseline" and same and is_done(other):
             return other.published if other.published_folder.find_evaluation() else other.out
     return None
 
@@ -553,7 +582,8 @@ def plan_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
     for run, status in zip(runs, status_rows(runs)):
         name = run.name.removeprefix(LONG_PREFIX)
         rows.append({
-            "teacher": run.config.teacher, "setting": run.name, "overrides": SETTINGS.get(name, {}),
+            "teacher": run.config.teacher, "setting": run.name,
+            "overrides": SETTINGS.get(name, baseline_overrides(run.config.layer_strategy)),
             "state": status["state"], "steps": status["steps"], "command": run.config.command(),
         })  # fmt: skip
     return rows
