@@ -54,7 +54,8 @@ def test_a_strided_setting_is_compared_with_a_baseline_probed_at_its_hidden_stat
     assert (by_name["baseline-strided"].method, by_name["baseline-strided"].config.layer_strategy) == (
         "baseline", "strided",
     )  # fmt: skip
-    assert by_name["strided"].config.layer_strategy == "strided" and by_name[BASELINE].config.layer_strategy == "identity"
+    assert by_name["strided"].config.layer_strategy == "strided"
+    assert by_name[BASELINE].config.layer_strategy == "identity"
     monkeypatch.setattr(injection_sweep, "is_done", lambda run: True)  # both evaluated: each gets its layout's
     assert baseline_of(by_name["strided"], runs) == by_name["baseline-strided"].out
     assert baseline_of(by_name["m1"], runs) == by_name[BASELINE].out

@@ -187,7 +187,9 @@ def inferred_values(graph: nx.DiGraph, expr: rasp.SOp, max_seq_len: int) -> set[
     elif isinstance(expr, rasp.Aggregate):
         results = (x / n for x in values_of(expr.sop) for n in range(1, max_seq_len + 1))
     else:
-        raise UnsupportedProgramError(f"Cannot infer the value set of {expr.label!r} downstream of a widened value set.")
+        raise UnsupportedProgramError(
+            f"Cannot infer the value set of {expr.label!r} downstream of a widened value set."
+        )
     return {x for x in results if x is not None}
 
 

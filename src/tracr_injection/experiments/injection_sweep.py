@@ -263,11 +263,17 @@ def best_setting(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- publishing
 
 
+def comparison_key(run: PlannedRun) -> tuple[str, str]:
+    """What a run and the baseline it is compared with share: the teacher and the layer strategy (the hidden
+    states the baseline's probe reads)."""
+    return run.config.teacher, run.config.layer_strategy
+
+
 def summary_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
     """A row per finished inject run (`run_row`), with its teacher's baseline of the same layer strategy."""
-    baselines = {(r.config.teacher, r.config.layer_strategy): r for r in runs if r.method == "baseline"}
+    baselines = {comparison_key(r): r for r in runs if r.method == "baseline"}
     return [
-        run_row(r, baselines.get((r.config.teacher, r.config.layer_strategy)))
+        run_row(r, baselines.get(comparison_key(r)))
         for r in runs
         if r.method != "baseline" and is_done(r)
     ]
@@ -509,7 +515,9 @@ def resolve_long(
             return None
         long_setting = best["setting"].removeprefix(LONG_PREFIX)
     if long_setting not in SETTINGS:
-        raise InvalidArgumentError(f"Unknown long setting {long_setting!r}; choose auto or one of {', '.join(SETTINGS)}.")
+        raise InvalidArgumentError(
+            f"Unknown long setting {long_setting!r}; choose auto or one of {', '.join(SETTINGS)}."
+        )
     return long_run(teacher, long_setting, budget, *roots, model=model, steps=steps, task=runs[0].task)
 
 
@@ -519,8 +527,7 @@ def baseline_of(run: PlannedRun, runs: Sequence[PlannedRun]) -> Path | None:
     if run.method == "baseline":
         return None
     for other in runs:
-        same = (other.config.teacher, other.config.layer_strategy) == (run.config.teacher, run.config.layer_strategy)
-        if other.method == "baseline" and same and is_done(other):
+        if other.method == "baseline" and comparison_key(other) == comparison_key(run) and is_done(other):
             return other.published if other.published_folder.find_evaluation() else other.out
     return None
 

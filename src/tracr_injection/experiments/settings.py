@@ -45,7 +45,9 @@ def inject_setting(setting: str | None = None, gate: Path = GATE) -> dict[str, A
     setting in `gate` (the sweep's choice, whether or not it passed), else today's inject."""
     if setting is not None and setting != GATE_CHOICE:
         if setting not in SETTINGS:
-            raise InvalidArgumentError(f"Unknown setting {setting!r}; choose {GATE_CHOICE} or one of {', '.join(SETTINGS)}.")
+            raise InvalidArgumentError(
+                f"Unknown setting {setting!r}; choose {GATE_CHOICE} or one of {', '.join(SETTINGS)}."
+            )
         return {"name": setting, "teacher": None, "overrides": SETTINGS[setting], "source": "--setting"}
     if gate.is_file():
         try:
