@@ -22,7 +22,6 @@ from tracr_injection.experiments.injection_sweep import (
     plan_sweep,
     sweep,
 )
-from tracr_injection.experiments.reproduce import run_state
 from tracr_injection.experiments.settings import SETTINGS
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject.run import LOCK_NAME
