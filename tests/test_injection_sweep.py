@@ -36,7 +36,7 @@ def row(setting: str, accuracy: float, decoded: dict[str, float], probe: float =
 
 def test_the_plan_is_the_baselines_then_every_setting_for_each_teacher(tmp_path):
     runs = plan_sweep(TEACHERS, list(SETTINGS), SWEEP, tmp_path / "runs", tmp_path / "results")
-    assert [r.name for r in runs] == [name for name in (BASELINE, "baseline-strided", *SETTINGS) for _ in TEACHERS]
+    assert [r.name for r in runs] == [name for name in (BASELINE, "baseline-spaced", *SETTINGS) for _ in TEACHERS]
     assert [r.config.teacher for r in runs] == list(TEACHERS) * (len(SETTINGS) + 2)
     assert plan_sweep(TEACHERS, ["m1"], SWEEP, tmp_path, tmp_path)[0].name == BASELINE  # no layout, one baseline
     m10 = next(r for r in runs if r.name == "m10")
@@ -46,19 +46,19 @@ def test_the_plan_is_the_baselines_then_every_setting_for_each_teacher(tmp_path)
         plan_sweep(TEACHERS, ["m7"], SWEEP, tmp_path, tmp_path)
 
 
-def test_a_strided_setting_is_compared_with_a_baseline_probed_at_its_hidden_states(tmp_path, monkeypatch):
-    runs = plan_sweep(["dyck_authors_trigger"], ["m1", "strided"], SWEEP, tmp_path / "runs", tmp_path / "results")
+def test_a_spaced_setting_is_compared_with_a_baseline_probed_at_its_hidden_states(tmp_path, monkeypatch):
+    runs = plan_sweep(["dyck_authors_trigger"], ["m1", "spaced"], SWEEP, tmp_path / "runs", tmp_path / "results")
     by_name = {r.name: r for r in runs}
-    assert list(by_name) == [BASELINE, "baseline-strided", "m1", "strided"]
-    assert (by_name["baseline-strided"].method, by_name["baseline-strided"].config.layer_strategy) == (
-        "baseline", "strided",
+    assert list(by_name) == [BASELINE, "baseline-spaced", "m1", "spaced"]
+    assert (by_name["baseline-spaced"].method, by_name["baseline-spaced"].config.layer_strategy) == (
+        "baseline", "spaced",
     )  # fmt: skip
-    assert by_name["strided"].config.layer_strategy == "strided"
+    assert by_name["spaced"].config.layer_strategy == "spaced"
     assert by_name[BASELINE].config.layer_strategy == "identity"
     monkeypatch.setattr(injection_sweep, "is_done", lambda run: True)  # both evaluated: each gets its layout's
-    assert baseline_of(by_name["strided"], runs) == by_name["baseline-strided"].out
+    assert baseline_of(by_name["spaced"], runs) == by_name["baseline-spaced"].out
     assert baseline_of(by_name["m1"], runs) == by_name[BASELINE].out
-    assert baseline_of(by_name["baseline-strided"], runs) is None
+    assert baseline_of(by_name["baseline-spaced"], runs) is None
 
 
 def test_the_gate_choice_uses_in_distribution_numbers_only():
@@ -132,7 +132,7 @@ def test_the_sweep_runs_publishes_and_writes_the_gate(tmp_path):
     rows = (results / "summary.csv").read_text().splitlines()[1:]
     assert {line.split(",")[1] for line in rows} == {"m10", "long-m10", "m1"}
     reported = [r["run"] for r in json.loads((results / "experiment.json").read_text())["runs"]]
-    assert reported == [BASELINE, "baseline-strided", *SETTINGS, "long-m10"]  # every setting, its layout's baseline
+    assert reported == [BASELINE, "baseline-spaced", *SETTINGS, "long-m10"]  # every setting, its layout's baseline
 
 def test_the_long_run_is_left_to_the_worker_that_ends_the_teachers_last_run(tmp_path):
     import socket

@@ -369,7 +369,19 @@ def test_layer_mapping_strided():
         assert len(mapping) == levels and mapping[-1] == (29 if levels > 1 else 0)
 
 
-@pytest.mark.parametrize("strategy", ["identity", "strided"])
+def test_layer_mapping_spaced_leaves_blocks_to_read_the_output():
+    assert layer_mapping(12, 30, "spaced") == list(range(0, 24, 2))  # stride 28 // 11 = 2: roll block 22
+    assert layer_mapping(4, 30, "spaced") == [0, 9, 18, 27]
+    assert layer_mapping(2, 30, "spaced") == [0, 28]
+    assert layer_mapping(12, 12, "spaced") == list(range(12))
+    for levels in range(2, 31):
+        mapping = layer_mapping(levels, 30, "spaced")
+        strides = {b - a for a, b in itertools.pairwise(mapping)}
+        assert mapping[0] == 0 and len(strides) == 1 and len(mapping) == levels
+        assert mapping[-1] <= (28 if levels < 30 else 29)  # a block after the edited one reads the output
+
+
+@pytest.mark.parametrize("strategy", ["identity", "strided", "spaced"])
 def test_layer_mapping_too_few_blocks(strategy):
     with pytest.raises(LayerMappingError, match=r"22 teacher levels.*12 blocks.*>= 22 blocks"):
         layer_mapping(22, 12, strategy)
@@ -378,7 +390,7 @@ def test_layer_mapping_too_few_blocks(strategy):
 
 
 def test_layer_mapping_bad_arguments():
-    with pytest.raises(ValueError, match=r"'diagonal'.*\['identity', 'strided'\]"):
+    with pytest.raises(ValueError, match=r"'diagonal'.*\['identity', 'strided', 'spaced'\]"):
         layer_mapping(3, 12, "diagonal")
     with pytest.raises(LayerMappingError, match="num_teacher_levels"):
         layer_mapping(0, 12)

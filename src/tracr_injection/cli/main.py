@@ -221,7 +221,7 @@ def train_command(
     ),
     warmup_steps: int | None = typer.Option(None, help="Linear learning-rate warm-up steps."),
     layer_strategy: str | None = typer.Option(
-        None, help="Teacher level -> LM hidden state: identity (level i <-> hidden state i) or strided."
+        None, help="Teacher level -> LM hidden state: identity (level i <-> hidden state i), strided or spaced."
     ),
     roll_block: int | None = typer.Option(
         None, help="Block whose output detach-and-roll edits (default: right after the aligned levels)."

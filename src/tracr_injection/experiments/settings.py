@@ -30,10 +30,11 @@ SETTINGS: dict[str, dict[str, Any]] = {  # in the order runs are taken: the like
     "lr-map-1e-4": {"lr_map": 1e-4},
     # Beyond the issue's list, after the first results on the authors' teacher: the two levers that lifted its
     # numerical variables, together; and the levels spread over the LM's depth (its one-hot counts, written at
-    # hidden state 1, stayed at 36-60% under every lever: one block to count in).  `strided` is compared with a
-    # baseline probed at the same hidden states (the sweep plans "baseline-strided").
+    # hidden state 1, stayed at 36-60% under every lever: one block to count in).  `spaced` (stride 2 on SmolLM2,
+    # 7 blocks left to read the output; `strided` would edit the last block, leaving only the head to read it)
+    # is compared with a baseline probed at the same hidden states (the sweep plans "baseline-spaced").
     "equal-lstsq": {"alignment_variable_weighting": "equal", "map_init": "lstsq"},
-    "strided": {"layer_strategy": "strided"},
+    "spaced": {"layer_strategy": "spaced"},
 }
 GATE = Path("results/injection/gate.json")
 GATE_CHOICE = "gate"  # `--setting gate`: the sweep's choice

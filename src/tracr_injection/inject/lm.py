@@ -53,7 +53,7 @@ BLOCK_PATHS: tuple[str, ...] = (
 
 HIDDEN_SIZE_KEYS: tuple[str, ...] = ("hidden_size", "n_embd", "d_model")
 NUM_LAYERS_KEYS: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-LAYER_MAPPING_STRATEGIES: tuple[str, ...] = ("identity", "strided")
+LAYER_MAPPING_STRATEGIES: tuple[str, ...] = ("identity", "strided", "spaced")
 
 BlockOutput = torch.Tensor | tuple[Any, ...] | list[Any]
 
@@ -422,12 +422,18 @@ def layer_mapping(num_teacher_levels: int, num_lm_blocks: int, strategy: str = "
     """LM hidden-state index for each teacher level (level 0 = teacher embeddings -> LM index 0).
 
     "identity" maps level i to index i (as in the paper); "strided" spreads the levels evenly over the
-    LM's depth, the last one at index num_lm_blocks - 1 so that one block remains for the edit hook.
+    LM's depth, the last one at index num_lm_blocks - 1 so that one block remains for the edit hook (and
+    none after it reads the output subspace); "spaced" maps level i to i * stride with the largest stride
+    that leaves at least one block after the edited one, so every level gets the same number of blocks to
+    be computed in and the rest read the output (12 levels on SmolLM2's 30 blocks: stride 2, 7 blocks left).
     """
     _check_mapping_args(num_teacher_levels, num_lm_blocks, strategy)
     _check_enough_blocks(num_teacher_levels, num_lm_blocks, strategy)
     if strategy == "identity" or num_teacher_levels == 1:
         return list(range(num_teacher_levels))
+    if strategy == "spaced":
+        stride = max(1, (num_lm_blocks - 2) // (num_teacher_levels - 1))
+        return [i * stride for i in range(num_teacher_levels)]
     steps, top = num_teacher_levels - 1, num_lm_blocks - 1
     # round(i * top / steps), half up, in exact integer arithmetic (strictly increasing since top >= steps)
     return [(2 * i * top + steps) // (2 * steps) for i in range(num_teacher_levels)]
