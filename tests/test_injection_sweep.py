@@ -14,12 +14,14 @@ from tracr_injection.experiments import injection_sweep
 from tracr_injection.experiments.injection_sweep import (
     BASELINE,
     GATE_TEACHER,
+    LONG_STEPS,
     SWEEP,
     TEACHERS,
     baseline_of,
     best_setting,
     passes_gate,
     plan_sweep,
+    reported_runs,
     sweep,
 )
 from tracr_injection.experiments.settings import SETTINGS
@@ -59,6 +61,15 @@ def test_a_spaced_setting_is_compared_with_a_baseline_probed_at_its_hidden_state
     assert baseline_of(by_name["spaced"], runs) == by_name["baseline-spaced"].out
     assert baseline_of(by_name["m1"], runs) == by_name[BASELINE].out
     assert baseline_of(by_name["baseline-spaced"], runs) is None
+
+
+def test_the_report_keeps_the_teachers_swept_before(tmp_path):
+    roots = (tmp_path / "runs", tmp_path / "results")
+    (roots[0] / "dyck_trigger" / "m1").mkdir(parents=True)  # a sweep of the other teacher ran here before
+    runs = plan_sweep(["dyck_authors_trigger"], ["m1"], SWEEP, *roots)
+    teachers = [r.config.teacher for r in reported_runs(runs, SWEEP, roots, LONG_STEPS)]
+    assert list(dict.fromkeys(teachers)) == ["dyck_authors_trigger", "dyck_trigger"]
+    assert teachers.count("dyck_trigger") == teachers.count("dyck_authors_trigger") == 2 + len(SETTINGS)
 
 
 def test_the_gate_choice_uses_in_distribution_numbers_only():

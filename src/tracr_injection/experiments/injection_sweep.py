@@ -454,10 +454,12 @@ def write_gate(rows: Sequence[dict[str, Any]], runs: Sequence[PlannedRun], path:
 def reported_runs(
     runs: Sequence[PlannedRun], budget: Budget, roots: tuple[Path, Path], long_steps: int
 ) -> list[PlannedRun]:
-    """What the summary, gate.json and experiment.json cover: every setting of the runs' teachers, not only
-    those this invocation takes (a sweep started with `--setting` keeps the other settings' rows), and every
-    long run planned here or finished before."""
-    teachers, task, model = list(dict.fromkeys(r.config.teacher for r in runs)), runs[0].task, runs[0].config.model
+    """What the summary, gate.json and experiment.json cover: every setting of every teacher swept under the
+    runs root, not only those this invocation takes (a sweep started with `--setting` or `--teacher` keeps the
+    other settings' and teachers' rows), and every long run planned here or finished before."""
+    task, model = runs[0].task, runs[0].config.model
+    swept_before = sorted(p.name for p in roots[0].iterdir() if p.is_dir()) if roots[0].is_dir() else []
+    teachers = list(dict.fromkeys([*(r.config.teacher for r in runs), *swept_before]))
     report = plan_sweep(teachers, list(SETTINGS), budget, *roots, model, task)
     longs = [r for r in runs if r.name.startswith(LONG_PREFIX)]
     for teacher in teachers:
