@@ -145,6 +145,7 @@ def test_the_sweep_runs_publishes_and_writes_the_gate(tmp_path):
     reported = [r["run"] for r in json.loads((results / "experiment.json").read_text())["runs"]]
     assert reported == [BASELINE, "baseline-spaced", *SETTINGS, "long-m10"]  # every setting, its layout's baseline
 
+
 def test_the_long_run_is_left_to_the_worker_that_ends_the_teachers_last_run(tmp_path):
     import socket
     import subprocess

@@ -550,16 +550,16 @@ def sweep(
     task: str = TASK,
 ) -> Path:
     """Bring every planned run to 'evaluated' (skipping finished runs and runs another live process holds),
-    publishing after each; each teacher's long run is resolved by the worker that ends its last sweep run
-    (`long_is_due`)."""
+    publishing after each it ran and once at the end; each teacher's long run is resolved by the worker that
+    ends its last sweep run (`long_is_due`)."""
     budget = sweep_budget(budget_name)
     runs = plan_sweep(teachers, settings, budget, runs_root, results_root, model, task)
     roots = (runs_root, results_root)
     pending = list(runs)
     while pending:
         run = pending.pop(0)
-        execute_planned(run, runs, budget, on_run, progress)
-        publish_sweep(runs, reported_runs(runs, budget, roots, long_steps), results_root, budget, command)
+        if execute_planned(run, runs, budget, on_run, progress):
+            publish_sweep(runs, reported_runs(runs, budget, roots, long_steps), results_root, budget, command)
         if long_is_due(run, pending, runs):
             extra = resolve_long(run.config.teacher, long_setting, runs, budget, roots, model, long_steps)
             if extra is not None:
@@ -580,9 +580,10 @@ def long_is_due(run: PlannedRun, pending: Sequence[PlannedRun], runs: Sequence[P
 
 def execute_planned(
     run: PlannedRun, runs: Sequence[PlannedRun], budget: Budget, on_run: Callable | None, progress: bool
-) -> None:
-    """Claim, train, evaluate (beside the baseline's probe when it is evaluated) and release one run."""
-    run_claimed(run, eval_settings(budget), on_run, progress, baseline=baseline_of(run, runs))
+) -> bool:
+    """Claim, train, evaluate (beside the baseline's probe when it is evaluated) and release one run; True when
+    this worker ran it (a published run or one held elsewhere leaves nothing new to publish)."""
+    return run_claimed(run, eval_settings(budget), on_run, progress, baseline=baseline_of(run, runs))
 
 
 def plan_rows(runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
