@@ -66,7 +66,8 @@ def test_smoke_plan_writes_summary_curves_and_resumes_from_results(tiny_model, t
     }
     results = ood(2, None, "smoke", model=tiny_model, progress=False, **roots)
     summary = json.loads((results / "summary.json").read_text())
-    assert set(summary) == {"task", "seeds", "examples_per_split", "splits"}
+    assert set(summary) == {"task", "seeds", "examples_per_split", "splits", "verdict"}
+    assert summary["verdict"] == ood_module.verdict(summary["splits"])
     assert (summary["task"], summary["seeds"], summary["examples_per_split"]) == ("dyck", 2, 12)
     splits = summary["splits"]
     assert {"test", "almost_balanced", "balanced_long", "length", "length_5_90", "new_token"} <= set(splits)
@@ -102,6 +103,41 @@ def test_smoke_plan_writes_summary_curves_and_resumes_from_results(tiny_model, t
         **roots,
     )
     assert states == ["published"] * 4 and not (tmp_path / "runs").exists()
+    # --publish-only: the summary again from the published runs, the verdict printed, nothing trained
+    (results / "summary.json").unlink()
+    args = ["ood", "--seeds", "2", "--budget", "smoke", "--gate", str(roots["gate"]), "--model", str(tiny_model),
+            "--runs-root", str(roots["runs_root"]), "--results", str(results), "--publish-only"]  # fmt: skip
+    published = CliRunner().invoke(app, args)
+    assert published.exit_code == 0, published.output
+    assert json.loads((results / "summary.json").read_text()) == summary
+    assert f"Injection generalises better out of distribution: {summary['verdict']['answer']}" in published.output
+    assert not (tmp_path / "runs").exists()
+
+
+def splits_with(gain_t95, bias_t95, gain_mean=0.0):
+    """A summary's splits with only what the verdict reads."""
+    return {
+        ood_module.VERDICT_SPLIT: {"gain_mean": gain_mean, "gain_t95": list(gain_t95)},
+        ood_module.BIAS_CHECK: {"gain_mean": 0.0, "gain_t95": list(bias_t95)},
+    }
+
+
+@pytest.mark.parametrize(
+    ("gain_t95", "bias_t95", "answer"),
+    [
+        ((0.01, 0.20), (0.005, 0.1), "supported"),  # both intervals above 0
+        ((0.01, 0.20), (-0.01, 0.1), "not decidable"),  # the gain may be a bias towards "no"
+        ((-0.058, 0.018), (-0.066, 0.067), "not supported"),  # session 27's two pairs: +5 points ruled out
+        ((-0.10, 0.049), (0.01, 0.2), "not supported"),
+        ((-0.02, 0.05), (-0.1, 0.1), "not decidable"),  # +5 points not ruled out (the bound is strict)
+        ((None, None), (None, None), "not decidable"),  # one seed: no interval
+    ],
+)
+def test_verdict_rule(gain_t95, bias_t95, answer):
+    found = ood_module.verdict(splits_with(gain_t95, bias_t95, gain_mean=0.03))
+    assert found["answer"] == answer and found["gain_mean"] == 0.03 and found["min_effect"] == 0.05
+    line = ood_module.verdict_line({"seeds": 3, "verdict": found})
+    assert answer in line and ("no interval" in line) == (gain_t95[0] is None)
 
 
 def test_cli_dry_run_and_bad_setting(tmp_path):

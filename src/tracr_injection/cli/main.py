@@ -553,10 +553,13 @@ def ood_command(
     model: str = typer.Option("smollm2", help="The LM to train."),
     status: bool = typer.Option(False, "--status", help="Only show each planned run's state."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only print the setting and each train command."),
+    publish_only: bool = typer.Option(
+        False, "--publish-only", help="Only publish the evaluated runs (comparison, summary.json); train nothing."
+    ),
 ) -> None:
     """Inject against baseline on Dyck out of distribution, paired over seeds, with bootstrap intervals and
     accuracy over training (start it in two shells to share the plan; re-run it to continue)."""
-    from tracr_injection.experiments.ood import ood, ood_budget, plan_ood
+    from tracr_injection.experiments.ood import ood, ood_budget, plan_ood, publish_ood, verdict_line
     from tracr_injection.experiments.reproduce import status_rows
     from tracr_injection.experiments.settings import inject_setting
 
@@ -575,11 +578,18 @@ def ood_command(
     command = f"tracr-inject ood --seeds {seeds} --budget {budget} --gate {gate} --model {model}"
     command += f" --setting {setting}" if setting else ""
     command += f" --runs-root {runs_root} --results {results}"
-    folder = ood(
-        seeds, setting, budget, gate=gate, runs_root=runs_root, results_root=results, model=model,
-        command=command, on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
-    )  # fmt: skip
-    typer.echo((folder / "comparison.md").read_text())
+    if publish_only:
+        runs = plan_ood(seeds, choice, ood_budget(budget), runs_root, results, model)
+        folder = publish_ood(runs, results, ood_budget(budget), choice, command)
+    else:
+        folder = ood(
+            seeds, setting, budget, gate=gate, runs_root=runs_root, results_root=results, model=model,
+            command=command, on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
+        )  # fmt: skip
+    if (folder / "comparison.md").is_file():
+        typer.echo((folder / "comparison.md").read_text())
+    if (folder / "summary.json").is_file():
+        typer.echo(verdict_line(json.loads((folder / "summary.json").read_text())))
     typer.echo(folder)
 
 

@@ -46,6 +46,15 @@ TASK = "dyck"
 SEEDS = 5
 ACCURACY_EVERY = 100
 FULL_SPLITS = 1000  # accuracy on every example of every evaluated split
+VERDICT_SPLIT = "almost_balanced"
+BIAS_CHECK = "balanced acc (almost_balanced, balanced_long)"
+MIN_EFFECT = 0.05  # the smallest out-of-distribution gain worth claiming: 5 points
+VERDICT_RULE = (
+    "supported: the 95% t interval of the paired almost_balanced gain lies above 0 and so does the balanced "
+    "accuracy's (almost_balanced with the all-yes balanced_long, so a bias towards 'no' does not count); not "
+    "supported: the almost_balanced interval lies below +5 points (a gain worth claiming is ruled out); else "
+    "not decidable at this budget. Fixed on 2026-12-05 with 2 of 5 seed pairs seen."
+)
 
 OOD = Budget(
     name="ood",
@@ -96,17 +105,64 @@ def plan_ood(
     )
 
 
-def summary(paired: Mapping[str, Any], task: str, examples_per_split: int) -> dict[str, Any]:
-    """summary.json in the issue's format (accuracies in 0..1) from `compare.paired_statistics`."""
+def verdict(splits: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The headline's answer by a rule fixed before the last seeds were seen (`VERDICT_RULE`): "supported",
+    "not supported" or "not decidable", from the Student-t intervals of the paired gains (the bootstrap's are
+    too narrow with a handful of seeds)."""
+    gain, bias = splits[VERDICT_SPLIT], splits[BIAS_CHECK]
+    low, high = gain["gain_t95"]
+    bias_low = bias["gain_t95"][0]
+    if low is None or bias_low is None:
+        answer = "not decidable"  # one seed: no interval
+    elif low > 0 and bias_low > 0:
+        answer = "supported"
+    elif high < MIN_EFFECT:
+        answer = "not supported"
+    else:
+        answer = "not decidable"
     return {
+        "answer": answer,
+        "rule": VERDICT_RULE,
+        "split": VERDICT_SPLIT,
+        "gain_mean": gain["gain_mean"],
+        "gain_t95": [low, high],
+        "bias_check": BIAS_CHECK,
+        "bias_check_gain_t95": bias["gain_t95"],
+        "min_effect": MIN_EFFECT,
+    }
+
+
+def verdict_line(summary_json: Mapping[str, Any]) -> str:
+    """The headline in one line: the verdict with the gain it rests on, or why there is none yet."""
+    found = summary_json.get("verdict")
+    if found is None:
+        return f"No verdict: {VERDICT_SPLIT} or its bias check was not measured."
+    low, high = found["gain_t95"]
+    interval = (
+        "no interval (one seed)" if low is None else f"95% t interval {100 * low:+.1f}..{100 * high:+.1f}"
+    )
+    return (
+        f"Injection generalises better out of distribution: {found['answer']} ({summary_json['seeds']} seed pairs, "
+        f"{found['split']} gain {100 * found['gain_mean']:+.1f} points, {interval}; rule in summary.json)."
+    )
+
+
+def summary(paired: Mapping[str, Any], task: str, examples_per_split: int) -> dict[str, Any]:
+    """summary.json in the issue's format (accuracies in 0..1) from `compare.paired_statistics`, with the
+    headline's `verdict` where the split it rests on was measured."""
+    splits = {
+        split: {k: r[k] for k in ("baseline_mean", "inject_mean", "gain_mean", "gain_ci95", "gain_t95")}
+        for split, r in paired["splits"].items()
+    }
+    result = {
         "task": task,
         "seeds": len(paired["seeds"]),
         "examples_per_split": examples_per_split,
-        "splits": {
-            split: {k: r[k] for k in ("baseline_mean", "inject_mean", "gain_mean", "gain_ci95", "gain_t95")}
-            for split, r in paired["splits"].items()
-        },
+        "splits": splits,
     }
+    if VERDICT_SPLIT in splits and BIAS_CHECK in splits:
+        result["verdict"] = verdict(splits)
+    return result
 
 
 def mean_curves(runs: Sequence[PlannedRun]) -> dict[str, Any]:
