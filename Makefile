@@ -31,6 +31,7 @@ test: setup
 # The headline numbers in one run (compile, step times and ratios, tokens/s, memory, eval throughput).
 bench: setup
 	$(PY) benchmarks/bench_all.py $(if $(EVAL_RUN),--eval-run $(EVAL_RUN))
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_step_kernels.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

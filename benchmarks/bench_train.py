@@ -32,7 +32,7 @@ import torch
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig
 from tracr_injection.inject.data import batch_positions
-from tracr_injection.inject.lm import load_causal_lm
+from tracr_injection.inject.lm import load_causal_lm, use_training_attention
 from tracr_injection.inject.objective import InjectionObjective, RunParts, exact_kl
 from tracr_injection.inject.trainer import build_parts, make_optimizer
 
@@ -102,6 +102,7 @@ def setup(
         batch_size=batch_size,
     )
     tokenizer, model = load_tokenizer(model_name), load_causal_lm(model_name).to(device)
+    use_training_attention(model, torch.device(device))  # as training does
     original = copy.deepcopy(model).eval().requires_grad_(False)
     parts = build_parts(config, tokenizer, model)
     parts.amap.to(device)

@@ -112,6 +112,28 @@ def test_eval_writes_metrics_report_and_plots(evaluated_runs):
     assert "## Answer readout" in report and "| map | almost_balanced | 8 |" in report
 
 
+def test_eval_in_bf16_moves_only_what_the_lm_computes(evaluated_runs, tmp_path):
+    """--precision bf16 runs the LMs under autocast: recorded, language metrics within bf16 rounding, what
+    the teacher alone decides (decoding's majority shares, example counts) unchanged; bad values fail early."""
+    import dataclasses
+
+    run = evaluated_runs[("inject", 0)]
+    fp32 = metrics_of(run)
+    bf16 = json.loads((evaluate_target(run, out=tmp_path / "bf16", settings=dataclasses.replace(
+        SETTINGS, precision="bf16"), progress=False) / "metrics.json").read_text())  # fmt: skip
+    assert fp32["settings"]["precision"] == "fp32" and bf16["settings"]["precision"] == "bf16"
+    assert {s: r["n"] for s, r in bf16["accuracy"].items()} == {s: r["n"] for s, r in fp32["accuracy"].items()}
+    for split, result in fp32["decoding"]["map"].items():
+        assert bf16["decoding"]["map"][split]["majority"] == result["majority"]
+    for key in ("perplexity_original", "perplexity_trained"):
+        assert bf16["language"][key] == pytest.approx(fp32["language"][key], rel=0.03)
+    assert bf16["language"]["perplexity_trained"] != fp32["language"]["perplexity_trained"]  # bf16 did run
+    assert metrics_of(run) == fp32  # its own evaluation untouched
+    result = CliRunner().invoke(app, ["eval", str(run), "--precision", "fp16", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "--precision must be one of fp32, bf16" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "x").exists()
+
+
 def test_readout_is_added_to_a_run_evaluated_before_it_existed(evaluated_runs, tmp_path):
     from tracr_injection.evaluate.pipeline import add_split_parts
 

@@ -17,6 +17,7 @@ from tracr_injection.inject.lm import (
     block_output_hidden,
     decoder_blocks,
     edit_block_output,
+    forward_precision,
     hidden_size,
     hidden_states,
     layer_mapping,
@@ -302,6 +303,31 @@ def test_identity_replacement_keeps_logits_and_zeroing_changes_them(models, arch
     finally:
         handle.remove()
     assert torch.equal(logits(model, batch), reference)  # removed cleanly
+
+
+def test_forward_precision_runs_the_lms_passes_in_bf16_and_restores_them(models, arch, batch):
+    model, other = models[arch], models["llama"]
+    reference = logits(model, batch)
+    with forward_precision("fp32", model):
+        assert "forward" not in vars(model) and torch.equal(logits(model, batch), reference)
+    dtypes = []
+    handle = decoder_blocks(model)[0].register_forward_hook(
+        lambda m, a, out: dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+    )  # fmt: skip
+    try:
+        with forward_precision("bf16", model, model, other), forward_precision("bf16", model):  # nested, repeated
+            half = logits(model, batch)
+            outside = torch.ones(3, 4) @ torch.ones(4, 2)  # the caller's own math is not autocast
+    finally:
+        handle.remove()
+    assert dtypes == [torch.bfloat16] and outside.dtype == torch.float32
+    assert half.dtype == torch.bfloat16 and not torch.equal(half.float(), reference)
+    assert torch.allclose(half.float(), reference, atol=0.1, rtol=0.05)
+    assert "forward" not in vars(model) and "forward" not in vars(other)
+    assert torch.equal(logits(model, batch), reference)  # restored: fp32 again
+    with pytest.raises(TracrInjectionError, match="Unknown precision 'fp16'"):
+        with forward_precision("fp16", model):
+            pass
 
 
 @pytest.mark.parametrize("capture_first", [False, True])

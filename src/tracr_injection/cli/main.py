@@ -394,15 +394,22 @@ def eval_command(
     base_model: str | None = typer.Option(
         None, help="The model a run started from, when the folder its manifest records is not here."
     ),
+    precision: str = typer.Option(
+        "fp32", help="The LM's forward passes: fp32, or bf16 autocast (faster with AMX or on a GPU; numbers move "
+        "by bf16 rounding). The teacher, decoders and probe fit stay fp32.",
+    ),  # fmt: skip
 ) -> None:
     """Evaluate a run: accuracy in and out of distribution, kept language ability, decoding, readout, causal tests."""
     from tracr_injection.evaluate.pipeline import EvalSettings, add_split_parts, evaluate_target
+    from tracr_injection.inject.lm import EVAL_PRECISIONS
 
+    if precision not in EVAL_PRECISIONS:
+        fail(f"--precision must be one of {', '.join(EVAL_PRECISIONS)}, got {precision!r}")
     if add:
         typer.echo(add_split_parts(target, add, split, base_model=base_model))
         return
 
-    settings = EvalSettings(lm_eval_tasks=lm_eval.split(",") if lm_eval else [])
+    settings = EvalSettings(lm_eval_tasks=lm_eval.split(",") if lm_eval else [], precision=precision)
     if max_examples is not None:
         settings.max_examples = max_examples
     folder = evaluate_target(

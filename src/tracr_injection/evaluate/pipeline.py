@@ -47,7 +47,7 @@ from tracr_injection.hub import model_fingerprint, model_folder
 from tracr_injection.inject.config import TrainConfig
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.kl_cache import KLCache, kl_cache_path
-from tracr_injection.inject.lm import load_causal_lm
+from tracr_injection.inject.lm import forward_precision, load_causal_lm
 from tracr_injection.inject.run import EVALUATION_NAME, RunFolder
 from tracr_injection.tasks import TeacherCannotRepresentError
 
@@ -71,6 +71,7 @@ class EvalSettings:
     language_windows: int = 128
     lm_eval_tasks: list[str] = dataclasses.field(default_factory=list)
     seed: int = 0
+    precision: str = "fp32"  # the LMs' forward passes: fp32 or bf16 (autocast; see inject.lm.forward_precision)
 
 
 def evaluate_target(
@@ -189,9 +190,11 @@ def add_split_parts(
     settings = EvalSettings(**metrics["settings"])
     decoders = subject_decoders(subject, settings, folder)
     name = "+".join(parts)
-    redone = timed(
-        metrics["timings"], name, lambda: split_evaluations(subject, decoders, settings, progress, splits), progress
-    )
+    with forward_precision(settings.precision, subject.model):
+        redone = timed(
+            metrics["timings"], name, lambda: split_evaluations(subject, decoders, settings, progress, splits),
+            progress,
+        )  # fmt: skip
     for part in parts:
         for kind, by_split in redone[part].items():
             metrics.setdefault(part, {}).setdefault(kind, {}).update(by_split)
@@ -226,10 +229,11 @@ def evaluate_subject(
         "settings": dataclasses.asdict(settings),
         "output_variable": subject.teacher.config.output_variable,
     }
-    decoders = timed(timings, "probe", lambda: subject_decoders(subject, settings, folder), progress)
-    per_split = timed(
-        timings, "splits", lambda: split_evaluations(subject, decoders, settings, progress), progress
-    )
+    with forward_precision(settings.precision, subject.model):
+        decoders = timed(timings, "probe", lambda: subject_decoders(subject, settings, folder), progress)
+        per_split = timed(
+            timings, "splits", lambda: split_evaluations(subject, decoders, settings, progress), progress
+        )
     accuracy = per_split["accuracy"]
     metrics["accuracy"] = {split: result.to_dict() for split, result in accuracy.items()}
     if views := ood_views(subject.task, accuracy):
@@ -237,10 +241,11 @@ def evaluate_subject(
     metrics["language"] = timed(timings, "language", lambda: kept_language(subject, settings), progress)
     metrics["decoding"], metrics["readout"] = per_split["decoding"], per_split["readout"]
     main_decoder = decoders.get("map", decoders["probe"])
-    metrics["example"] = example_rows(subject, main_decoder)
-    metrics["causal"] = timed(
-        timings, "causal", lambda: causal(subject, main_decoder, settings, progress), progress
-    )
+    with forward_precision(settings.precision, subject.model):
+        metrics["example"] = example_rows(subject, main_decoder)
+        metrics["causal"] = timed(
+            timings, "causal", lambda: causal(subject, main_decoder, settings, progress), progress
+        )
     metrics["timings"] = timings
     return metrics
 
@@ -347,7 +352,8 @@ def kept_language(subject: Subject, settings: EvalSettings) -> dict[str, Any]:
         training_NT=training_NT,
         model_key=model_fingerprint(model_folder(subject.base_model)),
     )
-    result = language_metrics(original, subject.model, windows_NT).to_dict()
+    with forward_precision(settings.precision, original, subject.model):  # the windows are sampled in fp32
+        result = language_metrics(original, subject.model, windows_NT).to_dict()
     result["text_source"] = config.kl_source
     if settings.lm_eval_tasks:
         model_dir = RunFolder(subject.run_dir).model_dir if subject.run_dir else subject.base_model

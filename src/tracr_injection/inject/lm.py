@@ -83,6 +83,41 @@ def inference(*models: nn.Module) -> Iterator[None]:
             model.train(flag)
 
 
+def use_training_attention(model: nn.Module, device: torch.device) -> None:
+    """Train with `eager` attention on a CPU where the model would use SDPA: SDPA's CPU flash-attention
+    backward was ~17% of a bf16 SmolLM2 step at this project's sequence lengths (<= ~130 tokens); eager
+    made the bf16 step 1.26x faster and left fp32 steps and forward-only passes as they were
+    (`benchmarks/results/step_kernels.json`).  Other devices keep SDPA."""
+    if device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation("eager")
+
+
+EVAL_PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+
+@contextmanager
+def forward_precision(precision: str, *models: nn.Module) -> Iterator[None]:
+    """Run each model's forward passes (and the hooks inside them) under bf16 autocast for the block when
+    `precision` is "bf16"; "fp32" changes nothing.  Only the LMs' own passes: what the caller computes from
+    their outputs (a teacher, linear decoders, a ridge fit) stays fp32, and the weights are not cast.  Why:
+    evaluation is LM-bound, and a CPU with AMX (or a GPU) runs bf16 matmuls several times faster."""
+    if precision not in EVAL_PRECISIONS:
+        raise InvalidArgumentError(f"Unknown precision {precision!r}; choose from {', '.join(EVAL_PRECISIONS)}.")
+    patched = [] if precision == "fp32" else list({id(m): m for m in models}.values())
+    saved = [(model, model.__dict__.get("forward")) for model in patched]
+    for model in patched:
+        device = next(model.parameters()).device.type
+        model.forward = torch.autocast(device, dtype=torch.bfloat16)(model.forward)
+    try:
+        yield
+    finally:
+        for model, own in reversed(saved):
+            if own is None:
+                del model.forward
+            else:
+                model.forward = own
+
+
 def load_causal_lm(
     name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32, **kwargs: Any
 ) -> PreTrainedModel:
