@@ -13,6 +13,7 @@ the first evaluation ran).  The "before" code is `git archive <ref> src` unpacke
 CPU seconds (the child's user + system time) move less than wall time on a machine shared with other work.
 
     python benchmarks/bench_eval.py RUN_DIR [--before-ref 7718aae] [--threads 1] [--out benchmarks/results]
+    python benchmarks/bench_eval.py RUN_DIR --precision   # this code in fp32, then --precision bf16
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ import json, sys
 from tracr_injection.evaluate.pipeline import evaluate_target
 from tracr_injection.experiments.budgets import get_budget
 from tracr_injection.experiments.reproduce import eval_settings
-evaluate_target(sys.argv[1], out=sys.argv[2], settings=eval_settings(get_budget(sys.argv[3])), progress=False)
+settings = eval_settings(get_budget(sys.argv[3]))
+if len(sys.argv) > 4:
+    settings.precision = sys.argv[4]
+evaluate_target(sys.argv[1], out=sys.argv[2], settings=settings, progress=False)
 """
 
 
@@ -51,8 +55,11 @@ def unpack_source(ref: str, folder: Path) -> Path:
     return folder / "src"
 
 
-def timed_eval(src: Path, run_dir: Path, out: Path, budget: str, threads: int) -> dict[str, Any]:
-    """Evaluate `run_dir` with the package in `src` in a child process: wall, CPU and per-stage seconds."""
+def timed_eval(
+    src: Path, run_dir: Path, out: Path, budget: str, threads: int, precision: str | None = None
+) -> dict[str, Any]:
+    """Evaluate `run_dir` with the package in `src` in a child process (the LM's passes in `precision` when
+    given): wall, CPU and per-stage seconds."""
     env = {
         **os.environ,
         "PYTHONPATH": str(src),
@@ -61,7 +68,8 @@ def timed_eval(src: Path, run_dir: Path, out: Path, budget: str, threads: int) -
     }
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
-    subprocess.run([sys.executable, "-c", CHILD, str(run_dir), str(out), budget], env=env, check=True)
+    args = [sys.executable, "-c", CHILD, str(run_dir), str(out), budget, *([precision] if precision else [])]
+    subprocess.run(args, env=env, check=True)
     wall = time.perf_counter() - began
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -112,6 +120,31 @@ def measure(run_dir: Path, before_ref: str, budget: str = "cpu", threads: int = 
     }
 
 
+def accuracy_changes(fp32: dict[str, Any], bf16: dict[str, Any]) -> dict[str, int]:
+    """Per split, how many more examples the bf16 evaluation got right than the fp32 one."""
+    return {s: bf16["accuracy"][s]["correct"] - r["correct"] for s, r in fp32["accuracy"].items()}
+
+
+def measure_precision(run_dir: Path, budget: str = "cpu", threads: int = 1) -> dict[str, Any]:
+    """Evaluate `run_dir` with this checkout in fp32, then with the LM's passes in bf16; the record."""
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        runs = {p: timed_eval(REPO / "src", run_dir, Path(tmp) / p, budget, threads, p) for p in ("fp32", "bf16")}
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    return {
+        "precision_run": str(run_dir),
+        "precision_budget": budget,
+        "eval_seconds_fp32": fp32["wall_s"],
+        "eval_seconds_bf16": bf16["wall_s"],
+        "eval_cpu_seconds_fp32": fp32["cpu_s"],
+        "eval_cpu_seconds_bf16": bf16["cpu_s"],
+        "bf16_speedup_cpu": round(fp32["cpu_s"] / bf16["cpu_s"], 2),
+        "eval_parts_fp32": fp32["parts"],
+        "eval_parts_bf16": bf16["parts"],
+        "bf16_correct_minus_fp32": accuracy_changes(fp32["metrics"], bf16["metrics"]),
+        "precision_load_average_1min_after": round(os.getloadavg()[0], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="a trained run folder (e.g. a Dyck cpu-budget run)")
@@ -119,8 +152,12 @@ def main() -> None:
     parser.add_argument("--budget", default="cpu", help="budget whose evaluation settings are used (cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each evaluation (1)")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="folder for run_cost.json")
+    parser.add_argument("--precision", action="store_true", help="instead: this code in fp32, then in bf16")
     args = parser.parse_args()
-    record = measure(args.run_dir, args.before_ref, args.budget, args.threads)
+    if args.precision:
+        record = measure_precision(args.run_dir, args.budget, args.threads)
+    else:
+        record = measure(args.run_dir, args.before_ref, args.budget, args.threads)
     print(json.dumps(write_run_cost(record, args.out), indent=2))
 
 
