@@ -23,6 +23,7 @@ from bench_train import precision_context, setup
 
 from tracr_injection.inject.data import batch_positions
 from tracr_injection.inject.objective import InjectionObjective
+from tracr_injection.inject.trainer import make_optimizer
 
 VARIANTS = [("sdpa", False), ("sdpa", True), ("eager", False), ("eager", True)]
 
@@ -60,9 +61,7 @@ def main() -> None:
         rows = result["cpu_s_per_step"].setdefault(precision, {})
         for attention, fused in VARIANTS:
             model.set_attn_implementation(attention)
-            groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr_lm},
-                      {"params": list(parts.amap.parameters()), "lr": config.lr_map}]  # fmt: skip
-            optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=fused)
+            optimizer = make_optimizer(config, model, parts.amap, fused=fused)
             name = f"{attention}+{'fused' if fused else 'loop'}_adamw"
             rows[name] = round(step_cpu_seconds(config, parts, optimizer, precision, args.steps), 3)
             print(f"{precision} {name}: {rows[name]:.2f} CPU s/step", flush=True)

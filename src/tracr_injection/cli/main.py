@@ -566,7 +566,7 @@ def ood_command(
 ) -> None:
     """Inject against baseline on Dyck out of distribution, paired over seeds, with bootstrap intervals and
     accuracy over training (start it in two shells to share the plan; re-run it to continue)."""
-    from tracr_injection.experiments.ood import ood, ood_budget, plan_ood, publish_ood, verdict_line
+    from tracr_injection.experiments.ood import ood, ood_budget, plan_ood, verdict_line
     from tracr_injection.experiments.reproduce import status_rows
     from tracr_injection.experiments.settings import inject_setting
 
@@ -585,14 +585,11 @@ def ood_command(
     command = f"tracr-inject ood --seeds {seeds} --budget {budget} --gate {gate} --model {model}"
     command += f" --setting {setting}" if setting else ""
     command += f" --runs-root {runs_root} --results {results}"
-    if publish_only:
-        runs = plan_ood(seeds, choice, ood_budget(budget), runs_root, results, model)
-        folder = publish_ood(runs, results, ood_budget(budget), choice, command)
-    else:
-        folder = ood(
-            seeds, setting, budget, gate=gate, runs_root=runs_root, results_root=results, model=model,
-            command=command, on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
-        )  # fmt: skip
+    folder = ood(
+        seeds, setting, budget, gate=gate, runs_root=runs_root, results_root=results, model=model,
+        command=command, on_run=lambda run, state: console.print(f"[bold]{run.name}[/]: {state}"),
+        publish_only=publish_only,
+    )  # fmt: skip
     if (folder / "comparison.md").is_file():
         typer.echo((folder / "comparison.md").read_text())
     if (folder / "summary.json").is_file():

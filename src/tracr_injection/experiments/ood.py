@@ -247,14 +247,15 @@ def ood(
     progress: bool = True,
     command: str = "",
     on_run: Callable[[PlannedRun, str], None] | None = None,
+    publish_only: bool = False,
 ) -> Path:
     """Bring every planned run to 'evaluated' (skipping finished runs and runs another live process holds),
-    publishing after each."""
+    publishing after each; with `publish_only`, only publish what is evaluated (the verdict included)."""
     budget = ood_budget(budget_name)
     choice = inject_setting(setting, gate)
     runs = plan_ood(seeds, choice, budget, runs_root, results_root, model, task)
     settings = ood_eval_settings(budget)
-    for run in runs:
+    for run in [] if publish_only else runs:
         if run_claimed(run, settings, on_run, progress):
             publish_ood(runs, results_root, budget, choice, command)
     return publish_ood(runs, results_root, budget, choice, command)
