@@ -40,8 +40,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 DYCK3 = "bench_compile:shuffle_dyck3"
 REGISTERED = "registered:"
@@ -89,7 +90,7 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """Runs one compile in this (fresh) process and returns its measurements."""
     import contextlib  # pylint: disable=import-outside-toplevel
 
@@ -138,8 +139,8 @@ def measure(
     causal: bool,
     fast: bool,
     mlp_exactness: int = 100,
-    timeout_s: Optional[float] = None,
-) -> Dict[str, Any]:
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
     """Compiles the program in a fresh subprocess; returns spec + measurements.
 
     On failure or timeout the record has an ``error`` entry instead of numbers.
@@ -167,7 +168,7 @@ def measure(
     return {**record, **json.loads(lines[-1])}
 
 
-def _print_table(records: List[Dict[str, Any]]) -> None:
+def _print_table(records: list[dict[str, Any]]) -> None:
     header = (
         f"{'program':<40} {'N':>4} {'causal':>6} {'mode':>5} "
         f"{'compile_s':>10} {'peak_MB':>8} {'+MB':>7} {'d_model':>7} "
@@ -177,7 +178,7 @@ def _print_table(records: List[Dict[str, Any]]) -> None:
     print("-" * len(header))
     for r in records:
         mode = "fast" if r["fast"] else "plain"
-        prefix = f"{r['build_fn']:<40} {r['max_seq_len']:>4} {str(r['causal']):>6} {mode:>5} "
+        prefix = f"{r['build_fn']:<40} {r['max_seq_len']:>4} {r['causal']!s:>6} {mode:>5} "
         if "error" in r:
             print(prefix + "ERROR: " + r["error"].strip().splitlines()[-1])
             continue
@@ -187,7 +188,7 @@ def _print_table(records: List[Dict[str, Any]]) -> None:
             f"{r['d_model']:>7} {r['mlp_hidden_size']:>6}  "
             f"{r['params_sha256'][:12]}"
         )
-    pairs: Dict[tuple, Dict[bool, Dict[str, Any]]] = {}
+    pairs: dict[tuple, dict[bool, dict[str, Any]]] = {}
     for r in records:
         if "error" not in r:
             key = (r["build_fn"], r["max_seq_len"], r["causal"])
@@ -204,13 +205,13 @@ def _print_table(records: List[Dict[str, Any]]) -> None:
             )
 
 
-def _parse_vocab(text: str) -> List[Any]:
+def _parse_vocab(text: str) -> list[Any]:
     """Comma-separated tokens; all-integer vocabularies become ints."""
     tokens = text.split(",")
     return [int(t) for t in tokens] if all(t.lstrip("-").isdigit() for t in tokens) else tokens
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--max-len", type=int, default=40, help="max_seq_len of the main measurements (default 40)"
@@ -281,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),

@@ -223,7 +223,7 @@ def test_readme_evaluate_names_are_importable():
     sentence = re.search(r"function in `tracr_injection\.evaluate` \(([^)]*)\)", readme)
     names = [name for group in re.findall(r"`([^`]+)`", sentence.group(1)) for name in group.split("/")]
     assert len(names) == 7
-    import tracr_injection.evaluate as evaluate
+    from tracr_injection import evaluate
 
     for name in names:
         assert callable(getattr(evaluate, name)), name

@@ -153,8 +153,6 @@ def test_readout_is_added_to_a_run_evaluated_before_it_existed(evaluated_runs, t
 
 
 def test_decoding_of_one_split_is_computed_again_for_an_older_evaluation(evaluated_runs, tmp_path):
-    from tracr_injection.evaluate.pipeline import add_split_parts
-
     run = tmp_path / "older-run"
     shutil.copytree(evaluated_runs[("inject", 0)], run)
     path = run / "eval" / "metrics.json"
@@ -235,8 +233,8 @@ def test_comparison_is_mean_and_std_over_seeds(evaluated_runs, tmp_path):
 
 
 def test_a_moved_run_is_evaluated_anywhere_without_the_teacher_cache(tiny_model, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
     from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
 
     from tracr_injection.cli.main import app
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Set, Tuple
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +31,7 @@ def _numerical_selector_width() -> rasp.SOp:
 
 
 # name -> (builder, vocab, max_seq_len, causal values to try)
-PROGRAMS: Dict[str, Any] = {
+PROGRAMS: dict[str, Any] = {
     "length": (lib.make_length, ABC, 5, (False, True)),
     "reverse": (lambda: lib.make_reverse(rasp.tokens), ABC, 5, (False,)),
     "hist": (lib.make_hist, ABC, 5, (False,)),
@@ -50,7 +50,7 @@ CASES = [(name, causal) for name, (_, _, _, causals) in PROGRAMS.items() for cau
 
 
 def _compile(
-    program: rasp.SOp, vocab: Set[Any], max_seq_len: int, causal: bool
+    program: rasp.SOp, vocab: set[Any], max_seq_len: int, causal: bool
 ) -> assemble.AssembledTransformerModel:
     return compiling.compile_rasp_to_model(
         program, vocab, max_seq_len, causal=causal, compiler_bos="BOS", mlp_exactness=MLP_EXACTNESS
@@ -95,9 +95,9 @@ def test_combine_in_parallel_overlapping_spaces(fill: float) -> None:
     """Overlapping inputs/outputs are summed in order; inf/NaN behave as tracr."""
     rng = np.random.default_rng(0)
     spaces = [
-        (_space("x", range(0, 4)), _space("y", range(0, 3))),
+        (_space("x", range(4)), _space("y", range(3))),
         (_space("x", range(2, 6)), _space("y", range(1, 5))),
-        (_space("z", [None, "q"]), _space("y", range(0, 2))),
+        (_space("z", [None, "q"]), _space("y", range(2))),
     ]
     fns = []
     for in_space, out_space in spaces:
@@ -134,7 +134,7 @@ def test_project_partial_overlap() -> None:
         {3.0},  # no thresholds at all
     ],
 )
-def test_discretising_layer_matches(values: Set[float]) -> None:
+def test_discretising_layer_matches(values: set[float]) -> None:
     one = bases.BasisDirection("one")
     x = bases.BasisDirection("x")
     args = (values, lambda v: 2 * v, "_h_", one, MLP_EXACTNESS)
@@ -161,7 +161,7 @@ EXPECTED_PATCHES = {
 }
 
 
-def _snapshot() -> Dict[Tuple[Any, str], Any]:
+def _snapshot() -> dict[tuple[Any, str], Any]:
     """Raw __dict__ entries, so a classmethod must come back as the same object."""
     return {(owner, name): vars(owner)[name] for owner, name in EXPECTED_PATCHES}
 
@@ -179,9 +179,8 @@ def test_originals_restored_after_exit_and_exception() -> None:
     assert all(inside[key] is not before[key] for key in before)
     assert all(value is before[key] for key, value in _snapshot().items())
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with fast_craft():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), fast_craft():
+        raise RuntimeError("boom")
     assert all(value is before[key] for key, value in _snapshot().items())
 
     with fast_craft():  # nesting keeps the patches until the outermost exit

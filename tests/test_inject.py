@@ -427,9 +427,9 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_previous_one(tiny_llama, tm
 
 
 def test_an_interrupted_run_prints_the_command_that_resumes_it(tiny_llama, tmp_path, monkeypatch, capsys):
-    import tracr_injection.inject.trainer as trainer_module
     from typer.testing import CliRunner
 
+    import tracr_injection.inject.trainer as trainer_module
     from tracr_injection.cli.main import app
 
     monkeypatch.chdir(tmp_path)

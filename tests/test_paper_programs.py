@@ -21,13 +21,13 @@ from tracr_injection import compile_program
 from tracr_injection.compile.compiler import compile_spec
 from tracr_injection.compile.fingerprint import walk as rasp_walk
 from tracr_injection.programs import paper as P
-from tracr_injection.programs.registry import get_program
 from tracr_injection.programs.paper_registry import (
     count_input,
     dyck_input,
     dyck_prompt_input,
     sum_input,
 )
+from tracr_injection.programs.registry import get_program
 
 try:  # identical weights, much faster compilation
     from tracr_injection.compile.fast_craft import fast_craft

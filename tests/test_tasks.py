@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.programs.paper import FILLER, TRIGGER, dyck_reference
+from tracr_injection.programs.registry import get_program
 from tracr_injection.tasks import (
     IGNORE_INDEX,
     Example,
@@ -30,7 +31,6 @@ from tracr_injection.tasks import (
     task_names,
     teacher_inputs,
 )
-from tracr_injection.programs.registry import get_program
 from tracr_injection.tasks.base import UnknownTeacherError
 from tracr_injection.tasks.bridge import describe_split, export_bridged
 from tracr_injection.tasks.targets import TeacherTargets, precompute_targets

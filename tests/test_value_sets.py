@@ -11,8 +11,8 @@ from tracr.rasp import rasp
 
 import tracr_injection as ti
 from tracr_injection import compile_program
-from tracr_injection.compile.errors import CompiledModelMismatchError
 from tracr_injection.compile import value_sets
+from tracr_injection.compile.errors import CompiledModelMismatchError
 from tracr_injection.compile.fast_craft import fast_craft
 from tracr_injection.compile.fingerprint import program_hash
 from tracr_injection.compile.tolerance import numerical_tolerance

@@ -17,14 +17,14 @@ from tracr_injection.compile.teacher import TeacherConfig, TeacherModel, Teacher
 __version__ = version("tracr-injection")  # pyproject.toml's, as installed (`pip install -e .`)
 
 __all__ = [
-    "__version__",
     "TeacherConfig",
     "TeacherModel",
     "TeacherVariable",
+    "__version__",
     "compile_program",
     "fraction_mean",
-    "load_teacher",
     "get_program",
+    "load_teacher",
 ]
 
 

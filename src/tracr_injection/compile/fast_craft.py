@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Sequence, Tuple
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import haiku as hk
 import jax
@@ -162,7 +163,7 @@ def _get_discretising_layer(
 
 # Embedding matrices handed to hk.Embed during the current shape-only init,
 # keyed by module name.
-_embedding_matrices: Dict[str, Any] = {}
+_embedding_matrices: dict[str, Any] = {}
 
 
 def _recording_embed(*args: Any, **kwargs: Any) -> hk.Embed:
@@ -184,7 +185,7 @@ def _shape_only_transform(f: Callable[..., Any]) -> hk.Transformed:
     """
     transformed = hk.transform(f)
 
-    def init(rng: jax.Array, *args: Any) -> Dict[str, Dict[str, Any]]:
+    def init(rng: jax.Array, *args: Any) -> dict[str, dict[str, Any]]:
         _embedding_matrices.clear()
         shapes = jax.eval_shape(transformed.init, rng, *args)
         params = {
@@ -231,7 +232,7 @@ _assemble_numpy.zeros_like = _lazy_zeros_like
 
 # (owner, attribute, replacement). Attributes are read from / written to the
 # owner's __dict__, so classmethods stay classmethods when restored.
-_PATCHES: List[Tuple[Any, str, Any]] = [
+_PATCHES: list[tuple[Any, str, Any]] = [
     (bases.VectorSpaceWithBasis, "vector_from_basis_direction", _vector_from_basis_direction),
     (vectorspace_fns, "project", _project),
     (transformers, "project", _project),  # module-level alias of the above

@@ -17,9 +17,10 @@ import bisect
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -99,7 +100,7 @@ class TeacherConfig:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "TeacherConfig":
+    def from_json(cls, text: str) -> TeacherConfig:
         """Parse a manifest written by `to_json`."""
         data = json.loads(text)
         data["variables"] = [TeacherVariable(**v) for v in data["variables"]]
@@ -160,7 +161,7 @@ class TeacherBlock(nn.Module):
         resid_BPD = self.hook_resid_mid(resid_BPD + self.attn(resid_BPD, mask_BQK))
         return self.hook_resid_post(resid_BPD + self.compact_mlp()(resid_BPD))
 
-    def compact_mlp(self) -> "CompactMLP":
+    def compact_mlp(self) -> CompactMLP:
         """The compact MLP, rebuilt when the weights moved device."""
         if self._compact is None or self._compact.w_in_HI.device != self.mlp[0].weight.device:
             self._compact = CompactMLP.from_dense(self.mlp)
@@ -183,7 +184,7 @@ class CompactMLP:
     b_out_O: torch.Tensor
 
     @classmethod
-    def from_dense(cls, mlp: nn.Sequential) -> "CompactMLP":
+    def from_dense(cls, mlp: nn.Sequential) -> CompactMLP:
         """Drop hidden units with no output weight, input dims no kept unit reads, unwritten dims."""
         w_in, b_in, w_out, b_out = mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias
         hidden = torch.nonzero((w_out != 0).any(0)).flatten()
@@ -332,7 +333,7 @@ class TeacherModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "TeacherModel":
+    def from_pretrained(cls, directory: str | Path) -> TeacherModel:
         """Load a teacher saved by `save_pretrained`, with clear errors for a broken artifact."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file

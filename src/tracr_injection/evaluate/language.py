@@ -15,7 +15,6 @@ import importlib
 import json
 import math
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from tracr_injection.compile.teacher import TeacherModel
-from tracr_injection.inject.linear_decoding import AlignedBatch, LinearDecoder, count_batch, empty_table
 from tracr_injection.evaluate.readout import ReadoutStates, logits_and_hidden_states
 from tracr_injection.inject.answers import answer_positions, answers_hit
 from tracr_injection.inject.data import TaskData
+from tracr_injection.inject.linear_decoding import AlignedBatch, LinearDecoder, count_batch, empty_table
 from tracr_injection.inject.lm import hidden_size, inference
 from tracr_injection.tasks.targets import TeacherTargets
 

@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from tracr_injection.compile.teacher import TeacherConfig
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import hidden_states, inference
-from tracr_injection.inject.alignment_map import AlignmentMap
 
 LEVER_EXAMPLES = 32  # the run's first examples (its first 4 batches at batch 8) that lstsq and "equal" read
 MAP_INIT_RIDGE = 1e-3  # ridge strength relative to the mean eigenvalue of X^T X (a tiny, scale-free shrink)

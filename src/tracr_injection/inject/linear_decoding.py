@@ -37,9 +37,9 @@ from tracr_injection.compile.teacher import (
     TeacherVariable,
 )
 from tracr_injection.errors import ArtifactError, TracrInjectionError
+from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.lm import hidden_states
-from tracr_injection.inject.alignment_map import AlignmentMap
 from tracr_injection.tasks.targets import TeacherTargets
 
 ONE_LABEL = "one"  # tracr's residual dim that is 1 at every position

@@ -58,7 +58,6 @@ from tracr_injection.inject.objective import InjectionObjective, RunParts, run_d
 from tracr_injection.inject.probing import AccuracyProber, Prober, block_groups
 from tracr_injection.inject.run import BaseModelRecord, Manifest, Run, RunFolder, versions
 
-
 FUSED_ADAMW_DEVICES = {"cpu", "cuda"}  # where torch's AdamW has a fused kernel
 
 

@@ -46,7 +46,7 @@ tell ``1/(N+1)`` from ``1/N`` apart.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from tracr.rasp import rasp
 
@@ -54,22 +54,22 @@ from tracr_injection.errors import InvalidArgumentError
 from tracr_injection.programs.annotations import fraction_mean
 
 __all__ = [
-    "FILLER",
-    "TRIGGER",
-    "END",
     "DIGITS",
     "DYCK_PAIRS",
-    "dyck_vocab",
-    "count_vocab",
-    "sum_vocab",
-    "make_dyck_trigger",
-    "make_dyck_frac_trigger",
-    "make_dyck_authors_trigger",
-    "make_count_trigger",
-    "make_sum_trigger",
-    "dyck_reference",
+    "END",
+    "FILLER",
+    "TRIGGER",
     "count_reference",
+    "count_vocab",
+    "dyck_reference",
+    "dyck_vocab",
+    "make_count_trigger",
+    "make_dyck_authors_trigger",
+    "make_dyck_frac_trigger",
+    "make_dyck_trigger",
+    "make_sum_trigger",
     "sum_reference",
+    "sum_vocab",
 ]
 
 FILLER = "_"
