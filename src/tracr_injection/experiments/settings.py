@@ -35,6 +35,11 @@ SETTINGS: dict[str, dict[str, Any]] = {  # in the order runs are taken: the like
     # is compared with a baseline probed at the same hidden states (the sweep plans "baseline-spaced").
     "equal-lstsq": {"alignment_variable_weighting": "equal", "map_init": "lstsq"},
     "spaced": {"layer_strategy": "spaced"},
+    # `align-first` left the one-hot counts where the pre-trained LM has them (42-52% at step 100) though the
+    # alignment (with the KL) was the only loss for 100 steps: under Adam a loss alone moves each weight by
+    # about the LR per step whatever its weight m, so the LM's step size may be what binds.  The same phase at
+    # 10x the LM's LR.
+    "align-first-lr-lm-1e-4": {"alignment_first_steps": 100, "lr_lm": 1e-4},
 }
 GATE = Path("results/injection/gate.json")
 GATE_CHOICE = "gate"  # `--setting gate`: the sweep's choice
