@@ -255,7 +255,8 @@ def ood(
     choice = inject_setting(setting, gate)
     runs = plan_ood(seeds, choice, budget, runs_root, results_root, model, task)
     settings = ood_eval_settings(budget)
-    for run in [] if publish_only else runs:
-        if run_claimed(run, settings, on_run, progress):
-            publish_ood(runs, results_root, budget, choice, command)
+    if not publish_only:
+        for run in runs:
+            if run_claimed(run, settings, on_run, progress):
+                publish_ood(runs, results_root, budget, choice, command)
     return publish_ood(runs, results_root, budget, choice, command)
