@@ -39,6 +39,9 @@ from tracr_injection.inject.linear_decoding import (
     OFF_LABEL,
     OFF_VALUES,
     AlignedBatch,
+    decoded_indices,
+    is_ordinal,
+    number_read_indices,
     value_classes,
     value_table,
     variable_counts,
@@ -141,8 +144,11 @@ def test_an_exactly_right_map_decodes_everything_and_is_scale_invariant(dyck_tea
     batch = AlignedBatch(residuals_LNT @ mixing_TD, residuals_LNT)
     for scale in (1.0, 3.0):
         decoder = LinearDecoder.from_map(exact_map(mixing_TD, scale), config.num_levels)
-        hits, totals = decode_counts([batch], decoder, dyck_teacher)
+        hits, totals, number_hits = decode_counts([batch], decoder, dyck_teacher)
         assert accuracy_table(hits, totals) == full_accuracy(config)
+        assert set(number_hits) == {"dyck_lhs", "dyck_rhs"}  # the counts: an exact one-hot reads as a number too
+        number_totals = {n: totals[n] for n in number_hits}
+        assert accuracy_table(number_hits, number_totals) == {n: full_accuracy(config)[n] for n in number_hits}
         assert position_table(totals) == {
             v.name: [None if lvl < v.level else n for lvl in range(config.num_levels)]
             for v in config.variables
@@ -150,10 +156,29 @@ def test_an_exactly_right_map_decodes_everything_and_is_scale_invariant(dyck_tea
     # a different positive factor at every position (all a cosine loss pins down) changes nothing either
     factor_N1 = torch.linspace(0.2, 5.0, n)[:, None]
     rescaled = AlignedBatch(residuals_LNT @ mixing_TD * factor_N1, residuals_LNT)
-    hits, totals = decode_counts(
+    hits, totals, _ = decode_counts(
         [rescaled], LinearDecoder.from_map(exact_map(mixing_TD), config.num_levels), dyck_teacher
     )
     assert accuracy_table(hits, totals) == full_accuracy(config)
+
+
+def test_a_count_held_as_one_magnitude_reads_right_as_a_number_and_only_at_its_ends_by_argmax():
+    var = TeacherVariable("count", "categorical", "intermediate", [1, 2, 3, 4], [0, 1, 2, 3], level=0)
+    assert is_ordinal(var)
+    assert not is_ordinal(dataclasses.replace(var, values=[False, True]))
+    assert not is_ordinal(dataclasses.replace(var, values=["a", "b", "c", "d"]))
+    # The least-squares read of the one-hot from (count, 1), counts 0..3 equally often: score_k = a_k + b_k count.
+    count_N = torch.arange(4.0)
+    design_N2 = torch.stack([torch.ones(4), count_N], 1)
+    solution_2K = torch.linalg.lstsq(design_N2, torch.eye(4)).solution
+    assert torch.allclose(solution_2K, torch.tensor([[0.7, 0.4, 0.1, -0.2], [-0.3, -0.1, 0.1, 0.3]]), atol=1e-6)
+    mapped_NT = torch.cat([torch.ones(4, 1), design_N2 @ solution_2K], 1)  # dim 0: tracr's `one`
+    scale_N = reference_scale(mapped_NT, [0])
+    assert decoded_indices(mapped_NT, scale_N, var).tolist() == [0, 0, 3, 3]  # scores at 1: .4 .3 .2 .1
+    assert number_read_indices(mapped_NT, scale_N, var).tolist() == [0, 1, 2, 3]  # .3 + .4 + .3 = 1
+    assert number_read_indices(mapped_NT * 2.5, scale_N * 2.5, var).tolist() == [0, 1, 2, 3]  # scale-invariant
+    negative_N = reference_scale(-mapped_NT, [0])  # no usable scale: nothing is read
+    assert number_read_indices(-mapped_NT, negative_N, var).tolist() == [NO_VALUE] * 4
 
 
 def test_corrupted_positions_give_the_hand_computed_accuracy(dyck_teacher, mixed):
@@ -165,7 +190,7 @@ def test_corrupted_positions_give_the_hand_computed_accuracy(dyck_teacher, mixed
     # numerical variables to None: every variable is wrong at exactly these positions of this level.
     hidden_LND[level, corrupt] *= -1
     decoder = LinearDecoder.from_map(exact_map(mixing_TD), config.num_levels)
-    hits, totals = decode_counts([AlignedBatch(hidden_LND, residuals_LNT)], decoder, dyck_teacher)
+    hits, totals, _ = decode_counts([AlignedBatch(hidden_LND, residuals_LNT)], decoder, dyck_teacher)
     expected = full_accuracy(config)
     for var in config.variables:
         if var.level <= level:
@@ -239,7 +264,7 @@ def test_hand_computed_decoding_and_accuracy():
         identity.linear.weight.copy_(torch.eye(4))
         identity.linear.bias.zero_()
     decoder = LinearDecoder.from_map(identity, 2)
-    hits, totals = decode_counts([AlignedBatch(hidden_LND, targets_LNT)], decoder, teacher)
+    hits, totals, _ = decode_counts([AlignedBatch(hidden_LND, targets_LNT)], decoder, teacher)
     assert accuracy_table(hits, totals) == {"tokens": [2 / 3, 1.0], "size": [None, 1 / 3]}
     assert position_table(totals) == {"tokens": [3, 3], "size": [None, 3]}
     mapped_NT = torch.tensor([[1e-5, 1, 0, 0.00001], [4, 0, 1, 2.1], [1, 0, 0, 0.2]])
@@ -258,7 +283,7 @@ def test_without_a_one_dim_the_tokens_dims_are_the_reference(dyck_teacher, mixed
         scale_N = reference_scale(residuals_LNT[level], reference_dims(fallback.config))
         assert torch.allclose(scale_N, torch.ones_like(scale_N))
     decoder = LinearDecoder.from_map(exact_map(mixing_TD, 3.0), config.num_levels)
-    hits, totals = decode_counts([AlignedBatch(residuals_LNT @ mixing_TD, residuals_LNT)], decoder, fallback)
+    hits, totals, _ = decode_counts([AlignedBatch(residuals_LNT @ mixing_TD, residuals_LNT)], decoder, fallback)
     assert accuracy_table(hits, totals) == full_accuracy(config)
     bare = dataclasses.replace(
         toy_config("unused"), variables=[dataclasses.replace(v, name="x") for v in toy_config().variables]
@@ -300,7 +325,7 @@ def test_a_probe_fitted_on_noisy_mixed_states_decodes_held_out_examples(
     probe = fit_ridge(batches(0, 64), batches(64, 16))
     assert probe.kind == "probe" and len(probe.ridge) == config.num_levels
     held_out = teacher_residuals(dyck_teacher, dyck_symbols(tokenizer, "test", 100, 24))
-    hits, totals = decode_counts([AlignedBatch(held_out @ mixing_TD, held_out)], probe, dyck_teacher)
+    hits, totals, _ = decode_counts([AlignedBatch(held_out @ mixing_TD, held_out)], probe, dyck_teacher)
     accuracy = accuracy_table(hits, totals)
     for var in config.variables:
         for level in range(var.level, config.num_levels):

@@ -205,7 +205,10 @@ def test_eval_baseline_sets_the_maps_decoding_beside_the_baselines_probe(evaluat
                 "majority": ours[split]["majority"][var.name][var.level],
                 "map_balanced": ours[split]["balanced"][var.name][var.level],
                 "baseline_probe_balanced": theirs[split]["balanced"][var.name][var.level],
+                "map_as_number": ours[split]["as_number"].get(var.name, [None] * 9)[var.level],
+                "baseline_probe_as_number": theirs[split]["as_number"].get(var.name, [None] * 9)[var.level],
             }
+            assert (var.name in ours[split]["as_number"]) == (var.name in ("dyck_lhs", "dyck_rhs"))  # the counts
             assert ours[split]["majority"][var.name][var.level] == theirs[split]["majority"][var.name][var.level]
         cells = " | ".join(f"{pct(row[s]['map'])} | {pct(row[s]['baseline_probe'])}" for s in table["splits"])
         assert f"| {var.name} | L{var.level} | {cells} |" in report

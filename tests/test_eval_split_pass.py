@@ -94,10 +94,12 @@ def test_decoding_counts_from_the_pass_equal_evaluate_decoding_per_decoder(setup
     )  # fmt: skip
     for kind, decoder in decoders.items():
         (reference,) = evaluate_decoding(subject, decoder, splits=[split], max_examples=COUNT)
-        hits, totals = result.decoding[kind]
+        hits, totals, number_hits = result.decoding[kind]
         assert position_table(totals) == reference.positions
         assert accuracy_table(hits, totals) == reference.accuracy
         assert (majority_table(totals), balanced_table(hits, totals)) == (reference.majority, reference.balanced)
+        number_totals = {name: totals[name] for name in number_hits}
+        assert accuracy_table(number_hits, number_totals) == reference.as_number and reference.as_number
 
 
 def test_readout_from_the_pass_equals_answer_readout(setup):

@@ -127,7 +127,8 @@ def test_the_sweep_runs_publishes_and_writes_the_gate(tmp_path):
     assert len(summary) == 1 + 2 * len(gate["variables"]) and (results / "summary.png").stat().st_size > 5000
     assert (results / "curves.png").stat().st_size > 5000  # decoding vs step of the variables below 95%
     header, first = summary[0].split(","), dict(zip(summary[0].split(","), summary[1].split(",")))
-    assert header[-3:] == ["majority_id", "map_balanced_id", "baseline_probe_balanced_id"]
+    assert header[-5:] == ["majority_id", "map_balanced_id", "baseline_probe_balanced_id", "map_as_number_id",
+                           "baseline_probe_as_number_id"]  # fmt: skip
     test_split = evaluated["decoding"]["map"]["test"]
     level = int(first["level"])
     assert float(first["majority_id"]) == test_split["majority"][first["variable"]][level]

@@ -25,9 +25,9 @@ from tracr_injection.compile.teacher import TeacherConfig, TeacherModel
 from tracr_injection.compile.tracr_pipeline import stable_names
 from tracr_injection.inject.data import TaskData
 from tracr_injection.inject.linear_decoding import (  # also imported from here by readout, tests, analysis
+    Counts,
     DecodingError,
     LinearDecoder,
-    Tally,
     accuracy_table,
     aligned_batches,
     balanced_table,
@@ -138,7 +138,9 @@ def split_rasp_agreement(data: TaskData, teacher: TeacherModel, count: int) -> d
 class DecodingResult:
     """Decoding on one split, per `[variable][level]` (None at levels before the variable is written): the
     accuracy, the positions compared, the most common true value's share (`majority`, what a decoder that
-    knows nothing else scores) and the balanced accuracy (mean over true values of the share decoded right);
+    knows nothing else scores), the balanced accuracy (mean over true values of the share decoded right) and,
+    for the ordinal variables (counts, differences), the accuracy of reading their block as a number
+    (`as_number`: the decoder may hold a count linearly as a magnitude that no argmax reads);
     `by_value`: per variable at its written level, [decoded right, positions] per true value;
     the teacher-vs-RASP agreement per variable, or why it was skipped.
     """
@@ -150,21 +152,24 @@ class DecodingResult:
     positions: dict[str, list[int | None]] = dataclasses.field(default_factory=dict)
     majority: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
     balanced: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
+    as_number: dict[str, list[float | None]] = dataclasses.field(default_factory=dict)
     by_value: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
     rasp_agreement: dict[str, float | None] = dataclasses.field(default_factory=dict)
     skipped: str | None = None
 
     @classmethod
     def from_counts(
-        cls, split: str, decoder: str, num_examples: int, counts: tuple[Tally, Tally], config: TeacherConfig,
+        cls, split: str, decoder: str, num_examples: int, counts: Counts, config: TeacherConfig,
         rasp_agreement: dict[str, float | None],
     ) -> DecodingResult:
-        """The result of `decode_counts`'s (hits, totals) on `num_examples` examples of `split`."""
-        hits, totals = counts
+        """The result of `decode_counts`'s counts on `num_examples` examples of `split`."""
+        hits, totals, number_hits = counts
         return cls(
             split=split, decoder=decoder, num_examples=num_examples, accuracy=accuracy_table(hits, totals),
             positions=position_table(totals), majority=majority_table(totals),
-            balanced=balanced_table(hits, totals), by_value=value_table(hits, totals, config),
+            balanced=balanced_table(hits, totals),
+            as_number=accuracy_table(number_hits, {name: totals[name] for name in number_hits}),
+            by_value=value_table(hits, totals, config),
             rasp_agreement=rasp_agreement,
         )  # fmt: skip
 

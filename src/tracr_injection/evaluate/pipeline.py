@@ -140,8 +140,8 @@ def written_value(result: dict[str, Any], table: str, name: str, level: int) -> 
 
 def baseline_comparison(metrics: dict[str, Any], baseline_metrics: dict[str, Any]) -> dict[str, Any]:
     """Per teacher variable and split, the run's map decoding beside the baseline's probe decoding, both at
-    the level the variable is written, with the most common value's share and both balanced accuracies;
-    splits the teacher cannot represent are left out."""
+    the level the variable is written, with the most common value's share, both balanced accuracies and, for
+    the ordinal variables, both reads as a number; splits the teacher cannot represent are left out."""
     ours, theirs = metrics["decoding"]["map"], baseline_metrics["decoding"]["probe"]
     splits = [s for s in ours if not ours[s]["skipped"] and s in theirs and not theirs[s]["skipped"]]
     variables: dict[str, Any] = {}
@@ -155,6 +155,8 @@ def baseline_comparison(metrics: dict[str, Any], baseline_metrics: dict[str, Any
                 "majority": written_value(ours[split], "majority", name, level),
                 "map_balanced": written_value(ours[split], "balanced", name, level),
                 "baseline_probe_balanced": written_value(theirs[split], "balanced", name, level),
+                "map_as_number": written_value(ours[split], "as_number", name, level),
+                "baseline_probe_as_number": written_value(theirs[split], "as_number", name, level),
             }
     return {"baseline": baseline_metrics["subject"], "splits": splits, "variables": variables}
 

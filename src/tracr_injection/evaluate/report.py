@@ -219,15 +219,17 @@ def baseline_section(comparison: dict[str, Any]) -> str:
     if not splits:
         return text
     first = splits[0]
-    columns = ("majority", "map", "baseline_probe", "map_balanced", "baseline_probe_balanced")
+    columns = ("majority", "map", "baseline_probe", "map_balanced", "baseline_probe_balanced", "map_as_number",
+               "baseline_probe_as_number")  # fmt: skip
     detail = [[name, f"L{row['level']}", *(pct(row[first].get(c)) for c in columns)]
               for name, row in comparison["variables"].items()]  # fmt: skip
     return (
         text + f"\n\nOn `{first}`, beside the share of the most common true value (what a decoder that knows "
-        "only that value scores) and the balanced accuracies (mean over true values of the share decoded "
-        "right):\n\n" + markdown_table(
+        "only that value scores), the balanced accuracies (mean over true values of the share decoded "
+        "right) and, for counts and differences, both read as a number (the one-hot block's scores weighted "
+        "by the values: a linear read of a count held as a magnitude):\n\n" + markdown_table(
             ["variable", "level", "most common value", "map", "baseline probe", "map balanced",
-             "baseline probe balanced"], detail,
+             "baseline probe balanced", "map as number", "baseline probe as number"], detail,
         )  # fmt: skip
     )
 

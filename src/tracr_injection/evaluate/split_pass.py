@@ -23,7 +23,13 @@ from tracr_injection.compile.teacher import TeacherModel
 from tracr_injection.evaluate.readout import ReadoutStates, logits_and_hidden_states
 from tracr_injection.inject.answers import answer_positions, answers_hit
 from tracr_injection.inject.data import TaskData
-from tracr_injection.inject.linear_decoding import AlignedBatch, LinearDecoder, count_batch, empty_table
+from tracr_injection.inject.linear_decoding import (
+    AlignedBatch,
+    Counts,
+    LinearDecoder,
+    count_batch,
+    empty_counts,
+)
 from tracr_injection.inject.lm import hidden_size, inference
 from tracr_injection.tasks.targets import TeacherTargets
 
@@ -39,11 +45,11 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 @dataclasses.dataclass
 class SplitPass:
     """What one teacher-forced pass over a split gives: per example correctness, the readout rows of the first
-    `decoding_examples` examples and, where targets were given, (hits, totals) per decoder."""
+    `decoding_examples` examples and, where targets were given, per decoder its decoding `Counts`."""
 
     correct_N: torch.Tensor
     readout: ReadoutStates
-    decoding: dict[str, tuple[Counts, Counts]] | None
+    decoding: dict[str, Counts] | None
 
 
 @dataclasses.dataclass
@@ -69,7 +75,7 @@ class _Accumulator:
         self.predicted: list[torch.Tensor] = []
         self.expected: list[str] = []
         config = inputs.teacher.config
-        self.counts = {kind: (empty_table(config), empty_table(config)) for kind in inputs.decoders}
+        self.counts = {kind: empty_counts(config) for kind in inputs.decoders}
 
     def result(self, d_lm: int) -> SplitPass:
         """The gathered `SplitPass`."""

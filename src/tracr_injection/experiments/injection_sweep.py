@@ -178,7 +178,8 @@ def written_level_accuracies(
     metrics: dict[str, Any], decoder: str, split: str, table: str = "accuracy"
 ) -> dict[str, tuple[int, float | None]]:
     """Per teacher variable, (level it is written, decoding accuracy there) for `decoder` (map or probe); with
-    `table` "majority" or "balanced" that measure instead (None where the evaluation predates it)."""
+    `table` "majority", "balanced" or "as_number" that measure instead (None where the evaluation predates it
+    or, for "as_number", the variable is not ordinal)."""
     result = metrics["decoding"][decoder][split]
     levels = {name: written_level(positions) for name, positions in result["positions"].items()}
     return {name: (level, written_value(result, table, name, level)) for name, level in levels.items()}
@@ -203,12 +204,15 @@ def run_row(run: PlannedRun, baseline: PlannedRun | None) -> dict[str, Any]:
     metrics = evaluation(run)
     split = run.config.eval_split
     ours = written_level_accuracies(metrics, "map", split)
-    majority, balanced = (written_level_accuracies(metrics, "map", split, t) for t in ("majority", "balanced"))
-    theirs, theirs_balanced, theirs_by_value = {}, {}, {}
+    majority, balanced, as_number = (
+        written_level_accuracies(metrics, "map", split, t) for t in ("majority", "balanced", "as_number")
+    )
+    theirs, theirs_balanced, theirs_as_number, theirs_by_value = {}, {}, {}, {}
     if baseline and is_done(baseline):
         baseline_metrics = evaluation(baseline)
         theirs = written_level_accuracies(baseline_metrics, "probe", split)
         theirs_balanced = written_level_accuracies(baseline_metrics, "probe", split, "balanced")
+        theirs_as_number = written_level_accuracies(baseline_metrics, "probe", split, "as_number")
         theirs_by_value = baseline_metrics["decoding"]["probe"][split].get("by_value", {})
     return {
         "teacher": run.config.teacher,
@@ -221,6 +225,8 @@ def run_row(run: PlannedRun, baseline: PlannedRun | None) -> dict[str, Any]:
                 "level": level, "map_id": value, "baseline_probe_id": theirs.get(name, (level, None))[1],
                 "majority_id": majority[name][1], "map_balanced_id": balanced[name][1],
                 "baseline_probe_balanced_id": theirs_balanced.get(name, (level, None))[1],
+                "map_as_number_id": as_number[name][1],
+                "baseline_probe_as_number_id": theirs_as_number.get(name, (level, None))[1],
             }  # fmt: skip
             for name, (level, value) in ours.items()
         },
@@ -283,7 +289,8 @@ def write_summary(rows: Sequence[dict[str, Any]], folder: Path) -> None:
     """summary.md / summary.csv (a line per run and variable) and summary.png (map decoding per variable and
     setting, per teacher, with the ID accuracy)."""
     folder.mkdir(parents=True, exist_ok=True)
-    measures = ["map_id", "baseline_probe_id", "majority_id", "map_balanced_id", "baseline_probe_balanced_id"]
+    measures = ["map_id", "baseline_probe_id", "majority_id", "map_balanced_id", "baseline_probe_balanced_id",
+                "map_as_number_id", "baseline_probe_as_number_id"]  # fmt: skip
     header = ["teacher", "setting", "steps", "id_task_accuracy", "grad_ratio_early", "variable", "level",
               *measures]  # fmt: skip
     lines = [

@@ -5,7 +5,8 @@ In: an LM, a split's `TaskData` built with the teacher, the layer mapping (teach
 level, or a per-level probe).  Out: the hidden states and teacher residuals at real positions per aligned
 level (`aligned_batches`), and per variable, level and true value the number of positions decoded right and
 compared (`decode_counts`), summarised as accuracy, the most common value's share, balanced accuracy and
-per true value at the written level (`accuracy_table`, `majority_table`, `balanced_table`, `value_table`).
+per true value at the written level (`accuracy_table`, `majority_table`, `balanced_table`, `value_table`);
+for the ordinal variables (counts, differences) also the accuracy of reading their block as a number.
 Training logs the map's decoding with these functions (`inject.probing`) and `evaluate.decoding` builds its
 evaluation on them, so both read a variable the same way.
 
@@ -196,6 +197,27 @@ def decoded_indices(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: Teacher
     return nearest_N.masked_fill(value_N.isnan(), NO_VALUE)
 
 
+def is_ordinal(var: TeacherVariable) -> bool:
+    """A categorical variable over three or more integers (a count, a difference): one with a numeric reading."""
+    return (
+        var.encoding == "categorical"
+        and len(var.values) > 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in var.values)
+    )
+
+
+def number_read_indices(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: TeacherVariable) -> torch.Tensor:
+    """Indices [N] into `var.values` of an ordinal variable read as a number: its one-hot block's scores
+    weighted by the values, over the reference scale, snapped to the nearest value (NO_VALUE without a usable
+    scale).  A linear read of the value itself: an LM that holds a count as a magnitude along one direction is
+    read right this way, while an argmax over the block picks only the extreme values (every score is then
+    linear in that one magnitude)."""
+    values_V = torch.tensor([float(v) for v in var.values], dtype=torch.float64)
+    value_N = (mapped_NT[:, var.dims].double() @ values_V) / scale_N.double()
+    nearest_N = (value_N[:, None] - values_V[None, :]).abs().argmin(-1)
+    return nearest_N.masked_fill(value_N.isnan(), NO_VALUE)
+
+
 def decode_mapped(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: TeacherVariable) -> list[Any]:
     """Values of `var` read off mapped vectors (`decoded_indices`); None where nothing decodes."""
     return [None if i == NO_VALUE else var.values[i] for i in decoded_indices(mapped_NT, scale_N, var).tolist()]
@@ -246,13 +268,23 @@ def variable_counts(
 Tally = dict[str, list[torch.Tensor | None]]  # per variable and level, counts per true value (None: unwritten)
 
 
-def empty_table(config: TeacherConfig) -> Tally:
-    """Per variable and level zero counts per true value, None at levels before the variable is written."""
+def empty_table(config: TeacherConfig, ordinal_only: bool = False) -> Tally:
+    """Per variable (only the `is_ordinal` ones when `ordinal_only`) and level zero counts per true value, None
+    at levels before the variable is written."""
     return {
         v.name: [None if level < v.level else torch.zeros(len(v.values) + 1, dtype=torch.long)
                  for level in range(config.num_levels)]
         for v in config.variables
+        if is_ordinal(v) or not ordinal_only
     }  # fmt: skip
+
+
+Counts = tuple[Tally, Tally, Tally]  # correct decodes, compared positions, correct reads as a number (ordinal)
+
+
+def empty_counts(config: TeacherConfig) -> Counts:
+    """Zero `Counts` for `config`'s variables."""
+    return empty_table(config), empty_table(config), empty_table(config, ordinal_only=True)
 
 
 def count_batch(
@@ -261,9 +293,10 @@ def count_batch(
     teacher: TeacherModel,
     hits: Tally,
     totals: Tally,
+    number_hits: Tally,
 ) -> None:
-    """Add one batch's correct decodes and compared positions (truth not None) per variable, level and true
-    value."""
+    """Add one batch's correct decodes, compared positions (truth not None) and, for the variables in
+    `number_hits`, correct reads as a number (`number_read_indices`), per variable, level and true value."""
     config = teacher.config
     reference = reference_dims(config)
     classes = {var.name: value_classes(var.values) for var in config.variables}
@@ -279,17 +312,18 @@ def count_batch(
             )
             hits[var.name][level] += correct_K
             totals[var.name][level] += compared_K
+            if var.name in number_hits:
+                read_N = number_read_indices(mapped_NT, scale_N, var)
+                number_hits[var.name][level] += variable_counts(read_N, truth_N, classes[var.name])[0]
 
 
-def decode_counts(
-    batches: Iterable[AlignedBatch], decoder: LinearDecoder, teacher: TeacherModel
-) -> tuple[Tally, Tally]:
-    """(correct, compared) per variable, level and true value over `batches`; None before a variable is
-    written."""
-    hits, totals = empty_table(teacher.config), empty_table(teacher.config)
+def decode_counts(batches: Iterable[AlignedBatch], decoder: LinearDecoder, teacher: TeacherModel) -> Counts:
+    """(correct, compared, correct as a number) per variable, level and true value over `batches`; None before
+    a variable is written."""
+    counts = empty_counts(teacher.config)
     for batch in batches:
-        count_batch(batch, decoder, teacher, hits, totals)
-    return hits, totals
+        count_batch(batch, decoder, teacher, *counts)
+    return counts
 
 
 def accuracy_table(hits: Tally, totals: Tally) -> dict[str, list[float | None]]:
