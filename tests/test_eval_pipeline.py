@@ -229,6 +229,13 @@ def test_comparison_is_mean_and_std_over_seeds(evaluated_runs, tmp_path):
     assert float(ratio["std"]) == pytest.approx(statistics.stdev(seeds))
     decode = next(r for r in rows if r["method"] == "baseline" and r["metric"] == "decode output (map)")
     assert decode["n"] == "0"  # a baseline has no map
+    # the counts (dyck_lhs, dyck_rhs) through the inject run's map, at the level written, by argmax and as a number
+    test_map = metrics_of(evaluated_runs[("inject", 0)])["decoding"]["map"]["test"]
+    level = next(i for i, n in enumerate(test_map["positions"]["dyck_lhs"]) if n is not None)
+    for metric, table in (("decode counts/diffs (map)", "accuracy"), ("decode counts/diffs as number (map)", "as_number")):
+        row = next(r for r in rows if r["method"] == "inject" and r["metric"] == metric)
+        expected = statistics.fmean(test_map[table][name][level] for name in ("dyck_lhs", "dyck_rhs"))
+        assert float(row["mean"]) == pytest.approx(expected)
     readout = next(r for r in rows if r["method"] == "inject" and r["metric"] == "readout almost_balanced: subspace right")
     inject = metrics_of(evaluated_runs[("inject", 0)])
     assert float(readout["mean"]) == inject["readout"]["map"]["almost_balanced"]["subspace_accuracy"]

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tracr_injection.errors import TracrInjectionError
+from tracr_injection.evaluate.decoding import written_level, written_value
 from tracr_injection.evaluate.report import markdown_table, plt
 from tracr_injection.inject.run import RunFolder
 
@@ -58,6 +59,19 @@ def output_decoding(metrics: dict[str, Any], decoder: str, split: str) -> float 
     return levels[-1]
 
 
+def ordinal_decoding(metrics: dict[str, Any], decoder: str, split: str, table: str) -> float | None:
+    """Mean over the ordinal variables (counts, differences) of `table` ("accuracy" or "as_number") at the level
+    each is written, on `split` (None where not measured or the evaluation predates `as_number`)."""
+    result = metrics["decoding"].get(decoder, {}).get(split)
+    if not result or result.get("skipped") or not result.get("as_number"):
+        return None
+    values = [
+        written_value(result, table, name, written_level(result["positions"][name])) for name in result["as_number"]
+    ]
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
 def main_decoder(metrics: dict[str, Any]) -> str:
     """The decoder a run's causal tests used: the map of an injected run, else the probe."""
     return metrics["causal"]["subspace"]
@@ -75,6 +89,9 @@ def run_row(metrics: dict[str, Any]) -> dict[str, float | None]:
     row["top-1 agreement"] = language["top1_agreement"]
     row["decode output (map)"] = output_decoding(metrics, "map", id_split)
     row["decode output (probe)"] = output_decoding(metrics, "probe", id_split)
+    for decoder in ("map", "probe"):
+        row[f"decode counts/diffs ({decoder})"] = ordinal_decoding(metrics, decoder, id_split, "accuracy")
+        row[f"decode counts/diffs as number ({decoder})"] = ordinal_decoding(metrics, decoder, id_split, "as_number")
     readout = metrics.get("readout", {}).get(main_decoder(metrics), {})
     for split, result in readout.items():
         row[f"readout {split}: subspace right"] = result["subspace_accuracy"]

@@ -178,6 +178,16 @@ class DecodingResult:
         return dataclasses.asdict(self)
 
 
+def written_level(positions: list[int | None]) -> int:
+    """The level a variable is written at: the first whose decoding compared positions (None before it)."""
+    return next(i for i, count in enumerate(positions) if count is not None)
+
+
+def written_value(result: dict[str, Any], table: str, name: str, level: int) -> float | None:
+    """One split result's `table` entry of a variable at a level (None where an older evaluation lacks it)."""
+    return result.get(table, {}).get(name, [None] * (level + 1))[level]
+
+
 def decode_split(
     subject: Subject,
     data: TaskData,

@@ -28,6 +28,8 @@ from tracr_injection.evaluate.decoding import (
     check_layer_map,
     example_table,
     split_rasp_agreement,
+    written_level,
+    written_value,
 )
 from tracr_injection.evaluate.language import heldout_windows, language_metrics, run_lm_eval
 from tracr_injection.evaluate.ood import ood_views
@@ -126,16 +128,6 @@ def read_baseline_metrics(baseline: str | Path, target: str | Path) -> dict[str,
             f"{manifest.layer_mapping} (or has no probe decoding); pass a baseline trained like the run."
         )
     return metrics
-
-
-def written_level(positions: list[int | None]) -> int:
-    """The level a variable is written at: the first whose decoding compared positions (None before it)."""
-    return next(i for i, count in enumerate(positions) if count is not None)
-
-
-def written_value(result: dict[str, Any], table: str, name: str, level: int) -> float | None:
-    """One split result's `table` entry of a variable at a level (None where an older evaluation lacks it)."""
-    return result.get(table, {}).get(name, [None] * (level + 1))[level]
 
 
 def baseline_comparison(metrics: dict[str, Any], baseline_metrics: dict[str, Any]) -> dict[str, Any]:

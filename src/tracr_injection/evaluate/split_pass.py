@@ -33,8 +33,6 @@ from tracr_injection.inject.linear_decoding import (
 from tracr_injection.inject.lm import hidden_size, inference
 from tracr_injection.tasks.targets import TeacherTargets
 
-Counts = dict[str, list[int | None]]
-
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Example indices in batches of `batch_size`, shortest examples first, so that a batch pads little."""

@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from tracr_injection.errors import InvalidArgumentError
-from tracr_injection.evaluate.pipeline import written_level, written_value
+from tracr_injection.evaluate.decoding import written_level, written_value
 from tracr_injection.experiments.budgets import CPU_PRECISION, Budget, get_budget
 from tracr_injection.experiments.reproduce import (
     DONE_STATES,
