@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from tracr_injection.cli.main import app
 from tracr_injection.compile.compiler import artifact_dir
 from tracr_injection.evaluate.compare import CompareError, compare_runs
-from tracr_injection.evaluate.pipeline import EvalSettings, evaluate_target
+from tracr_injection.evaluate.pipeline import EvalSettings, default_out, evaluate_target
 from tracr_injection.evaluate.report import pct
 from tracr_injection.evaluate.subject import RunFolderError, TaskMismatchError, load_subject
 from tracr_injection.experiments.budgets import SMOKE
@@ -36,6 +36,7 @@ from tracr_injection.experiments.reproduce import (
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig, train
 from tracr_injection.inject.probing import is_probe_line
+from tracr_injection.tasks.base import UnknownTeacherError
 
 SETTINGS = EvalSettings(
     max_examples=12, probe_examples=24, decoding_examples=8, causal_examples=8, interchange_pairs=8,
@@ -294,6 +295,16 @@ def test_a_moved_run_is_evaluated_anywhere_without_the_teacher_cache(tiny_model,
     assert result.exit_code == 0, result.output
 
 
+def test_a_model_is_evaluated_against_a_chosen_teacher_in_its_own_folder(tmp_path):
+    model = save_tiny_llama(tmp_path / "deep", load_tokenizer("smollm2"), num_hidden_layers=12)  # hosts 12 levels
+    default = load_subject(model, task="dyck")
+    authors = load_subject(model, task="dyck", teacher="dyck_authors_trigger")
+    names = (default.teacher.config.program_name, authors.teacher.config.program_name)
+    assert names == ("dyck_trigger", "dyck_authors_trigger")
+    assert authors.layer_map == list(range(authors.teacher.config.num_levels))  # one level per hidden state
+    assert default_out(default).name == "deep-dyck" and default_out(authors).name == "deep-dyck-dyck_authors_trigger"
+
+
 def test_bad_input_gives_clear_errors(evaluated_runs, tmp_path, tiny_model):
     with pytest.raises(TaskMismatchError, match="trained on task 'dyck', not 'count'"):
         load_subject(evaluated_runs[("inject", 0)], task="count")
@@ -303,6 +314,12 @@ def test_bad_input_gives_clear_errors(evaluated_runs, tmp_path, tiny_model):
         load_subject(unfinished)
     with pytest.raises(TaskMismatchError, match="say which task"):
         load_subject(tiny_model)
+    with pytest.raises(TaskMismatchError, match="--teacher only applies to a model"):
+        load_subject(evaluated_runs[("inject", 0)], teacher="dyck_authors_trigger")
+    with pytest.raises(UnknownTeacherError, match="cannot be taught by 'nope'"):
+        load_subject(tiny_model, task="dyck", teacher="nope")
+    result = CliRunner().invoke(app, ["eval", str(tiny_model), "--task", "dyck", "--teacher", "nope"])
+    assert result.exit_code == 1 and "cannot be taught by 'nope'" in result.output and "Traceback" not in result.output
     damaged = tmp_path / "damaged"
     shutil.copytree(evaluated_runs[("inject", 0)], damaged, ignore=shutil.ignore_patterns("model"))
     with pytest.raises(RunFolderError, match="no model/ folder"):

@@ -398,6 +398,9 @@ def eval_command(
         "fp32", help="The LM's forward passes: fp32, or bf16 autocast (faster with AMX or on a GPU; numbers move "
         "by bf16 rounding). The teacher, decoders and probe fit stay fp32.",
     ),  # fmt: skip
+    teacher: str | None = typer.Option(
+        None, help="With a model: the task's teacher to decode against (default: the task's; a run keeps its own)."
+    ),
 ) -> None:
     """Evaluate a run: accuracy in and out of distribution, kept language ability, decoding, readout, causal tests."""
     from tracr_injection.evaluate.pipeline import EvalSettings, add_split_parts, evaluate_target
@@ -413,7 +416,7 @@ def eval_command(
     if max_examples is not None:
         settings.max_examples = max_examples
     folder = evaluate_target(
-        target, task=task, out=out, settings=settings, baseline=baseline, base_model=base_model
+        target, task=task, out=out, settings=settings, baseline=baseline, base_model=base_model, teacher=teacher
     )
     typer.echo((folder / "report.md").read_text())
     typer.echo(folder)

@@ -85,15 +85,17 @@ def evaluate_target(
     progress: bool = True,
     baseline: str | Path | None = None,
     base_model: str | None = None,
+    teacher: str | None = None,
 ) -> Path:
     """Evaluate a run folder (or a model on `task`), write metrics.json, report.md and plots, return the folder.
 
-    `base_model` points a run at the model it started from when its recorded folder is not here.  With
+    `base_model` points a run at the model it started from when its recorded folder is not here; `teacher`
+    evaluates a model against one of the task's teachers other than its default.  With
     `baseline` (an evaluated baseline run of the same task and layer map), metrics.json and the report
     also hold `baseline_comparison`: the run's map decoding beside the baseline's probe, per variable.
     """
     baseline_metrics = read_baseline_metrics(baseline, target) if baseline is not None else None
-    subject = load_subject(target, task, base_model)
+    subject = load_subject(target, task, base_model, teacher)
     folder = Path(out) if out is not None else default_out(subject)
     metrics = evaluate_subject(subject, settings or EvalSettings(), folder, progress)
     if baseline_metrics is not None:
@@ -196,10 +198,13 @@ def add_split_parts(
 
 
 def default_out(subject: Subject) -> Path:
-    """`<run>/eval` for a run, `eval/<model>-<task>` for an untrained model."""
+    """`<run>/eval` for a run, `eval/<model>-<task>` for an untrained model (`-<teacher>` added for a teacher other
+    than the task's default)."""
     if subject.run_dir is not None:
         return RunFolder(subject.run_dir).eval_dir
-    return UNTRAINED_EVAL_ROOT / f"{subject.name}-{subject.task}"
+    program = subject.teacher.config.program_name
+    suffix = "" if program == subject.task_spec.program else f"-{program}"
+    return UNTRAINED_EVAL_ROOT / f"{subject.name}-{subject.task}{suffix}"
 
 
 def timed(timings: dict[str, float], name: str, fn: Callable[[], Any], progress: bool) -> Any:

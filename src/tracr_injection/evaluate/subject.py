@@ -108,10 +108,18 @@ def is_run_dir(target: str | Path) -> bool:
     return path.is_dir() and not (path / "config.json").is_file()
 
 
-def load_subject(target: str | Path, task: str | None = None, base_model: str | None = None) -> Subject:
+def load_subject(
+    target: str | Path, task: str | None = None, base_model: str | None = None, teacher: str | None = None
+) -> Subject:
     """A run folder (task from its manifest) or a model name/folder (`task` required) ready to evaluate;
-    `base_model` points a run at the model it started from when the recorded folder is not on this machine."""
+    `base_model` points a run at the model it started from when the recorded folder is not on this machine,
+    `teacher` a model at one of the task's teachers (a run keeps the teacher it was trained with)."""
     if is_run_dir(target):
+        if teacher is not None:
+            raise TaskMismatchError(
+                f"{target} is a run folder, evaluated with the teacher it was trained with: --teacher only applies "
+                "to a model (omit it)."
+            )
         return load_run(Path(target), task, base_model)
     if base_model is not None:
         raise TaskMismatchError(
@@ -125,7 +133,7 @@ def load_subject(target: str | Path, task: str | None = None, base_model: str | 
         raise TaskMismatchError(
             f"{target!r} is a model, not a run folder: say which task to evaluate it on (--task dyck|count|sum|...)."
         )
-    return load_pretrained(str(target), task)
+    return load_pretrained(str(target), task, teacher=teacher)
 
 
 def run_base_model(run_dir: Path, manifest: Manifest, override: str | None = None) -> str:
@@ -188,14 +196,17 @@ def load_run(run_dir: Path, task: str | None = None, base_model: str | None = No
     )
 
 
-def load_pretrained(model_name: str, task: str, layer_strategy: str = "identity") -> Subject:
-    """An untrained model, evaluated on `task` with the layer mapping an inject run would use."""
+def load_pretrained(
+    model_name: str, task: str, layer_strategy: str = "identity", teacher: str | None = None
+) -> Subject:
+    """An untrained model, evaluated on `task` against its `teacher` (default: the task's) with the layer
+    mapping an inject run would use."""
     from tracr_injection.hub import load_tokenizer
     from tracr_injection.tasks import get_task
 
-    teacher = get_task(task).teacher()  # an unknown task fails before the model loads
+    compiled = get_task(task).teacher(teacher)  # an unknown task or teacher fails before the model loads
     model = load_causal_lm(model_name)
-    layer_map = layer_mapping(teacher.config.num_levels, num_blocks(model), layer_strategy)
+    layer_map = layer_mapping(compiled.config.num_levels, num_blocks(model), layer_strategy)
     return Subject(
         name=Path(model_name).name,
         task=task,
@@ -204,7 +215,7 @@ def load_pretrained(model_name: str, task: str, layer_strategy: str = "identity"
         tokenizer=load_tokenizer(model_name),
         tokenizer_name=model_name,
         base_model=model_name,
-        teacher=teacher,
+        teacher=compiled,
         amap=None,
         layer_map=layer_map,
         block=layer_map[-1],
