@@ -320,6 +320,8 @@ def test_bad_input_gives_clear_errors(evaluated_runs, tmp_path, tiny_model):
         load_subject(tiny_model, task="dyck", teacher="nope")
     result = CliRunner().invoke(app, ["eval", str(tiny_model), "--task", "dyck", "--teacher", "nope"])
     assert result.exit_code == 1 and "cannot be taught by 'nope'" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["eval", str(tiny_model), "--add", "decoding", "--teacher", "dyck_trigger"])
+    assert result.exit_code == 1 and "--teacher chooses the teacher" in result.output
     damaged = tmp_path / "damaged"
     shutil.copytree(evaluated_runs[("inject", 0)], damaged, ignore=shutil.ignore_patterns("model"))
     with pytest.raises(RunFolderError, match="no model/ folder"):

@@ -408,6 +408,8 @@ def eval_command(
 
     if precision not in EVAL_PRECISIONS:
         fail(f"--precision must be one of {', '.join(EVAL_PRECISIONS)}, got {precision!r}")
+    if add and teacher is not None:
+        fail("--teacher chooses the teacher of a model's evaluation; --add redoes a run's parts with the run's own (omit one)")
     if add:
         typer.echo(add_split_parts(target, add, split, base_model=base_model))
         return
