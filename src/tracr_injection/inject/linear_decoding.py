@@ -191,8 +191,12 @@ def decoded_indices(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: Teacher
     part_NK = mapped_NT[:, var.dims]
     if var.encoding == "categorical":
         return part_NK.argmax(-1)
-    value_N = part_NK[:, 0].double() / scale_N.double()
-    values_V = torch.tensor(var.values, dtype=torch.float64)
+    return nearest_value_indices(part_NK[:, 0].double() / scale_N.double(), var)
+
+
+def nearest_value_indices(value_N: torch.Tensor, var: TeacherVariable) -> torch.Tensor:
+    """Indices [N] of the values of `var` nearest to numbers `value_N` (float64); NO_VALUE where one is NaN."""
+    values_V = torch.tensor([float(v) for v in var.values], dtype=torch.float64)
     nearest_N = (value_N[:, None] - values_V[None, :]).abs().argmin(-1)
     return nearest_N.masked_fill(value_N.isnan(), NO_VALUE)
 
@@ -213,9 +217,7 @@ def number_read_indices(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: Tea
     read right this way, while an argmax over the block picks only the extreme values (every score is then
     linear in that one magnitude)."""
     values_V = torch.tensor([float(v) for v in var.values], dtype=torch.float64)
-    value_N = (mapped_NT[:, var.dims].double() @ values_V) / scale_N.double()
-    nearest_N = (value_N[:, None] - values_V[None, :]).abs().argmin(-1)
-    return nearest_N.masked_fill(value_N.isnan(), NO_VALUE)
+    return nearest_value_indices((mapped_NT[:, var.dims].double() @ values_V) / scale_N.double(), var)
 
 
 def decode_mapped(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: TeacherVariable) -> list[Any]:
@@ -282,9 +284,9 @@ def empty_table(config: TeacherConfig, ordinal_only: bool = False) -> Tally:
 Counts = tuple[Tally, Tally, Tally]  # correct decodes, compared positions, correct reads as a number (ordinal)
 
 
-def empty_counts(config: TeacherConfig) -> Counts:
-    """Zero `Counts` for `config`'s variables."""
-    return empty_table(config), empty_table(config), empty_table(config, ordinal_only=True)
+def empty_counts(config: TeacherConfig, as_number: bool = True) -> Counts:
+    """Zero `Counts` for `config`'s variables (no reads as a number without `as_number`)."""
+    return empty_table(config), empty_table(config), empty_table(config, ordinal_only=True) if as_number else {}
 
 
 def count_batch(
@@ -317,10 +319,12 @@ def count_batch(
                 number_hits[var.name][level] += variable_counts(read_N, truth_N, classes[var.name])[0]
 
 
-def decode_counts(batches: Iterable[AlignedBatch], decoder: LinearDecoder, teacher: TeacherModel) -> Counts:
+def decode_counts(
+    batches: Iterable[AlignedBatch], decoder: LinearDecoder, teacher: TeacherModel, as_number: bool = True
+) -> Counts:
     """(correct, compared, correct as a number) per variable, level and true value over `batches`; None before
-    a variable is written."""
-    counts = empty_counts(teacher.config)
+    a variable is written (the last empty without `as_number`)."""
+    counts = empty_counts(teacher.config, as_number)
     for batch in batches:
         count_batch(batch, decoder, teacher, *counts)
     return counts

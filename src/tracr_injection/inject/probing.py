@@ -131,7 +131,7 @@ def written_level_accuracy(
 ) -> dict[str, float | None]:
     """Per teacher variable, the decoder's accuracy at the level the variable is written, over `data`."""
     batches = aligned_batches(model, data, layer_map, list(range(len(data))))
-    hits, totals, _ = decode_counts(batches, decoder, teacher)
+    hits, totals, _ = decode_counts(batches, decoder, teacher, as_number=False)  # training logs the argmax read
     table = accuracy_table(hits, totals)
     return {var.name: table[var.name][var.level] for var in teacher.config.variables}
 
