@@ -19,7 +19,7 @@ from tracr_injection.evaluate.subject import load_subject
 from tracr_injection.hub import load_tokenizer
 from tracr_injection.inject import TrainConfig, train
 from tracr_injection.inject.alignment_map import AlignmentMap
-from tracr_injection.inject.linear_decoding import LinearDecoder
+from tracr_injection.inject.linear_decoding import LinearDecoder, is_ordinal
 from tracr_injection.inject.lm import decoder_blocks, load_causal_lm
 from tracr_injection.inject.objective import InjectionObjective
 from tracr_injection.inject.probing import (
@@ -60,11 +60,15 @@ def test_probes_are_logged_every_k_steps_with_the_expected_keys(tiny_llama, tmp_
     probes = probe_lines(out)
     assert [p["step"] for p in probes] == [0, 2, 4, 5]  # before training, every 2nd step, the last
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]  # step lines as before
-    variables = [v.name for v in get_task("reverse").teacher().config.variables]
-    expected = {f"probe/decode/{split}/{v}" for split in ("test", "length") for v in variables}
+    variables = get_task("reverse").teacher().config.variables
+    ordinal = [v.name for v in variables if is_ordinal(v)]
+    assert ordinal and len(ordinal) < len(variables)  # both kinds of variable are checked
+    expected = {f"probe/decode/{split}/{v.name}" for split in ("test", "length") for v in variables}
+    expected |= {f"probe/as_number/{split}/{v}" for split in ("test", "length") for v in ordinal}
     expected |= {f"probe/grad/{t}/{g}" for t in TERMS for g in ("early", "late")}
     assert set(probes[0]) == expected | {"step", "seconds"}
-    assert all(0.0 <= p[k] <= 1.0 for p in probes for k in p if "/decode/" in k and p[k] is not None)
+    reads = [p[k] for p in probes for k in p if ("/decode/" in k or "/as_number/" in k) and p[k] is not None]
+    assert len(reads) > len(probes) * len(expected) // 2 and all(0.0 <= r <= 1.0 for r in reads)
     # the alignment reads hidden states 0..3 = the input of the roll block 3: nothing after it
     assert all(p["probe/grad/alignment/late"] == 0.0 < p["probe/grad/alignment/early"] for p in probes)
     assert probes[-1]["probe/grad/task_ce/late"] > 0
@@ -120,7 +124,13 @@ def test_probe_decoding_is_evaluations_decoding_of_the_trained_run(tiny_llama, t
         for var in teacher.config.variables:
             assert last[f"probe/decode/{result.split}/{var.name}"] == result.accuracy[var.name][var.level]
             compared += result.accuracy[var.name][var.level] is not None
-    assert compared == 2 * len(teacher.config.variables)
+            if is_ordinal(var):
+                as_number = result.as_number[var.name][var.level]
+                assert as_number is not None
+                assert last[f"probe/as_number/{result.split}/{var.name}"] == as_number
+                compared += 1
+    ordinal = sum(map(is_ordinal, teacher.config.variables))
+    assert ordinal and compared == 2 * (len(teacher.config.variables) + ordinal)
 
 
 def test_gradient_norms_are_a_plain_backward_of_each_term(tiny_llama, tmp_path):

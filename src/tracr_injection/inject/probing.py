@@ -10,6 +10,9 @@ updates), `seconds` (the probe's wall time) and keys under `probe/`:
   represent (the in-distribution eval split and every OOD split; `PROBE_EXAMPLES` examples, the first ones
   evaluation's decoding draws), read exactly as `tracr-inject eval` reads it (`inject.linear_decoding`).
   Inject runs only: a baseline has no map.
+- `probe/as_number/{split}/{variable}`: for each ordinal variable (a count, a difference;
+  `linear_decoding.is_ordinal`) the same map read as a number, as evaluation's `as_number` table reads it:
+  the curve of a map that holds the value as a magnitude rather than as a one-hot.
 - `probe/grad/{term}/{group}`: the gradient norm of each loss term as it enters the loss (weight included:
   `task_ce`, `alignment`, `kl`; `InjectionObjective.terms`) on the parameters of the decoder blocks
   `0..roll block` (`early`: everything the task loss reaches only through the injected subspace under
@@ -128,12 +131,18 @@ def term_gradient_norms(
 
 def written_level_accuracy(
     model: Any, decoder: LinearDecoder, teacher: TeacherModel, layer_map: list[int], data: TaskData
-) -> dict[str, float | None]:
-    """Per teacher variable, the decoder's accuracy at the level the variable is written, over `data`."""
+) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Per teacher variable, the decoder's accuracy at the level the variable is written over `data`, and per
+    ordinal variable its accuracy read as a number there."""
     batches = aligned_batches(model, data, layer_map, list(range(len(data))))
-    hits, totals, _ = decode_counts(batches, decoder, teacher, as_number=False)  # training logs the argmax read
+    hits, totals, number_hits = decode_counts(batches, decoder, teacher)
     table = accuracy_table(hits, totals)
-    return {var.name: table[var.name][var.level] for var in teacher.config.variables}
+    as_number = accuracy_table(number_hits, {name: totals[name] for name in number_hits})
+    level_of = {var.name: var.level for var in teacher.config.variables}
+    return (
+        {name: table[name][level] for name, level in level_of.items()},
+        {name: row[level_of[name]] for name, row in as_number.items()},
+    )
 
 
 @contextlib.contextmanager
@@ -201,8 +210,11 @@ class Prober:
                 decoder = LinearDecoder.from_map(objective.amap, self.teacher.config.num_levels)
                 layer_map = objective.parts.layer_map
                 for split, data in self.data.decode.items():
-                    accuracy = written_level_accuracy(objective.lm, decoder, self.teacher, layer_map, data)
+                    accuracy, as_number = written_level_accuracy(
+                        objective.lm, decoder, self.teacher, layer_map, data
+                    )
                     record.update({f"{PREFIX}decode/{split}/{name}": a for name, a in accuracy.items()})
+                    record.update({f"{PREFIX}as_number/{split}/{name}": a for name, a in as_number.items()})
             batch = {k: v.to(self.device) for k, v in self.data.gradient.items()}
             kl_batch = {k: v.to(self.device) for k, v in self.data.kl.items()}
             forced = step < self.config.subspace_forcing_steps
@@ -306,7 +318,7 @@ def plot_accuracy_curves(
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -333,35 +345,48 @@ def probe_series(records: list[dict[str, Any]], kind: str) -> dict[tuple[str, st
     return series
 
 
+def draw_decoding(
+    ax: Any, series: dict[tuple[str, str], list[tuple[int, float]]], in_distribution: str
+) -> None:
+    """Accuracy per (split, variable) vs step on `ax`: a color per variable, ID solid, each OOD split dashed."""
+    variables = sorted({v for _, v in series}, key=[v for _, v in series].index)
+    ood = sorted({s for s, _ in series if s != in_distribution})
+    dashes = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
+    styles = {in_distribution: "-", **{s: dashes[i % len(dashes)] for i, s in enumerate(ood)}}
+    colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variables)}
+    for (split, var), points in series.items():
+        steps, values = zip(*points)
+        ax.plot(steps, values, styles[split], color=colors[var], marker=".",
+                label=var if split == in_distribution else None)  # fmt: skip
+    for split, style in styles.items():
+        ax.plot([], [], style, color="gray", label=f"split: {split}")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("step")
+    ax.set_ylabel("map decoding accuracy (level written)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def plot_probes(
     records: list[dict[str, Any]], path: Path, skipped: dict[str, str], in_distribution: str
 ) -> Path | None:
-    """Decoding accuracy per variable vs step (ID solid, OOD dashed) and gradient norm per term and block group
-    (log scale) in one PNG; None when there is nothing to draw."""
-    decode, grad = probe_series(records, "decode"), probe_series(records, "grad")
+    """Decoding accuracy per variable vs step (ID solid, OOD dashed; the ordinal variables read as numbers in a
+    panel of their own where the lines carry that read) and gradient norm per term and block group (log scale)
+    in one PNG; None when there is nothing to draw."""
+    grad = probe_series(records, "grad")
     if not grad:
         return None
-    panels = 2 if decode else 1
-    fig, axes = plt.subplots(1, panels, figsize=(7.2 * panels, 4.2), squeeze=False)
-    if decode:
-        ax = axes[0][0]
-        variables = sorted({v for _, v in decode}, key=[v for _, v in decode].index)
-        ood = sorted({s for s, _ in decode if s != in_distribution})
-        styles = {in_distribution: "-", **{s: ("--", ":", "-.")[i % 3] for i, s in enumerate(ood)}}
-        colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variables)}
-        for (split, var), points in decode.items():
-            steps, values = zip(*points)
-            label = var if split == in_distribution else None
-            ax.plot(steps, values, styles[split], color=colors[var], marker=".", label=label)
-        for split, style in styles.items():
-            ax.plot([], [], style, color="gray", label=f"split: {split}")
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("step")
-        ax.set_ylabel("map decoding accuracy (level written)")
-        note = f" (skipped: {', '.join(skipped)})" if skipped else ""
-        ax.set_title(f"decoding through the map{note}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    reads = {kind: series for kind in ("decode", "as_number") if (series := probe_series(records, kind))}
+    rows = max(
+        (len({v for _, v in pairs}) + len({s for s, _ in pairs}) for pairs in reads.values()), default=0
+    )
+    height = max(4.2, 0.17 * rows + 1.0)  # tall enough for the legend of a program with many variables
+    fig, axes = plt.subplots(1, len(reads) + 1, figsize=(7.2 * (len(reads) + 1), height), squeeze=False)
+    note = f" (skipped: {', '.join(skipped)})" if skipped else ""
+    titles = {"decode": "decoding through the map", "as_number": "ordinal variables read as numbers (map)"}
+    for ax, (kind, series) in zip(axes[0], reads.items()):
+        draw_decoding(ax, series, in_distribution)
+        ax.set_title(titles[kind] + note, fontsize=9)
     ax = axes[0][-1]
     term_colors = {"task_ce": "tab:blue", "alignment": "tab:orange", "kl": "tab:green"}
     for (term, group), points in grad.items():
@@ -382,6 +407,6 @@ def plot_probes(
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
