@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 from conftest import save_tiny_llama
@@ -26,6 +27,7 @@ from tracr_injection.inject.probing import (
     PROBE_EXAMPLES,
     block_groups,
     is_probe_line,
+    plot_probes,
     probe_data,
     term_gradient_norms,
 )
@@ -168,3 +170,21 @@ def test_probe_every_is_checked_free_on_resume_and_optional_in_old_records():
     assert TrainConfig(probe_every=7).resume_key() == TrainConfig().resume_key()
     with pytest.raises(ValueError, match="probe_every must be >= 0"):
         TrainConfig(probe_every=-1)
+
+
+def test_probe_plot_draws_every_split_and_the_as_number_panel(tmp_path):
+    """Five splits (the Dyck task's ID split and four OOD ones, more than three dash styles), both reads and the
+    gradient norms: one PNG with a panel for each read and one for the gradients."""
+    splits = ["test", "almost_balanced", "balanced_long", "length", "length_5_90"]
+    records = [
+        {"step": step,
+         **{f"probe/decode/{s}/{v}": 0.1 * i + 0.01 * step for i, s in enumerate(splits) for v in ("a", "b")},
+         **{f"probe/as_number/{s}/b": 0.5 for s in splits},
+         "probe/grad/task_ce/early": 1.0 + step, "probe/grad/alignment/early": 0.0}
+        for step in (0, 25, 50)
+    ]  # fmt: skip
+    both = plt.imread(plot_probes(records, tmp_path / "both.png", {}, "test"))
+    argmax_only = [{k: v for k, v in r.items() if "/as_number/" not in k} for r in records]
+    one = plt.imread(plot_probes(argmax_only, tmp_path / "one.png", {}, "test"))
+    assert both.shape[1] > 1.3 * one.shape[1] and both.shape[0] == one.shape[0]  # a third panel beside the two
+    assert plot_probes([{"step": 0, "probe/decode/test/a": 1.0}], tmp_path / "none.png", {}, "test") is None

@@ -356,10 +356,10 @@ def draw_decoding(
     colors = {v: plt.cm.tab10(i % 10) for i, v in enumerate(variables)}
     for (split, var), points in series.items():
         steps, values = zip(*points)
-        ax.plot(steps, values, styles[split], color=colors[var], marker=".",
+        ax.plot(steps, values, linestyle=styles[split], color=colors[var], marker=".",
                 label=var if split == in_distribution else None)  # fmt: skip
     for split, style in styles.items():
-        ax.plot([], [], style, color="gray", label=f"split: {split}")
+        ax.plot([], [], linestyle=style, color="gray", label=f"split: {split}")
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("step")
     ax.set_ylabel("map decoding accuracy (level written)")
