@@ -168,7 +168,7 @@ class DecodingResult:
             split=split, decoder=decoder, num_examples=num_examples, accuracy=accuracy_table(hits, totals),
             positions=position_table(totals), majority=majority_table(totals),
             balanced=balanced_table(hits, totals),
-            as_number=accuracy_table(number_hits, {name: totals[name] for name in number_hits}),
+            as_number=accuracy_table(number_hits, totals),
             by_value=value_table(hits, totals, config),
             rasp_agreement=rasp_agreement,
         )  # fmt: skip

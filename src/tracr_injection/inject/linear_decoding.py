@@ -191,12 +191,17 @@ def decoded_indices(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: Teacher
     part_NK = mapped_NT[:, var.dims]
     if var.encoding == "categorical":
         return part_NK.argmax(-1)
-    return nearest_value_indices(part_NK[:, 0].double() / scale_N.double(), var)
+    return nearest_value_indices(part_NK[:, 0].double() / scale_N.double(), value_tensor(var))
 
 
-def nearest_value_indices(value_N: torch.Tensor, var: TeacherVariable) -> torch.Tensor:
-    """Indices [N] of the values of `var` nearest to numbers `value_N` (float64); NO_VALUE where one is NaN."""
-    values_V = torch.tensor([float(v) for v in var.values], dtype=torch.float64)
+def value_tensor(var: TeacherVariable) -> torch.Tensor:
+    """The values [V] of a variable with numeric values, as float64."""
+    return torch.tensor([float(v) for v in var.values], dtype=torch.float64)
+
+
+def nearest_value_indices(value_N: torch.Tensor, values_V: torch.Tensor) -> torch.Tensor:
+    """Indices [N] into `values_V` of the values nearest to numbers `value_N` (float64); NO_VALUE where one is
+    NaN."""
     nearest_N = (value_N[:, None] - values_V[None, :]).abs().argmin(-1)
     return nearest_N.masked_fill(value_N.isnan(), NO_VALUE)
 
@@ -216,8 +221,8 @@ def number_read_indices(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: Tea
     scale).  A linear read of the value itself: an LM that holds a count as a magnitude along one direction is
     read right this way, while an argmax over the block picks only the extreme values (every score is then
     linear in that one magnitude)."""
-    values_V = torch.tensor([float(v) for v in var.values], dtype=torch.float64)
-    return nearest_value_indices((mapped_NT[:, var.dims].double() @ values_V) / scale_N.double(), var)
+    values_V = value_tensor(var)
+    return nearest_value_indices((mapped_NT[:, var.dims].double() @ values_V) / scale_N.double(), values_V)
 
 
 def decode_mapped(mapped_NT: torch.Tensor, scale_N: torch.Tensor, var: TeacherVariable) -> list[Any]:
@@ -284,9 +289,9 @@ def empty_table(config: TeacherConfig, ordinal_only: bool = False) -> Tally:
 Counts = tuple[Tally, Tally, Tally]  # correct decodes, compared positions, correct reads as a number (ordinal)
 
 
-def empty_counts(config: TeacherConfig, as_number: bool = True) -> Counts:
-    """Zero `Counts` for `config`'s variables (no reads as a number without `as_number`)."""
-    return empty_table(config), empty_table(config), empty_table(config, ordinal_only=True) if as_number else {}
+def empty_counts(config: TeacherConfig) -> Counts:
+    """Zero `Counts` for `config`'s variables."""
+    return empty_table(config), empty_table(config), empty_table(config, ordinal_only=True)
 
 
 def count_batch(
@@ -319,22 +324,21 @@ def count_batch(
                 number_hits[var.name][level] += variable_counts(read_N, truth_N, classes[var.name])[0]
 
 
-def decode_counts(
-    batches: Iterable[AlignedBatch], decoder: LinearDecoder, teacher: TeacherModel, as_number: bool = True
-) -> Counts:
+def decode_counts(batches: Iterable[AlignedBatch], decoder: LinearDecoder, teacher: TeacherModel) -> Counts:
     """(correct, compared, correct as a number) per variable, level and true value over `batches`; None before
-    a variable is written (the last empty without `as_number`)."""
-    counts = empty_counts(teacher.config, as_number)
+    a variable is written."""
+    counts = empty_counts(teacher.config)
     for batch in batches:
         count_batch(batch, decoder, teacher, *counts)
     return counts
 
 
 def accuracy_table(hits: Tally, totals: Tally) -> dict[str, list[float | None]]:
-    """Correct / compared per variable and level (None where not written or nothing was compared)."""
+    """Correct / compared per variable of `hits` (all, or the ordinal ones' reads as a number) and level (None
+    where not written or nothing was compared)."""
     return {
-        name: [None if t is None or not t.sum() else int(h.sum()) / int(t.sum()) for h, t in zip(hits[name], row)]
-        for name, row in totals.items()
+        name: [None if t is None or not t.sum() else int(h.sum()) / int(t.sum()) for h, t in zip(row, totals[name])]
+        for name, row in hits.items()
     }
 
 

@@ -136,8 +136,7 @@ def written_level_accuracy(
     ordinal variable its accuracy read as a number there."""
     batches = aligned_batches(model, data, layer_map, list(range(len(data))))
     hits, totals, number_hits = decode_counts(batches, decoder, teacher)
-    table = accuracy_table(hits, totals)
-    as_number = accuracy_table(number_hits, {name: totals[name] for name in number_hits})
+    table, as_number = accuracy_table(hits, totals), accuracy_table(number_hits, totals)
     level_of = {var.name: var.level for var in teacher.config.variables}
     return (
         {name: table[name][level] for name, level in level_of.items()},
